@@ -1,0 +1,39 @@
+# Two commands do all set-up:  `make demo` (train both stages, quick preset, then a sample grid)
+# and `make test`.  Each creates the virtual environment .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# MNIST: $(DATA) or $LATENTDIFF_DATA if set; else an offline copy in ../shared/data if there is one;
+# else torchvision downloads it into ./data.
+DATA ?= $(LATENTDIFF_DATA)
+ifeq ($(DATA),)
+  ifneq ($(wildcard ../shared/data/MNIST/raw),)
+    DATA := ../shared/data
+  endif
+endif
+DATA_ARG := $(if $(DATA),--data-dir $(DATA),)
+PRESET ?= quick
+RUNS ?= runs
+LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no --mixed_precision no
+
+.PHONY: venv test demo sample clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q tests
+
+demo: venv
+	$(LAUNCH) train_vae.py --config $(PRESET) --out $(RUNS)/vae $(DATA_ARG) $(ARGS)
+	$(LAUNCH) train_ldm.py --config $(PRESET) --vae $(RUNS)/vae --out $(RUNS)/ldm $(DATA_ARG) $(ARGS)
+	$(PY) sample.py --model $(RUNS)/ldm --labels 0 1 2 3 4 5 6 7 8 9 --per-label 8 --out $(RUNS)/samples.png
+	@echo "samples: $(RUNS)/samples.png"
+
+clean:
+	rm -rf $(VENV) .pytest_cache

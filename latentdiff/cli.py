@@ -1,0 +1,54 @@
+"""Shared command-line plumbing for the thin scripts: config + overrides, one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+from .config import load_config
+from .errors import LatentDiffError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def resolve_config_path(value: str, stage: str) -> Path:
+    """A YAML path, or a preset name like ``quick`` meaning configs/<stage>_quick.yaml."""
+    path = Path(value)
+    if path.is_file() or value.endswith((".yaml", ".yml")):
+        return path
+    return CONFIG_DIR / f"{stage}_{value}.yaml"
+
+
+def training_parser(stage: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", default="quick", help="YAML file, or a preset name: quick | full (default: quick)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=500 (repeatable)")
+    p.add_argument("--out", help="output run folder (overrides out_dir)")
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files (default: $LATENTDIFF_DATA, else download)")
+    p.add_argument("--resume", metavar="latest|CHECKPOINT", help="continue a run from its newest (or a given) checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in the output folder")
+    return p
+
+
+def load_run_config(cls: type, args: argparse.Namespace, stage: str, extra: list[str] | None = None):
+    overrides = list(args.overrides)
+    if args.out:
+        overrides.append(f"out_dir={args.out}")
+    if args.data_dir:
+        overrides.append(f"data.root={args.data_dir}")
+    return load_config(cls, resolve_config_path(args.config, stage), overrides + (extra or []))
+
+
+def run_main(fn: Callable[[], None]) -> None:
+    """Run a script body; expected failures print one line and exit 2 (no traceback)."""
+    try:
+        fn()
+    except (LatentDiffError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; resume with --resume latest", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,297 @@
+"""Typed, frozen configuration dataclasses, loaded from YAML with type-checked overrides.
+
+Every YAML file in ``configs/`` is one of the run configs below written out. Unknown keys and
+wrong types are errors (``ConfigError``), never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import ConfigError
+
+
+# ----------------------------------------------------------------------------- model configs
+@dataclass(frozen=True)
+class VAEConfig:
+    """Architecture of the VAE plus the latent normalisation computed after training."""
+
+    in_channels: int = 1  # image channels (MNIST: 1)
+    image_size: int = 28  # input height = width
+    latent_channels: int = 4  # channels of the latent grid
+    channels: tuple[int, ...] = (32, 64, 128)  # width per resolution; len-1 downsamplings (x2 each)
+    num_res_blocks: int = 1  # residual blocks per resolution
+    groups: int = 8  # GroupNorm groups
+    # Latent normalisation, z_scaled = (z - shift_factor) * scaling_factor. Computed from the
+    # training latents at the end of VAE training (1/std and mean), so diffusion sees unit variance.
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+
+    @property
+    def latent_size(self) -> int:
+        """Side of the latent grid (28 -> 7 for three resolutions)."""
+        size = self.image_size
+        for _ in range(len(self.channels) - 1):
+            size = (size + 1) // 2
+        return size
+
+    def validate(self) -> None:
+        _require(self.in_channels >= 1 and self.latent_channels >= 1, "channel counts must be >= 1")
+        _require(len(self.channels) >= 1, "vae.channels needs at least one width")
+        _require(all(c % self.groups == 0 for c in self.channels),
+                 f"every vae.channels entry must be divisible by groups={self.groups}")
+        _require(self.scaling_factor > 0, "vae.scaling_factor must be > 0")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of the class-conditioned latent UNet."""
+
+    in_channels: int = 4  # latent channels (must match the VAE)
+    sample_size: int = 7  # latent grid side (must match the VAE); odd sizes are fine
+    channels: tuple[int, ...] = (64, 128)  # width per resolution (7x7, 4x4)
+    num_res_blocks: int = 2  # residual blocks per resolution on the way down
+    attention_levels: tuple[bool, ...] = (False, True)  # self-attention per resolution
+    num_heads: int = 4
+    num_classes: int = 10  # label index num_classes is the "no label" (unconditional) token
+    groups: int = 8
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        _require(len(self.attention_levels) == len(self.channels),
+                 "unet.attention_levels needs one entry per unet.channels entry")
+        _require(all(c % self.groups == 0 for c in self.channels),
+                 f"every unet.channels entry must be divisible by groups={self.groups}")
+        _require(all(c % self.num_heads == 0 for c in self.channels),
+                 f"every unet.channels entry must be divisible by num_heads={self.num_heads}")
+        _require(self.num_classes >= 1, "unet.num_classes must be >= 1")
+        _require(0.0 <= self.dropout < 1.0, "unet.dropout must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """Noise schedule and training objective; saved with the pipeline."""
+
+    schedule: str = "cosine"  # cosine | linear
+    num_timesteps: int = 1000
+    prediction: str = "v"  # eps | v
+    label_dropout: float = 0.1  # probability a label is replaced by the null label (for CFG)
+
+    def validate(self) -> None:
+        from .diffusion import PREDICTIONS, SCHEDULES
+
+        _require(self.schedule in SCHEDULES, f"diffusion.schedule must be one of {sorted(SCHEDULES)}")
+        _require(self.prediction in PREDICTIONS, f"diffusion.prediction must be one of {PREDICTIONS}")
+        _require(self.num_timesteps >= 2, "diffusion.num_timesteps must be >= 2")
+        _require(0.0 <= self.label_dropout < 1.0, "diffusion.label_dropout must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Default sampling settings (also used for preview grids during training)."""
+
+    sampler: str = "dpm++"  # dpm++ | ddim | ddpm
+    steps: int = 20
+    guidance_scale: float = 3.0  # 1 = conditional only, 0 = unconditional, >1 = stronger guidance
+    eta: float = 0.0  # DDIM stochasticity (0 = deterministic)
+
+    def validate(self) -> None:
+        from .sampling import SAMPLERS
+
+        _require(self.sampler in SAMPLERS, f"sample.sampler must be one of {sorted(SAMPLERS)}")
+        _require(self.steps >= 1, "sample.steps must be >= 1")
+        _require(self.guidance_scale >= 0, "sample.guidance_scale must be >= 0")
+
+
+# ----------------------------------------------------------------------------- run configs
+@dataclass(frozen=True)
+class DataConfig:
+    """Where MNIST comes from."""
+
+    # Folder with the IDX files (or <root>/MNIST/raw/). null: $LATENTDIFF_DATA, else download
+    # with torchvision into ./data.
+    root: Optional[str] = None
+    download: bool = True  # allow torchvision to download when no local IDX files are found
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and bookkeeping shared by both stages."""
+
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 128  # global batch per optimizer step (split over processes x accumulation)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 100  # linear LR warm-up
+    lr_decay: str = "cosine"  # cosine | constant (after warm-up)
+    grad_clip: float = 1.0  # max gradient norm (0 = off)
+    ema_decay: float = 0.999  # EMA of the weights (0 = off); the EMA weights are saved
+    mixed_precision: Optional[str] = None  # no | fp16 | bf16; null = whatever accelerate launch says
+    seed: int = 0
+    log_every: int = 50
+    preview_every: int = 500  # preview grid PNG (0 = only at the end)
+    checkpoint_every: int = 500  # 0 = only the final model
+    keep_checkpoints: int = 2
+    compile: bool = False  # torch.compile the model (GPU)
+
+    def validate(self) -> None:
+        _require(self.steps >= 1, "train.steps must be >= 1")
+        _require(self.batch_size >= 1 and self.grad_accum >= 1, "train.batch_size/grad_accum must be >= 1")
+        _require(self.lr > 0, "train.lr must be > 0")
+        _require(self.lr_decay in ("cosine", "constant"), "train.lr_decay must be cosine or constant")
+        _require(0.0 <= self.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
+        _require(self.mixed_precision in (None, "no", "fp16", "bf16"),
+                 "train.mixed_precision must be no, fp16, bf16 or null")
+        _require(self.log_every >= 1, "train.log_every must be >= 1")
+        _require(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
+
+
+@dataclass(frozen=True)
+class VAERunConfig:
+    """Everything train_vae needs."""
+
+    out_dir: str = "runs/vae"
+    kl_weight: float = 1e-5  # weight of the per-element KL term against per-pixel MSE
+    model: VAEConfig = field(default_factory=VAEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        _require(self.kl_weight >= 0, "kl_weight must be >= 0")
+        self.model.validate()
+        self.train.validate()
+
+
+@dataclass(frozen=True)
+class LDMRunConfig:
+    """Everything train_ldm needs."""
+
+    out_dir: str = "runs/ldm"
+    vae_path: str = "runs/vae"  # a saved VAE folder (config.json + model.safetensors)
+    model: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.diffusion.validate()
+        self.sample.validate()
+        self.train.validate()
+
+
+# ----------------------------------------------------------------------------- (de)serialisation
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A dataclass config as plain JSON/YAML data (tuples become lists)."""
+
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (tuple, list)):
+            return [conv(x) for x in v]
+        return v
+
+    return conv(cfg)
+
+
+def _check_value(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_value(value, inner[0], where)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (elem, _ellipsis) = typing.get_args(tp)
+        return tuple(_check_value(v, elem, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")  # pragma: no cover
+
+
+def from_dict(cls: type, data: dict, where: str = "config") -> Any:
+    """Build dataclass ``cls`` from plain data; unknown keys and wrong types raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {sorted(names)}")
+    kwargs = {k: _check_value(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """Apply ``a.b=value`` overrides (values parsed as YAML) with the same type checks."""
+    data = to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise ConfigError(f"override {item!r}: {p!r} is not a config section")
+            node = node[p]
+        if parts[-1] not in node:
+            raise ConfigError(f"override {item!r}: unknown key {parts[-1]!r}; valid keys are {sorted(node)}")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return from_dict(type(cfg), data)
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Load a run config from YAML (or defaults when ``path`` is None), apply overrides, validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass a YAML file from configs/")
+        loaded = yaml.safe_load(path.read_text())
+        data = loaded or {}
+    cfg = from_dict(cls, data, where=str(path) if path else "config")
+    cfg = apply_overrides(cfg, overrides or [])
+    cfg.validate()
+    return cfg
+
+
+def save_json(cfg: Any, path: str | Path) -> None:
+    """Write a config as indented JSON."""
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")

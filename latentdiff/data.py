@@ -1,0 +1,119 @@
+"""MNIST as in-memory tensors: from a folder of IDX files (gzipped or not) or torchvision's download."""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError
+
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IMAGE_MAGIC, LABEL_MAGIC = 2051, 2049
+ENV_VAR = "LATENTDIFF_DATA"
+
+
+def _find(root: Path, stem: str) -> Path | None:
+    """Look for stem / stem.gz in root and root/MNIST/raw (torchvision's layout)."""
+    for folder in (root, root / "MNIST" / "raw", root / "raw"):
+        for name in (stem, stem + ".gz"):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def read_idx(path: str | Path, expected_magic: int) -> np.ndarray:
+    """Parse one IDX file (big-endian header, uint8 payload), checking magic, dims and size."""
+    path = Path(path)
+    hint = "re-download it or point --data-dir / $LATENTDIFF_DATA at a folder with intact MNIST IDX files"
+    try:
+        raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot read ({e}); the file is truncated or corrupt: {hint}") from e
+    if len(raw) < 8:
+        raise DataError(f"{path}: only {len(raw)} bytes, too short for an IDX header; {hint}")
+    magic = int.from_bytes(raw[:4], "big")
+    if magic != expected_magic:
+        raise DataError(f"{path}: bad magic number {magic} (expected {expected_magic}); "
+                        f"not an MNIST {'image' if expected_magic == IMAGE_MAGIC else 'label'} file: {hint}")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: truncated header; {hint}")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + int(np.prod(dims))
+    if len(raw) != expected:
+        raise DataError(f"{path}: header says {dims} ({expected} bytes) but the file has {len(raw)} bytes; "
+                        f"it is truncated or corrupt: {hint}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def load_idx_folder(root: str | Path, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """(images uint8 (N,28,28), labels int64 (N,)) from IDX files in ``root`` or ``root/MNIST/raw``."""
+    if split not in FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    root = Path(root)
+    img_stem, lbl_stem = FILES[split]
+    paths = [_find(root, img_stem), _find(root, lbl_stem)]
+    for stem, p in zip((img_stem, lbl_stem), paths):
+        if p is None:
+            raise DataError(f"{stem}[.gz] not found in {root} or {root / 'MNIST' / 'raw'}; put the MNIST IDX files "
+                            f"there, or leave --data-dir / ${ENV_VAR} unset to download with torchvision")
+    images = read_idx(paths[0], IMAGE_MAGIC)
+    labels = read_idx(paths[1], LABEL_MAGIC)
+    if images.ndim != 3 or labels.ndim != 1:
+        raise DataError(f"{paths[0]} / {paths[1]}: expected (N, H, W) images and (N,) labels, got {images.shape} "
+                        f"and {labels.shape}")
+    if images.shape[0] != labels.shape[0]:
+        raise DataError(f"{paths[0]} holds {images.shape[0]} images but {paths[1]} holds {labels.shape[0]} labels; "
+                        "the two files come from different sets: replace them with a matching pair")
+    if labels.size and labels.max() > 9:
+        raise DataError(f"{paths[1]}: label {int(labels.max())} out of range 0-9; the file is corrupt")
+    return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
+
+
+def load_mnist(root: str | Path | None = None, split: str = "train", download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST as (images uint8 (N,28,28), labels int64 (N,)).
+
+    ``root`` (or $LATENTDIFF_DATA) is a folder of IDX files; without either, torchvision
+    downloads MNIST into ./data.
+    """
+    root = root if root is not None else os.environ.get(ENV_VAR) or None
+    if root is not None:
+        if not Path(root).is_dir():
+            raise DataError(f"data folder {root} does not exist; pass a folder holding the MNIST IDX files")
+        return load_idx_folder(root, split)
+    if not download:
+        raise DataError(f"no data folder given; pass --data-dir, set ${ENV_VAR}, or allow download (data.download=true)")
+    from torchvision.datasets import MNIST
+
+    try:
+        ds = MNIST("data", train=(split == "train"), download=True)
+    except Exception as e:  # network failures come in many types
+        raise DataError(f"downloading MNIST with torchvision failed ({e}); download the four IDX files by hand "
+                        f"and pass --data-dir or set ${ENV_VAR}") from e
+    return ds.data.clone(), ds.targets.clone().long()
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W) -> float (N, 1, H, W) in [-1, 1]."""
+    return images.float().div(127.5).sub(1.0).unsqueeze(1)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """Indices of the global batch at ``step``: a pure function of (step, seed), so resuming is exact.
+
+    Each epoch is a fresh permutation seeded by (seed, epoch); the last partial batch is dropped.
+    """
+    if batch_size > n:
+        raise DataError(f"batch size {batch_size} exceeds the {n} examples in the dataset; lower train.batch_size")
+    per_epoch = n // batch_size
+    epoch, k = divmod(step, per_epoch)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)[k * batch_size:(k + 1) * batch_size]

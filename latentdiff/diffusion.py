@@ -1,0 +1,89 @@
+"""Noise schedules, forward noising and the training loss: pure tensor functions.
+
+Variance-preserving diffusion: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t in {0, ..., T-1}.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def linear_schedule(num_timesteps: int) -> torch.Tensor:
+    """abar_t for DDPM's linear betas (1e-4 .. 0.02 at T=1000, rescaled for other T; Ho et al. 2020)."""
+    scale = 1000.0 / num_timesteps
+    betas = torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def cosine_schedule(num_timesteps: int, s: float = 0.008) -> torch.Tensor:
+    """abar_t = f(t)/f(0), f(t) = cos^2((t/T + s)/(1 + s) * pi/2), betas clipped at 0.999 (Nichol & Dhariwal 2021, eq. 17)."""
+    steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
+    f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+SCHEDULES: dict[str, Callable[[int], torch.Tensor]] = {"cosine": cosine_schedule, "linear": linear_schedule}
+PREDICTIONS = ("eps", "v")
+
+
+def make_schedule(name: str, num_timesteps: int) -> torch.Tensor:
+    """alphas_cumprod (T,) float64 for a schedule name."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
+    return SCHEDULES[name](num_timesteps)
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, 1, 1) in like's dtype/device."""
+    return v.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Sample x_t ~ q(x_t | x0) with the given noise (DDPM eq. 4)."""
+    abar = alphas_cumprod.to(x0.device)[t]
+    return _bcast(abar.sqrt(), x0) * x0 + _bcast((1 - abar).sqrt(), x0) * noise
+
+
+def target(x0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor, prediction: str) -> torch.Tensor:
+    """What the network learns: eps, or v = sqrt(abar) eps - sqrt(1-abar) x0 (Salimans & Ho 2022)."""
+    if prediction == "eps":
+        return noise
+    if prediction == "v":
+        return _bcast(abar.sqrt(), x0) * noise - _bcast((1 - abar).sqrt(), x0) * x0
+    raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
+
+
+def predict_x0_eps(out: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, prediction: str):
+    """Model output at x_t -> (x0, eps) estimates; abar is (B,) or a scalar tensor."""
+    abar = abar.expand(x_t.shape[0]) if abar.ndim == 0 else abar
+    a, s = _bcast(abar.sqrt(), x_t), _bcast((1 - abar).sqrt(), x_t)
+    if prediction == "eps":
+        return (x_t - s * out) / a, out
+    if prediction == "v":
+        return a * x_t - s * out, s * x_t + a * out
+    raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
+
+
+def drop_labels(y: torch.Tensor, p: float, null_label: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each label by the null label with probability p (classifier-free guidance training)."""
+    drop = torch.rand(y.shape, generator=generator, device=y.device) < p
+    return torch.where(drop, torch.full_like(y, null_label), y)
+
+
+def diffusion_loss(model: Callable, x0: torch.Tensor, y: torch.Tensor, alphas_cumprod: torch.Tensor,
+                   prediction: str = "v", label_dropout: float = 0.1, null_label: int = 10,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """MSE between model(x_t, t, y') and the target, t uniform, y' = labels with CFG dropout."""
+    b = x0.shape[0]
+    t = torch.randint(0, alphas_cumprod.shape[0], (b,), generator=generator, device=x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    y = drop_labels(y, label_dropout, null_label, generator)  # the CFG label dropout
+    abar = alphas_cumprod.to(x0.device, torch.float32)[t]
+    x_t = q_sample(x0, t, noise, alphas_cumprod.to(torch.float32))
+    out = model(x_t, t, y)
+    return F.mse_loss(out.float(), target(x0, noise, abar, prediction).float())

@@ -1,0 +1,182 @@
+"""LatentDiffusion: VAE + UNet + schedule. ``generate()`` turns labels into digits."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+from .config import DiffusionConfig, SampleConfig, from_dict, to_dict
+from .diffusion import make_schedule
+from .errors import ModelLoadError
+from .sampling import SAMPLERS, cfg_model_fn
+from .serialization import CONFIG_NAME, atomic_write_bytes, read_config
+from .unet import UNet
+from .vae import VAE
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """What the LDM folder's top-level config.json holds: how the UNet was trained, default sampling."""
+
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self) -> None:
+        self.diffusion.validate()
+        self.sample.validate()
+
+
+def check_compatible(unet: UNet, vae: VAE) -> None:
+    """Raise ModelLoadError unless the UNet works on the VAE's latent grid."""
+    vc, uc = vae.config, unet.config
+    if (uc.in_channels, uc.sample_size) != (vc.latent_channels, vc.latent_size):
+        raise ModelLoadError(
+            f"UNet expects latents ({uc.in_channels}, {uc.sample_size}, {uc.sample_size}) but the VAE makes "
+            f"({vc.latent_channels}, {vc.latent_size}, {vc.latent_size}); pair the UNet with the VAE it was trained on")
+
+
+class LatentDiffusion:
+    """Class-conditioned latent diffusion. ``pipe.generate(labels=[3, 7])`` -> (2, 1, 28, 28) in [0, 1]."""
+
+    def __init__(self, unet: UNet, vae: VAE, config: PipelineConfig | None = None):
+        check_compatible(unet, vae)
+        self.unet, self.vae = unet.eval(), vae.eval()
+        self.config = config or PipelineConfig()
+        self.config.validate()
+        self.alphas_cumprod = make_schedule(self.config.diffusion.schedule, self.config.diffusion.num_timesteps)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def num_classes(self) -> int:
+        return self.unet.config.num_classes
+
+    def to(self, device: str | torch.device) -> "LatentDiffusion":
+        self.unet.to(device)
+        self.vae.to(device)
+        return self
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, directory: str | Path, unet_state_dict: dict | None = None) -> None:
+        """Folder with unet/, vae/ (a full copy, so the folder stands alone) and config.json."""
+        directory = Path(directory)
+        self.unet.save_pretrained(directory / "unet", unet_state_dict)
+        self.vae.save_pretrained(directory / "vae")
+        atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(to_dict(self.config), indent=2) + "\n").encode())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "LatentDiffusion":
+        """Load an LDM run folder (config.json, unet/, vae/)."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            raise ModelLoadError(f"{directory} does not exist; pass the LDM run folder written by train_ldm.py")
+        config = read_config(PipelineConfig, directory)
+        unet = UNet.from_pretrained(directory / "unet", device)
+        vae = VAE.from_pretrained(directory / "vae", device)
+        return cls(unet, vae, config)
+
+    # ------------------------------------------------------------------ sampling
+    def _check_labels(self, labels) -> torch.Tensor:
+        if isinstance(labels, torch.Tensor):
+            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.ndim != 1:
+                raise ValueError(f"labels must be a 1-D integer tensor or a list of ints, got {labels.dtype} shape {tuple(labels.shape)}")
+            values = labels.tolist()
+        else:
+            values = list(labels)
+            bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int)]
+            if bad:
+                raise ValueError(f"labels must be integers, got {bad[0]!r}; pass class indices like [3, 7]")
+        if not values:
+            raise ValueError("labels is empty; pass at least one class index")
+        out = [v for v in values if not 0 <= v < self.num_classes]
+        if out:
+            raise ValueError(f"label {out[0]} is out of range; valid classes are 0..{self.num_classes - 1}")
+        return torch.tensor(values, dtype=torch.long)
+
+    def initial_noise(self, n: int, generator: torch.Generator | None = None, seed: int | None = None) -> tuple[torch.Tensor, list[int]]:
+        """Per-sample seeds and starting noise (N, C, H, W), so image i never depends on batching."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        seeds = [seed + i for i in range(n)]
+        shape = self.vae.latent_shape
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        return noise, seeds
+
+    @torch.no_grad()
+    def generate(self, labels: Sequence[int] | torch.Tensor, guidance_scale: float | None = None,
+                 steps: int | None = None, sampler: str | None = None, generator: torch.Generator | None = None,
+                 seed: int | None = None, eta: float | None = None, batch_size: int = 1024,
+                 progress: bool = False) -> torch.Tensor:
+        """Digits of the given classes, (N, 1, 28, 28) float in [0, 1] on the pipeline's device.
+
+        guidance_scale: CFG scale, 1 = conditional only, 0 = unconditional (default from config.json).
+        steps / sampler / eta: sampler settings ("dpm++", "ddim", "ddpm"; eta is DDIM only).
+        generator or seed: randomness. Sample i uses seed + i, so results do not depend on batch_size.
+        """
+        sc = self.config.sample
+        guidance_scale = sc.guidance_scale if guidance_scale is None else guidance_scale
+        steps = sc.steps if steps is None else steps
+        sampler = sc.sampler if sampler is None else sampler
+        eta = sc.eta if eta is None else eta
+        y = self._check_labels(labels)
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.config.diffusion.num_timesteps:
+            raise ValueError(f"steps must be an integer in 1..{self.config.diffusion.num_timesteps}, got {steps!r}")
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+
+        noise, seeds = self.initial_noise(len(y), generator, seed)
+        out = []
+        for start in range(0, len(y), batch_size):
+            sl = slice(start, start + batch_size)
+            out.append(self._sample_batch(y[sl], noise[sl], seeds[sl], float(guidance_scale), steps, sampler, float(eta), progress))
+        return torch.cat(out)
+
+    def _sample_batch(self, y, noise, seeds, guidance_scale, steps, sampler, eta, progress) -> torch.Tensor:
+        device = self.device
+        y, x = y.to(device), noise.to(device)
+        model_fn = cfg_model_fn(self.unet, y, guidance_scale, null_label=self.num_classes)
+        # Stochastic samplers draw step i's noise from each sample's own generator too.
+        gens = [torch.Generator().manual_seed(s + 0x9E3779B9) for s in seeds]
+
+        def noise_fn(i: int) -> torch.Tensor:
+            return torch.stack([torch.randn(x.shape[1:], generator=g) for g in gens]).to(device)
+
+        kwargs = {"eta": eta} if sampler == "ddim" else {}
+        z = SAMPLERS[sampler](model_fn, x, self.alphas_cumprod, steps, self.config.diffusion.prediction,
+                              noise_fn=noise_fn, progress=progress, **kwargs)
+        images = self.vae.decode(self.vae.unscale_latents(z).float())  # (B, 1, 28, 28) in [-1, 1]
+        return (images + 1) / 2
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(N, 1, H, W) in [0, 1] -> list of grayscale PIL images."""
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).cpu()[:, 0].numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def make_grid(images: torch.Tensor, nrow: int, padding: int = 2) -> Image.Image:
+    """(N, 1, H, W) in [0, 1] -> one PIL grid image, ``nrow`` images per row."""
+    n, _, h, w = images.shape
+    rows = math.ceil(n / nrow)
+    grid = torch.zeros(rows * (h + padding) + padding, nrow * (w + padding) + padding)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        top, left = padding + r * (h + padding), padding + c * (w + padding)
+        grid[top:top + h, left:left + w] = images[i, 0].float().cpu().clamp(0, 1)
+    return Image.fromarray((grid * 255).round().to(torch.uint8).numpy())

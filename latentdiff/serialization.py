@@ -1,0 +1,105 @@
+"""Saving and loading models as self-describing folders: config.json + model.safetensors."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .config import ConfigError, from_dict, to_dict
+from .errors import ModelLoadError
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary file beside ``path`` and rename it over, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """safetensors save through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_model(model: torch.nn.Module, config: Any, directory: str | Path, state_dict: dict | None = None) -> None:
+    """Write ``directory/model.safetensors`` then ``directory/config.json``, each atomically.
+
+    The config goes last: a folder with a config always has complete weights beside it.
+    """
+    directory = Path(directory)
+    sd = state_dict if state_dict is not None else model.state_dict()
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ModelLoadError(f"refusing to save non-finite weights ({bad[0]} and {len(bad) - 1} more) to {directory}")
+    atomic_save_safetensors(sd, directory / WEIGHTS_NAME)
+    atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(to_dict(config), indent=2) + "\n").encode())
+
+
+def read_config(cls: type, directory: str | Path) -> Any:
+    """Read and type-check ``directory/config.json`` as dataclass ``cls``."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise ModelLoadError(f"{path} not found: {directory} is not a saved model folder "
+                             f"(expected {CONFIG_NAME} and {WEIGHTS_NAME}; train one or check the path)")
+    try:
+        data = json.loads(path.read_text())
+        cfg = from_dict(cls, data, where=str(path))
+        cfg.validate()
+    except (json.JSONDecodeError, ConfigError) as e:
+        raise ModelLoadError(f"{path} is invalid: {e}") from e
+    return cfg
+
+
+def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
+    """Read ``directory/model.safetensors`` (never a pickle)."""
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise ModelLoadError(f"{path} not found: the model folder is incomplete; re-save or re-train it")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"{path} is truncated or corrupt ({e}); re-save or re-train the model") from e
+
+
+def load_model(model_cls: type, config_cls: type, directory: str | Path, device: str | torch.device = "cpu"):
+    """Build ``model_cls(config)`` from a folder and load its weights strictly."""
+    cfg = read_config(config_cls, directory)
+    model = model_cls(cfg)
+    sd = read_weights(directory)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    if missing or unexpected or wrong:
+        raise ModelLoadError(
+            f"{Path(directory) / WEIGHTS_NAME} does not match {CONFIG_NAME}: "
+            f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} wrongly shaped tensors "
+            f"(first: {(missing + unexpected + wrong)[0]}); the two files come from different models")
+    model.load_state_dict(sd)
+    return model.to(device).eval()

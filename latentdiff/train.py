@@ -1,0 +1,243 @@
+"""Training loops for both stages, with Accelerate (CPU, one GPU, many GPUs, mixed precision).
+
+Step-based: the batch at step s is a pure function of (seed, s), and every step's randomness comes
+from a generator seeded by (seed, s, micro-batch, rank), so ``--resume latest`` continues exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from .checkpoint import list_checkpoints, load_checkpoint, prepare_run_dir, resolve_resume, save_checkpoint
+from .config import LDMRunConfig, VAERunConfig
+from .data import batch_indices, load_mnist, to_model_range
+from .diffusion import diffusion_loss, make_schedule
+from .errors import TrainingDiverged
+from .pipeline import LatentDiffusion, PipelineConfig, check_compatible, make_grid
+from .plot import line_plot
+from .unet import UNet
+from .vae import VAE, vae_loss
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warm-up, then constant or cosine decay to 10% (a pure function of the step)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_decay == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """A distinct seed per (run seed, step, micro-batch, process)."""
+    return (seed * 1_000_003 + step) * 4099 + micro * 131 + rank
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, over all float parameters and buffers."""
+    e = [p for p in ema.state_dict().values() if p.is_floating_point()]
+    m = [p.detach() for p in model.state_dict().values() if p.is_floating_point()]
+    torch._foreach_lerp_(e, m, 1.0 - decay)
+
+
+def make_accelerator(cfg) -> Accelerator:
+    return Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum)
+
+
+def _micro_batches(idx: torch.Tensor, accel: Accelerator, accum: int) -> list[torch.Tensor]:
+    """Split the global batch: micro-batch j of process r is idx.view(accum, world, -1)[j, r]."""
+    world = accel.num_processes
+    if idx.numel() % (world * accum):
+        raise ValueError(f"train.batch_size={idx.numel()} must be divisible by processes x grad_accum = "
+                         f"{world} x {accum}")
+    return list(idx.view(accum, world, -1)[:, accel.process_index])
+
+
+def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, ema: torch.nn.Module | None,
+              n_examples: int, loss_fn: Callable, preview_fn: Callable, resume: str | None, desc: str) -> None:
+    """The shared optimisation loop: accumulate, clip, step, EMA, log, preview, checkpoint."""
+    tc = cfg.train
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    start, last_ckpt = 0, None
+    metrics_path = run_dir / "metrics.jsonl"
+    if resume:
+        last_ckpt = resolve_resume(run_dir, resume)
+        start = load_checkpoint(last_ckpt, model, ema, optimizer)["step"]
+        if accel.is_main_process and metrics_path.is_file():  # drop log lines after the checkpoint
+            keep = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
+            metrics_path.write_text("".join(ln + "\n" for ln in keep))
+        accel.print(f"resuming from {last_ckpt} at step {start}")
+    train_model = torch.compile(model) if tc.compile else model
+    train_model, optimizer = accel.prepare(train_model, optimizer)
+    device = accel.device
+    loss_sum = torch.zeros((), device=device)
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first step with a non-finite loss
+    t0, seen, since, t_start = time.perf_counter(), 0, 0, time.perf_counter()
+    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc=desc, disable=not accel.is_main_process,
+               dynamic_ncols=True)
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, tc)
+        idx = batch_indices(n_examples, tc.batch_size, step, tc.seed)
+        for j, micro in enumerate(_micro_batches(idx, accel, tc.grad_accum)):
+            with accel.accumulate(train_model):
+                gen = torch.Generator(device).manual_seed(step_seed(tc.seed, step, j, accel.process_index))
+                loss, parts = loss_fn(train_model, micro.to(device), gen)
+                accel.backward(loss)
+                if accel.sync_gradients and tc.grad_clip > 0:
+                    accel.clip_grad_norm_(train_model.parameters(), tc.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss = loss.detach()
+            loss_sum += loss / tc.grad_accum
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), torch.full_like(first_bad, step), first_bad)
+        if ema is not None:
+            ema_update(ema, model, min(tc.ema_decay, (1 + step) / (10 + step)))  # warm-up (as in DDPM ports)
+        seen, since = seen + tc.batch_size, since + 1
+        done = step + 1
+        ckpt_now = tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.steps
+        if done % tc.log_every == 0 or done == tc.steps or ckpt_now:
+            # The only host-device sync: once per log interval, never per step.
+            bad_here = (first_bad >= 0).float()
+            if (accel.reduce(bad_here, reduction="sum") if accel.num_processes > 1 else bad_here).item() > 0:
+                where = f"at step {int(first_bad.item()) + 1}" if first_bad.item() >= 0 else "on another process"
+                raise TrainingDiverged(
+                    f"loss became NaN/inf {where}; nothing was saved over good weights. Last good checkpoint: "
+                    f"{last_ckpt or 'none'}. Lower train.lr or use mixed_precision=no, then resume with "
+                    f"{'--resume latest' if last_ckpt else 'a fresh run'}")
+            elapsed = time.perf_counter() - t0
+            avg = loss_sum.item() / since
+            rec = {"step": done, "loss": avg, "lr": lr_at(step, tc), "images_per_s": seen / elapsed,
+                   "elapsed_s": time.perf_counter() - t_start, **{k: float(v) for k, v in parts.items()}}
+            if accel.is_main_process:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                bar.set_postfix(loss=f"{avg:.4f}", img_s=f"{rec['images_per_s']:.0f}")
+            loss_sum.zero_()
+            t0, seen, since = time.perf_counter(), 0, 0
+        if accel.is_main_process and tc.preview_every and done % tc.preview_every == 0 and done < tc.steps:
+            preview_fn(run_dir / "previews" / f"step_{done:08d}.png")
+        if ckpt_now:
+            if accel.is_main_process:
+                last_ckpt = save_checkpoint(run_dir, done, model, ema, optimizer, tc.keep_checkpoints)
+            accel.wait_for_everyone()
+    bar.close()
+
+
+def _finish(run_dir: Path, accel: Accelerator, preview_fn: Callable) -> None:
+    preview_fn(run_dir / "previews" / "final.png")
+    metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln]
+    line_plot({"loss": ([m["step"] for m in metrics], [m["loss"] for m in metrics])}, run_dir / "loss.png",
+              title=f"training loss ({run_dir.name})", xlabel="step", ylabel="loss", logy=True)
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)  # model initialisation; per-step randomness uses explicit generators
+
+
+# ------------------------------------------------------------------------------------------ VAE
+@torch.no_grad()
+def latent_stats(vae: VAE, images: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
+    """(mean, 1/std) of the posterior means of ``images`` (float in [-1, 1]): the latent shift and scale."""
+    z = encode_all(vae, images, batch_size)
+    return z.mean().item(), 1.0 / z.std().item()
+
+
+@torch.no_grad()
+def encode_all(vae: VAE, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+    """Posterior means (unscaled) of float images in [-1, 1], on the VAE's device."""
+    device = next(vae.parameters()).device
+    return torch.cat([vae._encode(images[i:i + batch_size].to(device)).mean for i in range(0, len(images), batch_size)])
+
+
+def train_vae(cfg: VAERunConfig, resume: str | None = None, overwrite: bool = False) -> Path:
+    """Train the VAE; writes config.json + model.safetensors (with latent stats) into cfg.out_dir."""
+    accel = make_accelerator(cfg)
+    run_dir = prepare_run_dir(cfg, resume, overwrite, accel.is_main_process)
+    accel.wait_for_everyone()
+    images_u8, _ = load_mnist(cfg.data.root, "train", cfg.data.download)
+    images = to_model_range(images_u8).to(accel.device)  # (N, 1, 28, 28) in [-1, 1], on the device once
+    _seed_all(cfg.train.seed)
+    model = VAE(cfg.model).to(accel.device)
+    fixed = images[:8]
+
+    def loss_fn(m, idx, gen):
+        loss, parts, _ = vae_loss(m, images[idx], cfg.kl_weight, gen)
+        return loss, parts
+
+    def preview(path: Path) -> None:
+        model.eval()
+        with torch.no_grad():
+            recon = model._decode(model._encode(fixed).mean).clamp(-1, 1)
+        model.train()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make_grid((torch.cat([fixed, recon]) + 1) / 2, nrow=8).save(path)  # row 1: originals, row 2: recons
+
+    model.train()
+    _run_loop(cfg, accel, run_dir, model, None, len(images), loss_fn, preview, resume, "vae")
+    if accel.is_main_process:
+        model.eval()
+        shift, scale = latent_stats(model, images[:10000])
+        model.with_latent_stats(shift, scale)
+        model.save_pretrained(run_dir)
+        _finish(run_dir, accel, preview)
+        accel.print(f"saved VAE to {run_dir} (latent shift {shift:.4f}, scale {scale:.4f})")
+    accel.wait_for_everyone()
+    return run_dir
+
+
+# ------------------------------------------------------------------------------------------ LDM
+def train_ldm(cfg: LDMRunConfig, resume: str | None = None, overwrite: bool = False) -> Path:
+    """Train the latent UNet on cached VAE latents; writes a LatentDiffusion folder into cfg.out_dir."""
+    accel = make_accelerator(cfg)
+    vae = VAE.from_pretrained(cfg.vae_path, accel.device)  # fails fast on a bad path, before touching out_dir
+    _seed_all(cfg.train.seed)
+    model = UNet(cfg.model).to(accel.device)
+    check_compatible(model, vae)
+    if cfg.model.num_classes != 10:
+        raise ValueError("train_ldm trains on MNIST, which has 10 classes; set model.num_classes=10")
+    run_dir = prepare_run_dir(cfg, resume, overwrite, accel.is_main_process)
+    accel.wait_for_everyone()
+    images_u8, labels = load_mnist(cfg.data.root, "train", cfg.data.download)
+    # Encode the whole dataset once with the frozen VAE; train on the cached, scaled latents.
+    latents = vae.scale_latents(encode_all(vae, to_model_range(images_u8)))  # (N, 4, 7, 7), on the device
+    labels = labels.to(accel.device)
+    ema = copy.deepcopy(model).requires_grad_(False) if cfg.train.ema_decay > 0 else None
+    alphas_cumprod = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps).float().to(accel.device)
+    dc = cfg.diffusion
+
+    def loss_fn(m, idx, gen):
+        loss = diffusion_loss(m, latents[idx], labels[idx], alphas_cumprod, dc.prediction, dc.label_dropout,
+                              cfg.model.num_classes, gen)
+        return loss, {}
+
+    pipe_cfg = PipelineConfig(diffusion=dc, sample=cfg.sample)
+
+    def preview(path: Path) -> None:
+        net = ema if ema is not None else model
+        pipe = LatentDiffusion(net, vae, pipe_cfg)
+        images = pipe.generate([c for c in range(10) for _ in range(8)], seed=0)  # one row per class
+        net.train(net is model)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        make_grid(images, nrow=8).save(path)
+
+    model.train()
+    _run_loop(cfg, accel, run_dir, model, ema, len(latents), loss_fn, preview, resume, "ldm")
+    if accel.is_main_process:
+        final = ema if ema is not None else model
+        LatentDiffusion(final, vae, pipe_cfg).save_pretrained(run_dir)
+        _finish(run_dir, accel, preview)
+        accel.print(f"saved latent diffusion pipeline to {run_dir}")
+    accel.wait_for_everyone()
+    return run_dir

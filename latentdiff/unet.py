@@ -1,0 +1,82 @@
+"""Class-conditioned UNet over the latent grid. Label index ``num_classes`` means "no label"."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import UNetConfig
+from .nn import Attention, Downsample, ResBlock, Upsample, timestep_embedding
+from .serialization import load_model, save_model
+
+
+class UNet(nn.Module):
+    """``unet(z_t, t, y)``: z_t (B,C,H,W), t (B,) timesteps, y (B,) labels in [0, num_classes]."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        ch, g, heads = config.channels, config.groups, config.num_heads
+        emb_dim = 4 * ch[0]
+        self.time_embed = nn.Sequential(nn.Linear(ch[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_embed = nn.Embedding(config.num_classes + 1, emb_dim)  # +1: the null label for CFG
+        self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
+
+        def res(i: int, o: int) -> ResBlock:
+            return ResBlock(i, o, emb_dim, g, config.dropout)
+
+        # Down path: every block's output is kept as a skip for the up path.
+        self.down = nn.ModuleList()
+        skip_ch = [ch[0]]
+        prev = ch[0]
+        for i, c in enumerate(ch):
+            for _ in range(config.num_res_blocks):
+                self.down.append(nn.ModuleList([res(prev, c)] + ([Attention(c, heads, g)] if config.attention_levels[i] else [])))
+                prev = c
+                skip_ch.append(c)
+            if i < len(ch) - 1:
+                self.down.append(nn.ModuleList([Downsample(c)]))
+                skip_ch.append(c)
+        self.mid = nn.ModuleList([res(prev, prev), Attention(prev, heads, g), res(prev, prev)])
+        # Up path: num_res_blocks + 1 blocks per level, each eating one skip.
+        self.up = nn.ModuleList()
+        for i, c in reversed(list(enumerate(ch))):
+            for _ in range(config.num_res_blocks + 1):
+                self.up.append(nn.ModuleList([res(prev + skip_ch.pop(), c)] + ([Attention(c, heads, g)] if config.attention_levels[i] else [])))
+                prev = c
+            if i > 0:
+                self.up.append(nn.ModuleList([Upsample(c)]))
+        self.out = nn.Sequential(nn.GroupNorm(g, prev), nn.SiLU(), nn.Conv2d(prev, config.in_channels, 3, padding=1))
+        nn.init.zeros_(self.out[-1].weight)  # predicts 0 at init
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        emb = self.time_embed(timestep_embedding(t, self.config.channels[0])) + self.class_embed(y)  # (B, E)
+        h = self.conv_in(x)
+        skips = [h]
+        for blocks in self.down:
+            for layer in blocks:
+                h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+            skips.append(h)
+        for layer in self.mid:
+            h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        for blocks in self.up:
+            if isinstance(blocks[0], Upsample):
+                h = blocks[0](h, skips[-1].shape[-2:])  # undo odd-size rounding: 4 -> 7, not 8
+                continue
+            h = torch.cat([h, skips.pop()], dim=1)  # (B, C_h + C_skip, H, W)
+            for layer in blocks:
+                h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
+        return self.out(h)
+
+    def save_pretrained(self, directory: str | Path, state_dict: dict | None = None) -> None:
+        """Write config.json + model.safetensors (``state_dict`` e.g. the EMA weights)."""
+        save_model(self, self.config, directory, state_dict)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "UNet":
+        return load_model(cls, UNetConfig, directory, device)

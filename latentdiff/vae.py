@@ -1,0 +1,164 @@
+"""Convolutional VAE with a diagonal-Gaussian posterior: (B,1,28,28) in [-1,1] <-> (B,4,7,7)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VAEConfig
+from .nn import Attention, Downsample, ResBlock, Upsample
+from .serialization import load_model, save_model
+
+
+class DiagonalGaussian:
+    """A diagonal Gaussian over latents, parameterised by mean and log-variance."""
+
+    def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
+        self.mean = mean
+        self.logvar = logvar.clamp(-30.0, 20.0)  # keeps exp() finite
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Reparameterised sample mean + std * noise."""
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
+
+    def kl(self) -> torch.Tensor:
+        """Per-element KL(q || N(0, I)), same shape as the mean."""
+        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)
+
+
+class VAE(nn.Module):
+    """Encoder -> DiagonalGaussian -> decoder. ``self.config`` is all that is needed to rebuild it."""
+
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        ch, g = config.channels, config.groups
+        # Encoder: conv_in, then per resolution ResBlocks and a downsample (except at the last).
+        self.enc_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
+        self.enc_blocks = nn.ModuleList()
+        prev = ch[0]
+        for i, c in enumerate(ch):
+            level = nn.ModuleList()
+            for _ in range(config.num_res_blocks):
+                level.append(ResBlock(prev, c, groups=g))
+                prev = c
+            if i < len(ch) - 1:
+                level.append(Downsample(c))
+            self.enc_blocks.append(level)
+        self.enc_mid = nn.ModuleList([ResBlock(prev, prev, groups=g), Attention(prev, 1, g), ResBlock(prev, prev, groups=g)])
+        self.enc_out = nn.Sequential(nn.GroupNorm(g, prev), nn.SiLU(), nn.Conv2d(prev, 2 * config.latent_channels, 3, padding=1))
+        # Decoder mirrors the encoder.
+        self.dec_in = nn.Conv2d(config.latent_channels, prev, 3, padding=1)
+        self.dec_mid = nn.ModuleList([ResBlock(prev, prev, groups=g), Attention(prev, 1, g), ResBlock(prev, prev, groups=g)])
+        self.dec_blocks = nn.ModuleList()
+        self.dec_up = nn.ModuleList()
+        for i, c in reversed(list(enumerate(ch))):
+            level = nn.ModuleList()
+            for _ in range(config.num_res_blocks + 1):
+                level.append(ResBlock(prev, c, groups=g))
+                prev = c
+            self.dec_blocks.append(level)
+            self.dec_up.append(Upsample(c) if i > 0 else nn.Identity())
+        self.dec_out = nn.Sequential(nn.GroupNorm(g, prev), nn.SiLU(), nn.Conv2d(prev, config.in_channels, 3, padding=1))
+        # Spatial sizes on the way down, so the decoder can undo odd-size rounding (28 -> 14 -> 7).
+        sizes = [config.image_size]
+        for _ in range(len(ch) - 1):
+            sizes.append((sizes[-1] + 1) // 2)
+        self._sizes = sizes
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one latent."""
+        s = self.config.latent_size
+        return (self.config.latent_channels, s, s)
+
+    def _check_images(self, x: torch.Tensor) -> None:
+        c, s = self.config.in_channels, self.config.image_size
+        if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != (c, s, s):
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"VAE.encode expects images of shape (B, {c}, {s}, {s}); got {shape}")
+        if not x.is_floating_point():
+            raise ValueError(f"VAE.encode expects float images in [-1, 1]; got dtype {x.dtype} (use x / 127.5 - 1)")
+        lo, hi = x.min().item(), x.max().item()
+        if lo < -1.001 or hi > 1.001 or x.isnan().any():
+            raise ValueError(f"VAE.encode expects images in [-1, 1]; got values in [{lo:.3g}, {hi:.3g}] "
+                             "(map [0, 1] images with x * 2 - 1)")
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """Images (B, C, H, W) in [-1, 1] -> posterior over unscaled latents (B, 4, 7, 7)."""
+        self._check_images(x)
+        return self._encode(x)
+
+    def _encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        h = self.enc_in(x)
+        for level in self.enc_blocks:
+            for block in level:
+                h = block(h)
+        for block in self.enc_mid:
+            h = block(h)
+        mean, logvar = self.enc_out(h).chunk(2, dim=1)
+        return DiagonalGaussian(mean, logvar)
+
+    def decode(self, z: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Unscaled latents (B, 4, 7, 7) -> images (B, C, H, W), clamped to [-1, 1] unless ``clamp=False``."""
+        if not isinstance(z, torch.Tensor) or z.ndim != 4 or tuple(z.shape[1:]) != self.latent_shape:
+            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+            raise ValueError(f"VAE.decode expects latents of shape (B, {', '.join(map(str, self.latent_shape))}); got {shape}")
+        x = self._decode(z)
+        return x.clamp(-1, 1) if clamp else x
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.dec_in(z)
+        for block in self.dec_mid:
+            h = block(h)
+        levels = reversed(range(len(self.config.channels)))  # decoder blocks run lowest resolution first
+        for i, level, up in zip(levels, self.dec_blocks, self.dec_up):
+            for block in level:
+                h = block(h)
+            if i > 0:
+                h = up(h, (self._sizes[i - 1],) * 2)
+        return self.dec_out(h)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        """Training pass: returns (reconstruction, posterior)."""
+        posterior = self._encode(x)
+        return self._decode(posterior.sample(generator)), posterior
+
+    # Latent normalisation: the diffusion model works on (z - shift) * scale.
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.config.shift_factor) * self.config.scaling_factor
+
+    def unscale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return z / self.config.scaling_factor + self.config.shift_factor
+
+    def with_latent_stats(self, shift: float, scale: float) -> "VAE":
+        """Store the latent shift/scale in the config (the one source of truth) and return self."""
+        self.config = replace(self.config, shift_factor=float(shift), scaling_factor=float(scale))
+        return self
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json + model.safetensors."""
+        save_model(self, self.config, directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "VAE":
+        """Load a VAE saved with ``save_pretrained`` (or the VAE run folder)."""
+        return load_model(cls, VAEConfig, directory, device)
+
+
+def vae_loss(model: VAE, x: torch.Tensor, kl_weight: float, generator: torch.Generator | None = None):
+    """Per-pixel MSE + kl_weight * per-element KL. Returns (loss, dict of parts, reconstruction)."""
+    recon, posterior = model(x, generator)
+    mse = F.mse_loss(recon.float(), x.float())
+    kl = posterior.kl().float().mean()
+    return mse + kl_weight * kl, {"mse": mse.detach(), "kl": kl.detach()}, recon
