@@ -1,0 +1,167 @@
+"""Shared fixtures: tiny synthetic MNIST in IDX files, tiny model configs, and helpers.
+
+No network and no real MNIST: every test that needs data uses ``mnist_dir``, a folder of gzipped
+IDX files in torchvision's ``<root>/MNIST/raw/`` layout holding simple class-dependent patterns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from latentdiff import LatentDiffusion, PipelineConfig, UNet, VAE
+from latentdiff.config import DiffusionConfig, SampleConfig, UNetConfig, VAEConfig
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # the venv's bin/: accelerate, torchrun
+N_TRAIN, N_TEST = 256, 64
+
+# Tiny architectures: channels divisible by groups (and by num_heads for the UNet).
+TINY_VAE = VAEConfig(channels=(8, 16, 16), groups=8, num_res_blocks=1)
+TINY_UNET = UNetConfig(channels=(16, 32), num_heads=2, groups=8, num_res_blocks=1, attention_levels=(False, True))
+
+# The same architectures as --set overrides for the scripts (plus small, fast training settings).
+TRAIN_SET = ["train.steps=6", "train.batch_size=16", "train.warmup_steps=2", "train.log_every=2",
+             "train.preview_every=3", "train.checkpoint_every=3", "train.keep_checkpoints=2", "train.seed=0",
+             "data.download=false"]
+VAE_SET = ["model.channels=[8,16,16]", "model.groups=8"] + TRAIN_SET
+LDM_SET = ["model.channels=[16,32]", "model.num_heads=2", "model.num_res_blocks=1", "model.attention_levels=[false,true]",
+           "sample.steps=4", "diffusion.num_timesteps=100"] + TRAIN_SET
+
+
+def as_set_args(overrides: list[str]) -> list[str]:
+    """["a=1", "b=2"] -> ["--set", "a=1", "--set", "b=2"]."""
+    return [a for o in overrides for a in ("--set", o)]
+
+
+# ----------------------------------------------------------------------------------- synthetic data
+def synthetic_digits(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (n,28,28), labels uint8 (n,)): class c is a bright bar whose place and direction depend on c."""
+    g = np.random.default_rng(seed)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    g.shuffle(labels)
+    images = np.zeros((n, 28, 28), dtype=np.uint8)
+    for i, c in enumerate(labels):
+        pos = 4 + 2 * int(c)  # 4 .. 22
+        jitter = int(g.integers(-1, 2))
+        if c % 2 == 0:
+            images[i, 4:24, pos + jitter:pos + jitter + 3] = 255  # vertical bar
+        else:
+            images[i, pos + jitter:pos + jitter + 3, 4:24] = 255  # horizontal bar
+        images[i] = np.clip(images[i].astype(int) + g.integers(0, 30, (28, 28)), 0, 255).astype(np.uint8)
+    return images, labels
+
+
+def idx_bytes(array: np.ndarray, magic: int) -> bytes:
+    """The IDX encoding of a uint8 array: big-endian magic, big-endian dims, payload."""
+    assert array.dtype == np.uint8 and magic & 0xFF == array.ndim
+    header = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray, magic: int, gz: bool | None = None) -> Path:
+    """Write an IDX file, gzipped when the name ends in .gz (or gz=True)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = idx_bytes(array, magic)
+    gz = path.suffix == ".gz" if gz is None else gz
+    if gz:
+        with gzip.GzipFile(path, "wb", mtime=0) as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def write_mnist(root: Path, n_train: int = N_TRAIN, n_test: int = N_TEST, gz: bool = True, layout: str = "raw") -> Path:
+    """Write train-* and t10k-* IDX files into root/MNIST/raw (layout="raw") or root itself ("flat")."""
+    folder = root / "MNIST" / "raw" if layout == "raw" else root
+    ext = ".gz" if gz else ""
+    for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
+        images, labels = synthetic_digits(n, seed)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte{ext}", images, 2051)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte{ext}", labels, 2049)
+    return root
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory) -> Path:
+    """A data root with 256 train / 64 test synthetic digits, gzipped, in <root>/MNIST/raw/."""
+    return write_mnist(tmp_path_factory.mktemp("mnist"))
+
+
+@pytest.fixture(autouse=True)
+def _no_data_env(monkeypatch):
+    """Tests never see the developer's $LATENTDIFF_DATA unless they set it themselves."""
+    monkeypatch.delenv("LATENTDIFF_DATA", raising=False)
+
+
+# ----------------------------------------------------------------------------------- tiny models
+def perturb_(model: torch.nn.Module, seed: int, scale: float = 0.05) -> torch.nn.Module:
+    """Add seeded noise to every weight, so zero-initialised layers (UNet output) do something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def tiny_vae(seed: int = 0, **overrides) -> VAE:
+    torch.manual_seed(seed)
+    cfg = dataclasses.replace(TINY_VAE, **overrides)
+    return perturb_(VAE(cfg), seed + 100).eval()
+
+
+def tiny_unet(seed: int = 0, **overrides) -> UNet:
+    torch.manual_seed(seed)
+    cfg = dataclasses.replace(TINY_UNET, **overrides)
+    return perturb_(UNet(cfg), seed + 200).eval()
+
+
+def tiny_pipeline(seed: int = 0, prediction: str = "v", num_timesteps: int = 100) -> LatentDiffusion:
+    cfg = PipelineConfig(diffusion=DiffusionConfig(num_timesteps=num_timesteps, prediction=prediction),
+                         sample=SampleConfig(steps=4))
+    return LatentDiffusion(tiny_unet(seed), tiny_vae(seed), cfg)
+
+
+@pytest.fixture
+def pipe() -> LatentDiffusion:
+    return tiny_pipeline()
+
+
+# ----------------------------------------------------------------------------------- subprocesses
+def run_cmd(args: list[str], cwd: Path = REPO, timeout: float = 300, env: dict | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command (no network, 1 thread per process), capture output, fail with the output shown."""
+    full_env = {k: v for k, v in os.environ.items() if k != "LATENTDIFF_DATA"}
+    full_env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
+                     "PYTHONUNBUFFERED": "1", **(env or {})})
+    proc = subprocess.run([str(a) for a in args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n"
+                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def accelerate_launch(script: str, *args) -> list[str]:
+    """The Makefile's one-process launch line."""
+    return [BIN / "accelerate", "launch", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+            "--dynamo_backend", "no", REPO / script, *args]
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tmp_path_factory, mnist_dir) -> dict[str, Path]:
+    """Train a tiny VAE then a tiny LDM on it through ``accelerate launch`` (shared by the slow tests)."""
+    root = tmp_path_factory.mktemp("runs")
+    vae_dir, ldm_dir = root / "vae", root / "ldm"
+    run_cmd(accelerate_launch("train_vae.py", "--out", vae_dir, "--data-dir", mnist_dir, *as_set_args(VAE_SET)))
+    run_cmd(accelerate_launch("train_ldm.py", "--vae", vae_dir, "--out", ldm_dir, "--data-dir", mnist_dir,
+                              *as_set_args(LDM_SET)))
+    return {"vae": vae_dir, "ldm": ldm_dir, "root": root}
