@@ -16,7 +16,7 @@ def linear_schedule(num_timesteps: int) -> torch.Tensor:
     """abar_t for DDPM's linear betas (1e-4 .. 0.02 at T=1000, rescaled for other T; Ho et al. 2020)."""
     scale = 1000.0 / num_timesteps
     betas = torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
-    return torch.cumprod(1.0 - betas, dim=0)
+    return torch.cumprod(1.0 - betas.clamp(max=0.999), dim=0)  # clip as cosine does: T <= 20 would give betas >= 1
 
 
 def cosine_schedule(num_timesteps: int, s: float = 0.008) -> torch.Tensor:

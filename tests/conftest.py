@@ -23,6 +23,8 @@ from latentdiff.config import DiffusionConfig, SampleConfig, UNetConfig, VAEConf
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's bin/: accelerate, torchrun
 N_TRAIN, N_TEST = 256, 64
+# One thread: the tiny models gain nothing from more, and 2 shared cores oversubscribe easily.
+torch.set_num_threads(1)
 
 # Tiny architectures: channels divisible by groups (and by num_heads for the UNet).
 TINY_VAE = VAEConfig(channels=(8, 16, 16), groups=8, num_res_blocks=1)
