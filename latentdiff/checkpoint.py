@@ -53,7 +53,7 @@ def prepare_run_dir(cfg: Any, resume: str | None, overwrite: bool, is_main: bool
             k = diff[0]
             raise RunDirError(f"cannot resume {run_dir}: {k} was {old.get(k)!r}, now {new.get(k)!r} "
                               f"({len(diff)} setting(s) differ: {diff}); resume with the saved settings or use a new --out")
-    elif run_dir.exists() and any(run_dir.iterdir()):
+    elif run_dir.exists() and {p.name for p in run_dir.iterdir()} - {RUN_CONFIG}:  # only run.yaml: never started
         if not overwrite:
             what = "another run" if saved.is_file() else "other files"
             raise RunDirError(f"{run_dir} already holds {what}; pass --resume latest to continue it, "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 from pathlib import Path
@@ -113,7 +114,11 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
     """
     if batch_size > n:
         raise DataError(f"batch size {batch_size} exceeds the {n} examples in the dataset; lower train.batch_size")
-    per_epoch = n // batch_size
-    epoch, k = divmod(step, per_epoch)
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g)[k * batch_size:(k + 1) * batch_size]
+    epoch, k = divmod(step, n // batch_size)
+    return epoch_permutation(n, seed, epoch)[k * batch_size:(k + 1) * batch_size]
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffled order of epoch ``epoch``, seeded by (seed, epoch)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))

@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Callable
@@ -19,13 +21,17 @@ from tqdm.auto import tqdm
 
 from .checkpoint import list_checkpoints, load_checkpoint, prepare_run_dir, resolve_resume, save_checkpoint
 from .config import LDMRunConfig, VAERunConfig
-from .data import batch_indices, load_mnist, to_model_range
+from .data import batch_indices, epoch_permutation, load_mnist, to_model_range
 from .diffusion import diffusion_loss, make_schedule
 from .errors import TrainingDiverged
 from .pipeline import LatentDiffusion, PipelineConfig, check_compatible, make_grid
 from .plot import line_plot
 from .unet import UNet
 from .vae import VAE, vae_loss
+
+
+# Test hook: SIGKILL this process right after the given step (and its checkpoint), as a pre-emption would.
+_KILL_AT_STEP = int(os.environ.get("LATENTDIFF_TEST_KILL_AT_STEP", "-1"))
 
 
 def lr_at(step: int, cfg) -> float:
@@ -43,15 +49,21 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 4099 + micro * 131 + rank
 
 
-@torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, over all float parameters and buffers."""
-    e = [p for p in ema.state_dict().values() if p.is_floating_point()]
-    m = [p.detach() for p in model.state_dict().values() if p.is_floating_point()]
-    torch._foreach_lerp_(e, m, 1.0 - decay)
+class EMA:
+    """ema <- decay * ema + (1 - decay) * model over all float tensors, one fused call per step."""
+
+    def __init__(self, ema: torch.nn.Module, model: torch.nn.Module):
+        self.e = [p for p in ema.state_dict().values() if p.is_floating_point()]
+        self.m = [p for p in model.state_dict().values() if p.is_floating_point()]
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        torch._foreach_lerp_(self.e, self.m, 1.0 - decay)
 
 
 def make_accelerator(cfg) -> Accelerator:
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+/Hopper: ~free speed for fp32 matmuls/convs
+    torch.backends.cudnn.allow_tf32 = True
     return Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum)
 
 
@@ -62,6 +74,12 @@ def _micro_batches(idx: torch.Tensor, accel: Accelerator, accum: int) -> list[to
         raise ValueError(f"train.batch_size={idx.numel()} must be divisible by processes x grad_accum = "
                          f"{world} x {accum}")
     return list(idx.view(accum, world, -1)[:, accel.process_index])
+
+
+def _check_batching(n_examples: int, tc, accel: Accelerator) -> None:
+    """Fail on an impossible batch split before anything is written."""
+    _micro_batches(torch.arange(tc.batch_size), accel, tc.grad_accum)
+    batch_indices(n_examples, tc.batch_size, 0, tc.seed)
 
 
 def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, ema: torch.nn.Module | None,
@@ -81,6 +99,9 @@ def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, em
     train_model = torch.compile(model) if tc.compile else model
     train_model, optimizer = accel.prepare(train_model, optimizer)
     device = accel.device
+    ema_state = EMA(ema, model) if ema is not None else None
+    perm_epoch, perm = -1, None
+    per_epoch = n_examples // tc.batch_size
     loss_sum = torch.zeros((), device=device)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first step with a non-finite loss
     t0, seen, since, t_start = time.perf_counter(), 0, 0, time.perf_counter()
@@ -89,11 +110,15 @@ def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, em
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, tc)
-        idx = batch_indices(n_examples, tc.batch_size, step, tc.seed)
+        epoch, k = divmod(step, per_epoch)  # the same batches as data.batch_indices, sliced on the device
+        if epoch != perm_epoch:
+            perm_epoch, perm = epoch, epoch_permutation(n_examples, tc.seed, epoch).to(device)
+        idx = perm[k * tc.batch_size:(k + 1) * tc.batch_size]
+        torch.manual_seed(step_seed(tc.seed, step, 0, accel.process_index))  # dropout etc.: also a function of the step
         for j, micro in enumerate(_micro_batches(idx, accel, tc.grad_accum)):
             with accel.accumulate(train_model):
                 gen = torch.Generator(device).manual_seed(step_seed(tc.seed, step, j, accel.process_index))
-                loss, parts = loss_fn(train_model, micro.to(device), gen)
+                loss, parts = loss_fn(train_model, micro, gen)
                 accel.backward(loss)
                 if accel.sync_gradients and tc.grad_clip > 0:
                     accel.clip_grad_norm_(train_model.parameters(), tc.grad_clip)
@@ -103,7 +128,7 @@ def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, em
             loss_sum += loss / tc.grad_accum
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), torch.full_like(first_bad, step), first_bad)
         if ema is not None:
-            ema_update(ema, model, min(tc.ema_decay, (1 + step) / (10 + step)))  # warm-up (as in DDPM ports)
+            ema_state.update(min(tc.ema_decay, (1 + step) / (10 + step)))  # decay warm-up, as in common DDPM ports
         seen, since = seen + tc.batch_size, since + 1
         done = step + 1
         ckpt_now = tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.steps
@@ -132,6 +157,8 @@ def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, em
             if accel.is_main_process:
                 last_ckpt = save_checkpoint(run_dir, done, model, ema, optimizer, tc.keep_checkpoints)
             accel.wait_for_everyone()
+        if done == _KILL_AT_STEP:  # fault injection for the resume tests: die like a pre-empted job
+            os.kill(os.getpid(), signal.SIGKILL)
     bar.close()
 
 
@@ -148,14 +175,14 @@ def _seed_all(seed: int) -> None:
 
 # ------------------------------------------------------------------------------------------ VAE
 @torch.no_grad()
-def latent_stats(vae: VAE, images: torch.Tensor, batch_size: int = 1000) -> tuple[float, float]:
+def latent_stats(vae: VAE, images: torch.Tensor, batch_size: int = 256) -> tuple[float, float]:
     """(mean, 1/std) of the posterior means of ``images`` (float in [-1, 1]): the latent shift and scale."""
     z = encode_all(vae, images, batch_size)
     return z.mean().item(), 1.0 / z.std().item()
 
 
 @torch.no_grad()
-def encode_all(vae: VAE, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+def encode_all(vae: VAE, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Posterior means (unscaled) of float images in [-1, 1], on the VAE's device."""
     device = next(vae.parameters()).device
     return torch.cat([vae._encode(images[i:i + batch_size].to(device)).mean for i in range(0, len(images), batch_size)])
@@ -164,10 +191,11 @@ def encode_all(vae: VAE, images: torch.Tensor, batch_size: int = 1000) -> torch.
 def train_vae(cfg: VAERunConfig, resume: str | None = None, overwrite: bool = False) -> Path:
     """Train the VAE; writes config.json + model.safetensors (with latent stats) into cfg.out_dir."""
     accel = make_accelerator(cfg)
+    images_u8, _ = load_mnist(cfg.data.root, "train", cfg.data.download)  # bad data fails before out_dir is touched
+    images = to_model_range(images_u8).to(accel.device)  # (N, 1, 28, 28) in [-1, 1], on the device once
+    _check_batching(len(images), cfg.train, accel)
     run_dir = prepare_run_dir(cfg, resume, overwrite, accel.is_main_process)
     accel.wait_for_everyone()
-    images_u8, _ = load_mnist(cfg.data.root, "train", cfg.data.download)
-    images = to_model_range(images_u8).to(accel.device)  # (N, 1, 28, 28) in [-1, 1], on the device once
     _seed_all(cfg.train.seed)
     model = VAE(cfg.model).to(accel.device)
     fixed = images[:8]
@@ -207,9 +235,10 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None, overwrite: bool = Fa
     check_compatible(model, vae)
     if cfg.model.num_classes != 10:
         raise ValueError("train_ldm trains on MNIST, which has 10 classes; set model.num_classes=10")
+    images_u8, labels = load_mnist(cfg.data.root, "train", cfg.data.download)
+    _check_batching(len(images_u8), cfg.train, accel)
     run_dir = prepare_run_dir(cfg, resume, overwrite, accel.is_main_process)
     accel.wait_for_everyone()
-    images_u8, labels = load_mnist(cfg.data.root, "train", cfg.data.download)
     # Encode the whole dataset once with the frozen VAE; train on the cached, scaled latents.
     latents = vae.scale_latents(encode_all(vae, to_model_range(images_u8)))  # (N, 4, 7, 7), on the device
     labels = labels.to(accel.device)
