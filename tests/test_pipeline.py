@@ -1,0 +1,152 @@
+"""LatentDiffusion.generate: shapes, range, seeding, batch-size invariance, input checks, save/load."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_pipeline
+
+from latentdiff import LatentDiffusion, make_grid, to_pil
+
+LABELS = [0, 1, 2, 3, 4, 5, 6, 7]
+
+
+def test_generate_shape_and_range(pipe):
+    images = pipe.generate([3, 3, 7], seed=0)
+    assert images.shape == (3, 1, 28, 28) and images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1
+    assert torch.isfinite(images).all()
+
+
+@pytest.mark.parametrize("sampler", ["dpm++", "ddim", "ddpm"])
+def test_same_seed_same_images(pipe, sampler):
+    a = pipe.generate(LABELS[:3], seed=5, steps=3, sampler=sampler, eta=0.5)
+    b = pipe.generate(LABELS[:3], seed=5, steps=3, sampler=sampler, eta=0.5)
+    c = pipe.generate(LABELS[:3], seed=6, steps=3, sampler=sampler, eta=0.5)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_generator_is_reproducible(pipe):
+    a = pipe.generate([1, 2], steps=2, generator=torch.Generator().manual_seed(3))
+    b = pipe.generate([1, 2], steps=2, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("sampler, eta", [("dpm++", 0.0), ("ddpm", 0.0), ("ddim", 0.5)])
+def test_image_i_does_not_depend_on_batch_size(pipe, sampler, eta):
+    """Sample i is seeded by seed + i alone, including the per-step noise of stochastic samplers."""
+    full = pipe.generate(LABELS, seed=11, steps=4, sampler=sampler, eta=eta, batch_size=8)
+    ones = pipe.generate(LABELS, seed=11, steps=4, sampler=sampler, eta=eta, batch_size=1)
+    threes = pipe.generate(LABELS, seed=11, steps=4, sampler=sampler, eta=eta, batch_size=3)
+    assert torch.allclose(full, ones, atol=1e-5, rtol=0), (full - ones).abs().max()
+    assert torch.allclose(full, threes, atol=1e-5, rtol=0), (full - threes).abs().max()
+
+
+def test_image_i_does_not_depend_on_the_other_labels(pipe):
+    """A prefix of a request gives the same images as the whole request."""
+    full = pipe.generate(LABELS, seed=2, steps=3, sampler="ddpm")
+    head = pipe.generate(LABELS[:3], seed=2, steps=3, sampler="ddpm")
+    assert torch.allclose(full[:3], head, atol=1e-5, rtol=0)
+
+
+def test_labels_and_guidance_matter(pipe):
+    base = pipe.generate([3, 3], seed=0, steps=3, guidance_scale=3.0)
+    assert not torch.allclose(base, pipe.generate([4, 4], seed=0, steps=3, guidance_scale=3.0))
+    assert not torch.allclose(base, pipe.generate([3, 3], seed=0, steps=3, guidance_scale=1.0))
+    # With guidance 0 the labels are ignored: the output is the unconditional model's.
+    assert torch.equal(pipe.generate([3, 9], seed=0, steps=3, guidance_scale=0.0),
+                       pipe.generate([5, 1], seed=0, steps=3, guidance_scale=0.0))
+
+
+def test_int_guidance_and_tensor_labels(pipe):
+    a = pipe.generate(torch.tensor([1, 2]), seed=0, steps=2, guidance_scale=2)
+    b = pipe.generate([1, 2], seed=0, steps=2, guidance_scale=2.0)
+    assert torch.equal(a, b)
+
+
+def test_config_defaults_are_used(pipe):
+    sc = pipe.config.sample
+    a = pipe.generate([1], seed=0)
+    b = pipe.generate([1], seed=0, steps=sc.steps, sampler=sc.sampler, guidance_scale=sc.guidance_scale, eta=sc.eta)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    ({"labels": [10]}, "out of range"),
+    ({"labels": [-1]}, "out of range"),
+    ({"labels": [1.0]}, "integer"),
+    ({"labels": [True]}, "integer"),
+    ({"labels": ["3"]}, "integer"),
+    ({"labels": []}, "empty"),
+    ({"labels": torch.tensor([1.0])}, "integer"),
+    ({"labels": torch.tensor([[1]])}, "1-D"),
+    ({"guidance_scale": float("nan")}, "guidance"),
+    ({"guidance_scale": float("inf")}, "guidance"),
+    ({"guidance_scale": -1.0}, "guidance"),
+    ({"guidance_scale": "3"}, "guidance"),
+    ({"steps": 0}, "steps"),
+    ({"steps": 2.0}, "steps"),
+    ({"steps": 101}, "steps"),
+    ({"sampler": "euler"}, "sampler"),
+    ({"eta": -0.5}, "eta"),
+    ({"eta": float("nan")}, "eta"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"seed": 1.5}, "seed"),
+])
+def test_bad_inputs_raise_value_error(pipe, kwargs, word):
+    args = {"labels": [1, 2], "steps": 2, "seed": 0, **kwargs}
+    with pytest.raises(ValueError, match=word):
+        pipe.generate(**args)
+
+
+def test_steps_up_to_num_timesteps(pipe):
+    assert pipe.generate([1], seed=0, steps=1).shape == (1, 1, 28, 28)
+
+
+# ---------------------------------------------------------------------------------------------- saving
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_save_load_round_trip(tmp_path, prediction):
+    pipe = tiny_pipeline(seed=3, prediction=prediction)
+    pipe.save_pretrained(tmp_path / "ldm")
+    assert {p.name for p in (tmp_path / "ldm").iterdir()} >= {"config.json", "unet", "vae"}
+    assert json.loads((tmp_path / "ldm" / "config.json").read_text())["diffusion"]["prediction"] == prediction
+    loaded = LatentDiffusion.from_pretrained(tmp_path / "ldm")
+    assert loaded.config == pipe.config
+    assert loaded.unet.config == pipe.unet.config and loaded.vae.config == pipe.vae.config
+    assert torch.equal(loaded.alphas_cumprod, pipe.alphas_cumprod)
+    for a, b in ((pipe.unet, loaded.unet), (pipe.vae, loaded.vae)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    for sampler in ("dpm++", "ddpm"):
+        assert torch.equal(pipe.generate([1, 5], seed=0, steps=3, sampler=sampler),
+                           loaded.generate([1, 5], seed=0, steps=3, sampler=sampler))
+
+
+def test_save_with_given_unet_weights(tmp_path):
+    pipe, other = tiny_pipeline(seed=0), tiny_pipeline(seed=1)
+    pipe.save_pretrained(tmp_path / "ldm", unet_state_dict=other.unet.state_dict())
+    loaded = LatentDiffusion.from_pretrained(tmp_path / "ldm")
+    assert all(torch.equal(v, other.unet.state_dict()[k]) for k, v in loaded.unet.state_dict().items())
+
+
+def test_latent_scale_travels_with_the_vae(tmp_path):
+    pipe = tiny_pipeline()
+    pipe.vae.with_latent_stats(0.25, 3.0)
+    pipe.save_pretrained(tmp_path / "ldm")
+    loaded = LatentDiffusion.from_pretrained(tmp_path / "ldm")
+    assert (loaded.vae.config.shift_factor, loaded.vae.config.scaling_factor) == (0.25, 3.0)
+
+
+# ---------------------------------------------------------------------------------------------- images
+def test_to_pil_and_grid():
+    images = torch.linspace(0, 1, 5 * 28 * 28).view(5, 1, 28, 28)
+    pils = to_pil(images)
+    assert len(pils) == 5 and pils[0].size == (28, 28) and pils[0].mode == "L"
+    grid = make_grid(images, nrow=2, padding=2)
+    assert grid.size == (2 * 30 + 2, 3 * 30 + 2)
+    arr = np.asarray(grid)
+    assert arr[2:30, 2:30].tolist() == np.asarray(pils[0]).tolist()
