@@ -1,0 +1,229 @@
+"""End to end: train_vae.py -> train_ldm.py -> sample.py through `accelerate launch`, then the Python API.
+
+The two training runs are shared (the session fixture ``trained_runs`` in conftest.py): tiny models,
+6 steps on 256 synthetic digits, logging / previews / checkpoints every few steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import runpy
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import BIN, LDM_SET, REPO, VAE_SET, accelerate_launch, as_set_args, run_cmd
+from PIL import Image
+from safetensors.torch import load_file
+
+from latentdiff import LatentDiffusion, LDMRunConfig, VAE, VAERunConfig, load_config
+
+pytestmark = pytest.mark.slow
+PY = BIN / "python"
+
+
+def _metrics(run_dir):
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def _check_common_run_files(run_dir):
+    assert (run_dir / "run.yaml").is_file()
+    metrics = _metrics(run_dir)
+    steps = [m["step"] for m in metrics]
+    assert steps == sorted(set(steps)) and steps[-1] == 6 and 2 in steps
+    assert all(math.isfinite(m["loss"]) and m["loss"] > 0 for m in metrics)
+    assert Image.open(run_dir / "loss.png").size[0] > 100
+    previews = sorted(p.name for p in (run_dir / "previews").iterdir())
+    assert "final.png" in previews and "step_00000003.png" in previews
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if not p.name.startswith("."))
+    assert ckpts == ["step_00000003"]  # 6 is the last step: the final model, not a checkpoint
+    ck = run_dir / "checkpoints" / "step_00000003"
+    assert {"model.safetensors", "optimizer.safetensors", "state.json"} <= {p.name for p in ck.iterdir()}
+    assert json.loads((ck / "state.json").read_text())["step"] == 3
+
+
+def test_vae_run_folder(trained_runs):
+    vae_dir = trained_runs["vae"]
+    _check_common_run_files(vae_dir)
+    assert {"config.json", "model.safetensors"} <= {p.name for p in vae_dir.iterdir()}
+    assert "kl" in _metrics(vae_dir)[-1] and "mse" in _metrics(vae_dir)[-1]
+    run_cfg = load_config(VAERunConfig, vae_dir / "run.yaml")
+    assert run_cfg.train.steps == 6 and run_cfg.model.channels == (8, 16, 16)
+    vae = VAE.from_pretrained(vae_dir)
+    # The latent normalisation was measured from data and stored in the config.
+    assert vae.config.scaling_factor != 1.0 and vae.config.shift_factor != 0.0
+    assert vae.config.channels == (8, 16, 16)
+
+
+def test_ldm_run_folder(trained_runs):
+    ldm_dir = trained_runs["ldm"]
+    _check_common_run_files(ldm_dir)
+    assert {"config.json", "unet", "vae"} <= {p.name for p in ldm_dir.iterdir()}
+    assert (ldm_dir / "checkpoints" / "step_00000003" / "ema.safetensors").is_file()
+    run_cfg = load_config(LDMRunConfig, ldm_dir / "run.yaml")
+    assert run_cfg.vae_path == str(trained_runs["vae"])
+    top = json.loads((ldm_dir / "config.json").read_text())
+    assert top["diffusion"]["num_timesteps"] == 100 and top["sample"]["steps"] == 4
+    # The LDM folder holds a full copy of the VAE it was trained with.
+    a, b = load_file(str(trained_runs["vae"] / "model.safetensors")), load_file(str(ldm_dir / "vae" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((ldm_dir / "vae" / "config.json").read_text()) == json.loads((trained_runs["vae"] / "config.json").read_text())
+
+
+def test_sample_script(trained_runs, tmp_path):
+    out, npz = tmp_path / "g.png", tmp_path / "f.npz"
+    proc = run_cmd([PY, REPO / "sample.py", "--model", trained_runs["ldm"], "--labels", "0", "1", "--per-label", "2",
+                    "--npz", npz, "--out", out, "--steps", "3", "--device", "cpu"])
+    assert "wrote" in proc.stdout
+    with np.load(npz) as f:
+        images, labels = f["images"], f["labels"]
+    assert images.shape == (4, 28, 28) and images.dtype == np.uint8
+    assert labels.shape == (4,) and labels.tolist() == [0, 0, 1, 1]
+    assert Image.open(out).size == (2 * 30 + 2, 2 * 30 + 2)  # 2 per row, 2 rows, 2 px padding
+    # The script's images are the Python API's images with the same settings.
+    pipe = LatentDiffusion.from_pretrained(trained_runs["ldm"])
+    api = (pipe.generate([0, 0, 1, 1], steps=3, seed=0)[:, 0] * 255).round().to(torch.uint8).numpy()
+    assert np.abs(api.astype(int) - images.astype(int)).max() <= 1
+
+
+def test_python_api_on_trained_models(trained_runs):
+    pipe = LatentDiffusion.from_pretrained(trained_runs["ldm"])
+    images = pipe.generate([3, 7], guidance_scale=2.0, steps=3, seed=0)
+    assert images.shape == (2, 1, 28, 28) and 0 <= images.min() and images.max() <= 1
+    assert torch.equal(images, pipe.generate([3, 7], guidance_scale=2.0, steps=3, seed=0))
+    vae = VAE.from_pretrained(trained_runs["vae"])
+    post = vae.encode(images * 2 - 1)
+    assert post.mean.shape == (2, 4, 7, 7)
+    recon = vae.decode(post.mode())
+    assert recon.shape == (2, 1, 28, 28) and recon.min() >= -1 and recon.max() <= 1
+
+
+def test_copied_ldm_folder_stands_alone(trained_runs, tmp_path):
+    """Copy the LDM folder elsewhere and hide the original VAE run: the copy still loads and samples."""
+    copy = tmp_path / "elsewhere" / "ldm"
+    shutil.copytree(trained_runs["ldm"], copy)
+    vae_dir = trained_runs["vae"]
+    hidden = vae_dir.with_name("vae-hidden")
+    vae_dir.rename(hidden)
+    try:
+        pipe = LatentDiffusion.from_pretrained(copy)
+        original = LatentDiffusion.from_pretrained(trained_runs["ldm"])
+        assert torch.equal(pipe.generate([1, 2], steps=2, seed=0), original.generate([1, 2], steps=2, seed=0))
+        proc = run_cmd([PY, REPO / "sample.py", "--model", copy, "--labels", "4", "--per-label", "1", "--steps", "2",
+                        "--out", tmp_path / "s.png", "--device", "cpu"])
+        assert (tmp_path / "s.png").is_file(), proc.stdout
+    finally:
+        hidden.rename(vae_dir)
+
+
+def test_plain_python_training(trained_runs, mnist_dir, tmp_path):
+    """Both training scripts also run without a launcher; the VAE finds its data through $LATENTDIFF_DATA."""
+    fast = ["train.steps=2", "train.checkpoint_every=0", "train.preview_every=0"]
+    vae_out, ldm_out = tmp_path / "vae", tmp_path / "ldm"
+    run_cmd([PY, REPO / "train_vae.py", "--out", vae_out, *as_set_args(VAE_SET + fast)],
+            env={"LATENTDIFF_DATA": str(mnist_dir)})
+    assert VAE.from_pretrained(vae_out).config.channels == (8, 16, 16)
+    assert [m["step"] for m in _metrics(vae_out)] == [2]
+    assert not (vae_out / "checkpoints").exists() or not any((vae_out / "checkpoints").iterdir())
+    run_cmd([PY, REPO / "train_ldm.py", "--vae", trained_runs["vae"], "--out", ldm_out, "--data-dir", mnist_dir,
+             *as_set_args(LDM_SET + fast)])
+    assert LatentDiffusion.from_pretrained(ldm_out).generate([0], steps=1, seed=0).shape == (1, 1, 28, 28)
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+def _assert_one_line_error(proc, *words, launcher: bool = False):
+    """Exit code != 0 and exactly one `error: ...` line naming the problem, no traceback from the script.
+
+    Under `accelerate launch` the launcher itself then raises CalledProcessError with a traceback of
+    its own (accelerate's behaviour, not the script's), so only the script's part is checked there.
+    """
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    for w in words:
+        assert w in errors[0], errors[0]
+    if launcher:
+        before = proc.stderr.split(errors[0])[0]
+        assert "Traceback" not in before, proc.stderr[-3000:]
+    else:
+        assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_sample_bad_label(trained_runs, tmp_path):
+    proc = run_cmd([PY, REPO / "sample.py", "--model", trained_runs["ldm"], "--labels", "12", "--out", tmp_path / "x.png",
+                    "--device", "cpu"], check=False)
+    _assert_one_line_error(proc, "12")
+    assert not (tmp_path / "x.png").exists()
+
+
+def run_script_in_process(script: str, args: list, monkeypatch, capsys) -> tuple[int, str]:
+    """Run a script's __main__ in this process (no interpreter start-up); returns (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(str(REPO / script), run_name="__main__")
+    return e.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--per-label", "0"], "per-label"),
+    (["--guidance", "-1"], "guidance"),
+    (["--guidance", "nan"], "guidance"),
+    (["--steps", "0"], "steps"),
+    (["--steps", "101"], "steps"),
+    (["--eta", "-1", "--sampler", "ddim"], "eta"),
+])
+def test_sample_bad_options(trained_runs, tmp_path, monkeypatch, capsys, args, word):
+    code, err = run_script_in_process("sample.py", ["--model", trained_runs["ldm"], "--labels", "1", "--out",
+                                                    tmp_path / "x.png", "--device", "cpu", *args], monkeypatch, capsys)
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and word in err, err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_sample_missing_model(tmp_path):
+    proc = run_cmd([PY, REPO / "sample.py", "--model", tmp_path / "nope", "--out", tmp_path / "x.png"], check=False)
+    _assert_one_line_error(proc, "nope")
+
+
+def test_train_vae_unknown_override(tmp_path, mnist_dir):
+    proc = run_cmd([PY, REPO / "train_vae.py", "--out", tmp_path / "v", "--data-dir", mnist_dir, "--set", "model.bogus=1"],
+                   check=False)
+    _assert_one_line_error(proc, "bogus")
+    assert proc.returncode == 2
+    proc = run_cmd(accelerate_launch("train_vae.py", "--out", tmp_path / "v", "--data-dir", mnist_dir,
+                                     "--set", "model.bogus=1"), check=False)
+    _assert_one_line_error(proc, "bogus", launcher=True)
+    assert not (tmp_path / "v").exists()
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--set", "train.steps=many"], "train.steps"),
+    (["--set", "train.steps"], "train.steps"),
+    (["--set", "model.groups=3"], "divisible"),
+    (["--config", "nonexistent"], "vae_nonexistent.yaml"),
+])
+def test_train_vae_bad_config(tmp_path, monkeypatch, capsys, args, word):
+    code, err = run_script_in_process("train_vae.py", ["--out", tmp_path / "v", *args], monkeypatch, capsys)
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and word in err, err
+    assert not (tmp_path / "v").exists()
+
+
+def test_train_vae_missing_data(tmp_path):
+    proc = run_cmd([PY, REPO / "train_vae.py", "--out", tmp_path / "v", "--data-dir", tmp_path / "nodata"], check=False)
+    _assert_one_line_error(proc, "nodata")
+
+
+def test_train_ldm_missing_vae(tmp_path, mnist_dir):
+    proc = run_cmd([PY, REPO / "train_ldm.py", "--vae", tmp_path / "novae", "--out", tmp_path / "l", "--data-dir",
+                    mnist_dir], check=False)
+    _assert_one_line_error(proc, "novae")
+    assert not (tmp_path / "l").exists()
+
+
+def test_train_ldm_latent_mismatch(trained_runs, tmp_path, mnist_dir):
+    proc = run_cmd([PY, REPO / "train_ldm.py", "--vae", trained_runs["vae"], "--out", tmp_path / "l", "--data-dir",
+                    mnist_dir, *as_set_args(LDM_SET + ["model.sample_size=5"])], check=False)
+    _assert_one_line_error(proc, "latents")
