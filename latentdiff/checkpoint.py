@@ -43,6 +43,8 @@ def prepare_run_dir(cfg: Any, resume: str | None, overwrite: bool, is_main: bool
     """Check the output folder may take this run; write run.yaml. Raises RunDirError otherwise."""
     run_dir = Path(cfg.out_dir)
     saved = run_dir / RUN_CONFIG
+    if not is_main:  # only the main process checks and writes: others would race with its writes / rmtree
+        return run_dir
     if resume:
         if not saved.is_file():
             raise RunDirError(f"cannot resume: {saved} not found; start a new run without --resume")

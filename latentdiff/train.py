@@ -64,7 +64,11 @@ class EMA:
 def make_accelerator(cfg) -> Accelerator:
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 on Ampere+/Hopper: ~free speed for fp32 matmuls/convs
     torch.backends.cudnn.allow_tf32 = True
-    return Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum)
+    # cpu=True when there is no GPU: otherwise accelerate (1.x) treats a CPU-only multi-process launch
+    # (torchrun) as DistributedType.NO, and every rank trains alone on the whole batch as "main process".
+    cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    return Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
+                       cpu=cpu)
 
 
 def _micro_batches(idx: torch.Tensor, accel: Accelerator, accum: int) -> list[torch.Tensor]:
