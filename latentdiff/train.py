@@ -135,7 +135,7 @@ def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, em
             ema_state.update(min(tc.ema_decay, (1 + step) / (10 + step)))  # decay warm-up, as in common DDPM ports
         seen, since = seen + tc.batch_size, since + 1
         done = step + 1
-        ckpt_now = tc.checkpoint_every and done % tc.checkpoint_every == 0 and done < tc.steps
+        ckpt_now = tc.checkpoint_every and (done % tc.checkpoint_every == 0 or done == tc.steps)  # final one: extend later
         if done % tc.log_every == 0 or done == tc.steps or ckpt_now:
             # The only host-device sync: once per log interval, never per step.
             bad_here = (first_bad >= 0).float()

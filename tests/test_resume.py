@@ -2,58 +2,26 @@
 
 from __future__ import annotations
 
-import gzip
+import ast
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import REPO, as_set_args, run_cmd
 
-TINY_VAE = ["model.channels=[8,16,16]", "model.groups=4", "model.num_res_blocks=1"]
-TINY_UNET = ["model.channels=[16,32]", "model.groups=4", "model.num_heads=2", "model.num_res_blocks=1"]
+TINY_VAE = ["model.channels=[8,16,16]", "model.num_res_blocks=1"]
+TINY_UNET = ["model.channels=[16,32]", "model.num_heads=2", "model.num_res_blocks=1", "diffusion.num_timesteps=100",
+             "sample.steps=4"]
 COMMON = ["train.batch_size=8", "train.grad_accum=2", "train.warmup_steps=2", "train.log_every=2",
-          "train.checkpoint_every=3", "train.preview_every=0", "train.keep_checkpoints=2"]
+          "train.checkpoint_every=3", "train.preview_every=0", "train.keep_checkpoints=2", "data.download=false"]
 
 
-def _write_idx(folder: Path, n: int = 64, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, n).astype(np.uint8)
-    images = np.zeros((n, 28, 28), np.uint8)
-    for i, c in enumerate(labels):  # a bar whose position encodes the class, plus noise
-        images[i, 4 + 2 * c: 6 + 2 * c, 4:24] = 255
-        images[i] |= (rng.random((28, 28)) < 0.05).astype(np.uint8) * 128
-    for prefix in ("train", "t10k"):
-        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(np.array([2051, n, 28, 28], ">i4").tobytes() + images.tobytes())
-        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(np.array([2049, n], ">i4").tobytes() + labels.tobytes())
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("idx")
-    _write_idx(d)
-    return d
-
-
-def _run(script: str, args: list[str], env_extra: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
-
-
-def _sets(items: list[str]) -> list[str]:
-    return [a for item in items for a in ("--set", item)]
+def _run(script: str, args: list, env_extra: dict | None = None, check: bool = True):
+    return run_cmd([sys.executable, REPO / script, *args], env=env_extra, check=check)
 
 
 def _final_state(run: Path) -> dict[str, torch.Tensor]:
@@ -76,17 +44,17 @@ def _assert_same(a: dict, b: dict) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["vae", "ldm"])
-def test_sigkill_then_resume_is_exact(stage, data_dir, tmp_path):
+def test_sigkill_then_resume_is_exact(stage, mnist_dir, tmp_path):
     """A run SIGKILLed after a checkpoint and resumed ends bit-identical to an uninterrupted run."""
-    steps = ["train.steps=7", "train.checkpoint_every=3"]  # final checkpoint is the one written at step 6
+    steps = ["train.steps=7", "train.checkpoint_every=3"]  # checkpoints at 3, 6 and the final step 7
     if stage == "vae":
         script, base = "train_vae.py", TINY_VAE
         extra: list[str] = []
     else:
         vae = tmp_path / "vae"
-        _run("train_vae.py", ["--data-dir", str(data_dir), "--out", str(vae), *_sets(TINY_VAE + COMMON + ["train.steps=2"])])
+        _run("train_vae.py", ["--data-dir", str(mnist_dir), "--out", str(vae), *as_set_args(TINY_VAE + COMMON + ["train.steps=2"])])
         script, base, extra = "train_ldm.py", TINY_UNET, ["--vae", str(vae)]
-    args = ["--data-dir", str(data_dir), *extra, *_sets(base + COMMON + steps)]
+    args = ["--data-dir", str(mnist_dir), *extra, *as_set_args(base + COMMON + steps)]
     _run(script, [*args, "--out", str(tmp_path / "straight")])
 
     killed = _run(script, [*args, "--out", str(tmp_path / "killed")], {"LATENTDIFF_TEST_KILL_AT_STEP": "4"}, check=False)
@@ -105,22 +73,22 @@ def test_sigkill_then_resume_is_exact(stage, data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_checkpoints_rotate_and_partial_checkpoint_is_ignored(data_dir, tmp_path):
+def test_checkpoints_rotate_and_partial_checkpoint_is_ignored(mnist_dir, tmp_path):
     run = tmp_path / "run"
-    _run("train_vae.py", ["--data-dir", str(data_dir), "--out", str(run), *_sets(TINY_VAE + COMMON + ["train.steps=10", "train.checkpoint_every=2"])])
+    _run("train_vae.py", ["--data-dir", str(mnist_dir), "--out", str(run), *as_set_args(TINY_VAE + COMMON + ["train.steps=10", "train.checkpoint_every=2"])])
     names = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert names == ["step_00000006", "step_00000008"]  # keep_checkpoints=2; none at the final step (the model is saved)
+    assert names == ["step_00000008", "step_00000010"]  # keep_checkpoints=2, and one at the final step
     # A checkpoint whose write was interrupted (temporary folder, or no state.json) is never picked up.
-    (run / "checkpoints" / ".tmp-step_00000009").mkdir()
-    (run / "checkpoints" / "step_00000009").mkdir()
+    (run / "checkpoints" / ".tmp-step_00000011").mkdir()
+    (run / "checkpoints" / "step_00000012").mkdir()
     from latentdiff.checkpoint import resolve_resume
-    assert resolve_resume(run, "latest").name == "step_00000008"
+    assert resolve_resume(run, "latest").name == "step_00000010"
 
 
 @pytest.mark.slow
-def test_refuses_to_overwrite_another_run(data_dir, tmp_path):
+def test_refuses_to_overwrite_another_run(mnist_dir, tmp_path):
     run = tmp_path / "run"
-    args = ["--data-dir", str(data_dir), "--out", str(run), *_sets(TINY_VAE + COMMON + ["train.steps=2"])]
+    args = ["--data-dir", str(mnist_dir), "--out", str(run), *as_set_args(TINY_VAE + COMMON + ["train.steps=2"])]
     _run("train_vae.py", args)
     before = (run / "model.safetensors").read_bytes()
     again = _run("train_vae.py", args, check=False)
@@ -134,17 +102,17 @@ def test_refuses_to_overwrite_another_run(data_dir, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    refused = _run("train_vae.py", ["--data-dir", str(data_dir), "--out", str(other), "--overwrite", *_sets(TINY_VAE + COMMON)], check=False)
+    refused = _run("train_vae.py", ["--data-dir", str(mnist_dir), "--out", str(other), "--overwrite", *as_set_args(TINY_VAE + COMMON)], check=False)
     assert refused.returncode == 2 and (other / "notes.txt").read_text() == "mine"
     # --overwrite replaces a previous run.
     _run("train_vae.py", [*args, "--overwrite"])
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_with_step_and_saves_nothing(data_dir, tmp_path):
+def test_nan_loss_stops_with_step_and_saves_nothing(mnist_dir, tmp_path):
     run = tmp_path / "run"
-    proc = _run("train_vae.py", ["--data-dir", str(data_dir), "--out", str(run),
-                                 *_sets(TINY_VAE + COMMON + ["train.steps=12", "train.lr=1e30", "train.grad_clip=0",
+    proc = _run("train_vae.py", ["--data-dir", str(mnist_dir), "--out", str(run),
+                                 *as_set_args(TINY_VAE + COMMON + ["train.steps=12", "train.lr=1e30", "train.grad_clip=0",
                                                              "train.warmup_steps=0", "train.checkpoint_every=1"])], check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "NaN/inf at step" in proc.stderr and "Last good checkpoint" in proc.stderr
@@ -155,8 +123,15 @@ def test_nan_loss_stops_with_step_and_saves_nothing(data_dir, tmp_path):
 
 
 def test_no_code_runs_from_files():
-    """Weights load through safetensors only; no pickle, torch.load or eval anywhere in the package."""
-    for path in (ROOT / "latentdiff").glob("*.py"):
-        src = path.read_text()
-        for bad in ("torch.load(", "pickle", "eval(", "exec(", "yaml.load(", "importlib"):
-            assert bad not in src, f"{path.name} uses {bad}"
+    """No pickle, torch.load, eval/exec, unsafe YAML or dynamic imports anywhere in the package."""
+    banned_calls = {"torch.load", "eval", "exec", "yaml.load", "yaml.unsafe_load", "importlib.import_module",
+                    "__import__", "getattr(globals"}
+    banned_modules = {"pickle", "dill", "marshal", "cloudpickle", "importlib"}
+    for path in sorted((REPO / "latentdiff").glob("*.py")) + [REPO / "train_vae.py", REPO / "train_ldm.py", REPO / "sample.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) and node.module else [])
+                assert not {n.split(".")[0] for n in names} & banned_modules, f"{path.name} imports {names}"
+            if isinstance(node, ast.Call):
+                name = ast.unparse(node.func)
+                assert name not in banned_calls, f"{path.name}:{node.lineno} calls {name}"
