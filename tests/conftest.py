@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -145,7 +146,17 @@ def run_cmd(args: list[str], cwd: Path = REPO, timeout: float = 300, env: dict |
     full_env = {k: v for k, v in os.environ.items() if k != "LATENTDIFF_DATA"}
     full_env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
                      "PYTHONUNBUFFERED": "1", **(env or {})})
-    proc = subprocess.run([str(a) for a in args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    # A session of its own, so a timeout kills the whole tree (torchrun's workers too), not just the launcher.
+    with subprocess.Popen([str(a) for a in args], cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True, start_new_session=True) as popen:
+        try:
+            out, err = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGKILL)
+            out, err = popen.communicate()
+            raise AssertionError(f"timed out after {timeout}s: {' '.join(map(str, args))}\n"
+                                 f"--- stdout\n{out[-4000:]}\n--- stderr\n{err[-6000:]}") from None
+    proc = subprocess.CompletedProcess(popen.args, popen.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n"
                              f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
