@@ -79,6 +79,9 @@ class LatentDiffusion:
         directory = Path(directory)
         if not directory.is_dir():
             raise ModelLoadError(f"{directory} does not exist; pass the LDM run folder written by train_ldm.py")
+        if not (directory / "unet").is_dir():
+            raise ModelLoadError(f"{directory} is not an LDM run folder (no unet/ inside); pass the folder written by "
+                                 "train_ldm.py (a VAE folder loads with VAE.from_pretrained)")
         config = read_config(PipelineConfig, directory)
         unet = UNet.from_pretrained(directory / "unet", device)
         vae = VAE.from_pretrained(directory / "vae", device)

@@ -69,7 +69,7 @@ def read_config(cls: type, directory: str | Path) -> Any:
                              f"(expected {CONFIG_NAME} and {WEIGHTS_NAME}; train one or check the path)")
     try:
         data = json.loads(path.read_text())
-        cfg = from_dict(cls, data, where=str(path))
+        cfg = from_dict(cls, data, where=CONFIG_NAME)
         cfg.validate()
     except (json.JSONDecodeError, ConfigError) as e:
         raise ModelLoadError(f"{path} is invalid: {e}") from e

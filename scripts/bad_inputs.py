@@ -1,0 +1,163 @@
+"""Try every bad input we know of and print what each gets, as a Markdown table (README, issue 4).
+
+    python scripts/bad_inputs.py > docs/bad_inputs.md
+
+Uses tiny models and synthetic IDX files in a temporary folder: no MNIST, no network, ~1 minute.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from latentdiff import VAE, LatentDiffusion, PipelineConfig, UNet  # noqa: E402
+from latentdiff.config import DiffusionConfig, SampleConfig, UNetConfig, VAEConfig  # noqa: E402
+from latentdiff.data import load_mnist  # noqa: E402
+
+ROWS: list[tuple[str, str, str]] = []
+
+
+def api(what: str, fn) -> None:
+    """Record the exception type and message of a Python call that must fail."""
+    try:
+        fn()
+        ROWS.append((what, "**no error**", ""))
+    except Exception as e:  # noqa: BLE001 - we report whatever comes out
+        ROWS.append((what, type(e).__name__, str(e).splitlines()[0]))
+
+
+def cli(what: str, args: list[str], env: dict | None = None) -> None:
+    """Record exit code and the last stderr line of a script that must fail."""
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", **(env or {})})
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    ROWS.append((what, f"exit {proc.returncode}", lines[-1] if lines else "(no message)"))
+
+
+def write_idx(folder: Path, n: int = 64) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    g = np.random.default_rng(0)
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    images = (g.random((n, 28, 28)) * 255).astype(np.uint8)
+    for prefix in ("train", "t10k"):
+        with gzip.open(folder / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(np.array([2051, n, 28, 28], ">i4").tobytes() + images.tobytes())
+        with gzip.open(folder / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(np.array([2049, n], ">i4").tobytes() + labels.tobytes())
+
+
+def main() -> None:
+    tmp = Path(tempfile.mkdtemp(prefix="latentdiff_bad_"))
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(channels=(8, 16, 16)))
+    unet = UNet(UNetConfig(channels=(16, 32), num_heads=2, num_res_blocks=1))
+    pipe = LatentDiffusion(unet, vae, PipelineConfig(DiffusionConfig(num_timesteps=100), SampleConfig(steps=2)))
+    pipe.save_pretrained(tmp / "ldm")
+    vae.save_pretrained(tmp / "vae")
+
+    api("`generate(labels=[10])` (out of range)", lambda: pipe.generate([10]))
+    api("`generate(labels=[1.5])` (not an integer)", lambda: pipe.generate([1.5]))
+    api("`generate(labels=[])`", lambda: pipe.generate([]))
+    api("`generate(..., guidance_scale=nan)`", lambda: pipe.generate([1], guidance_scale=float("nan")))
+    api("`generate(..., guidance_scale=-1)`", lambda: pipe.generate([1], guidance_scale=-1.0))
+    api("`generate(..., steps=0)`", lambda: pipe.generate([1], steps=0))
+    api("`generate(..., sampler='euler')`", lambda: pipe.generate([1], sampler="euler"))
+    api("`vae.encode` of (2, 28, 28) images", lambda: vae.encode(torch.zeros(2, 28, 28)))
+    api("`vae.encode` of uint8-range floats (0..255)", lambda: vae.encode(torch.full((1, 1, 28, 28), 255.0)))
+    api("`vae.decode` of (1, 4, 8, 8) latents", lambda: vae.decode(torch.zeros(1, 4, 8, 8)))
+    api("UNet for 8x7x7 latents paired with a 4x7x7 VAE",
+        lambda: LatentDiffusion(UNet(UNetConfig(in_channels=8, channels=(16, 32), num_heads=2)), vae))
+
+    bad = tmp / "bad"
+    shutil.copytree(tmp / "vae", bad / "missing")
+    (bad / "missing" / "model.safetensors").unlink()
+    api("model folder without `model.safetensors`", lambda: VAE.from_pretrained(bad / "missing"))
+    shutil.copytree(tmp / "vae", bad / "truncated")
+    w = bad / "truncated" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    api("truncated `model.safetensors`", lambda: VAE.from_pretrained(bad / "truncated"))
+    shutil.copytree(tmp / "vae", bad / "garbage")
+    (bad / "garbage" / "model.safetensors").write_bytes(b"\x00" * 64)
+    api("`model.safetensors` full of zeros", lambda: VAE.from_pretrained(bad / "garbage"))
+    for name, edit in (("unknown key", {"colour": "red"}), ("wrong type", {"latent_channels": "four"})):
+        d = bad / name.replace(" ", "_")
+        shutil.copytree(tmp / "vae", d)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.update(edit)
+        (d / "config.json").write_text(json.dumps(cfg))
+        api(f"`config.json` with an {name}" if name[0] == "u" else f"`config.json` with a {name}", lambda d=d: VAE.from_pretrained(d))
+    shutil.copytree(tmp / "vae", bad / "shape")
+    cfg = json.loads((bad / "shape" / "config.json").read_text())
+    cfg["channels"] = [16, 16, 16]
+    (bad / "shape" / "config.json").write_text(json.dumps(cfg))
+    api("`config.json` that does not match the weights", lambda: VAE.from_pretrained(bad / "shape"))
+    api("`from_pretrained` of a folder that does not exist", lambda: LatentDiffusion.from_pretrained(tmp / "nope"))
+
+    data = tmp / "data"
+    write_idx(data)
+    (tmp / "empty").mkdir()
+    api("data folder without the IDX files", lambda: load_mnist(tmp / "empty"))
+    for name, corrupt in (("bad magic number", lambda b: b[:3] + b"\x09" + b[4:]), ("truncated", lambda b: b[: len(b) // 2])):
+        d = tmp / f"data_{name.split()[0]}"
+        shutil.copytree(data, d)
+        f = d / "train-images-idx3-ubyte.gz"
+        f.write_bytes(gzip.compress(corrupt(gzip.decompress(f.read_bytes()))))
+        api(f"IDX image file, {name}", lambda d=d: load_mnist(d))
+    d = tmp / "data_gz"
+    shutil.copytree(data, d)
+    (d / "train-labels-idx1-ubyte.gz").write_bytes(b"not gzip at all")
+    api("IDX label file that is not gzip", lambda: load_mnist(d))
+    d = tmp / "data_count"
+    shutil.copytree(data, d)
+    with gzip.open(d / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(np.array([2049, 10], ">i4").tobytes() + bytes(10))
+    api("image and label files of different lengths", lambda: load_mnist(d))
+
+    tiny = ["--set", "model.channels=[8,16,16]", "--set", "train.steps=2", "--set", "train.batch_size=8",
+            "--set", "train.log_every=1", "--set", "train.checkpoint_every=1", "--set", "train.preview_every=0"]
+    run = tmp / "run"
+    subprocess.run([sys.executable, "train_vae.py", "--data-dir", str(data), "--out", str(run), *tiny], cwd=ROOT,
+                   capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, check=True)
+    cli("`train_vae.py --out` a folder holding another run", ["train_vae.py", "--data-dir", str(data), "--out", str(run), *tiny])
+    cli("`--resume latest` with `--set train.lr=0.1` (differs from the saved run)",
+        ["train_vae.py", "--data-dir", str(data), "--out", str(run), "--resume", "latest", *tiny, "--set", "train.lr=0.1"])
+    cli("`--resume latest` of a folder with no run", ["train_vae.py", "--data-dir", str(data), "--out", str(tmp / "new"), "--resume", "latest"])
+    cli("`--set train.stpes=5` (typo)", ["train_vae.py", "--data-dir", str(data), "--set", "train.stpes=5"])
+    cli("`--set train.steps=many` (wrong type)", ["train_vae.py", "--data-dir", str(data), "--set", "train.steps=many"])
+    cli("`--set train.batch_size=7 --set train.grad_accum=2`", ["train_vae.py", "--data-dir", str(data), "--out", str(tmp / "r2"),
+                                                                 "--set", "train.batch_size=7", "--set", "train.grad_accum=2"])
+    cli("`--set train.batch_size=1000` on 64 examples", ["train_vae.py", "--data-dir", str(data), "--out", str(tmp / "r3"),
+                                                         "--set", "train.batch_size=1000"])
+    cli("`--data-dir` a folder that does not exist", ["train_vae.py", "--data-dir", str(tmp / "nowhere")])
+    cli("`--config` a file that does not exist", ["train_vae.py", "--config", "nope.yaml"])
+    cli("`train_ldm.py --vae` a folder that is not a VAE", ["train_ldm.py", "--data-dir", str(data), "--vae", str(tmp / "empty"),
+                                                            "--out", str(tmp / "r4")])
+    cli("`sample.py --labels 12`", ["sample.py", "--model", str(tmp / "ldm"), "--labels", "12"])
+    cli("`sample.py --labels three`", ["sample.py", "--model", str(tmp / "ldm"), "--labels", "three"])
+    cli("`sample.py --guidance nan`", ["sample.py", "--model", str(tmp / "ldm"), "--guidance", "nan"])
+    cli("`sample.py --steps 0`", ["sample.py", "--model", str(tmp / "ldm"), "--steps", "0"])
+    cli("`sample.py --sampler euler`", ["sample.py", "--model", str(tmp / "ldm"), "--sampler", "euler"])
+    cli("`sample.py --per-label 0`", ["sample.py", "--model", str(tmp / "ldm"), "--per-label", "0"])
+    cli("`sample.py --model` a VAE folder", ["sample.py", "--model", str(tmp / "vae")])
+
+    print("| bad input | result | message |")
+    print("|---|---|---|")
+    for what, kind, msg in ROWS:
+        msg = msg.replace(str(tmp), "<tmp>").replace("|", "\\|")
+        print(f"| {what} | {kind} | {msg} |")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
