@@ -52,7 +52,7 @@ def _launch(nproc: int, stage: str, dump, out, data, extra_flags=(), overrides=(
         cmd = [BIN / "python", *helper]
     else:  # --standalone: a local rendezvous on a free port, so concurrent runs on one machine do not collide
         cmd = [BIN / "torchrun", "--standalone", "--nproc_per_node", str(nproc), *helper]
-    run_cmd(cmd, timeout=300)
+    run_cmd(cmd, timeout=300, env={"CUDA_VISIBLE_DEVICES": ""})  # CPU + gloo even on a GPU box (2 ranks, 1 GPU: no)
     infos = [json.loads((dump / f"rank{r}.json").read_text()) for r in range(nproc)]
     weights = [load_file(str(dump / f"rank{r}.safetensors")) for r in range(nproc)]
     return infos, weights
