@@ -20,7 +20,6 @@ LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --dyn
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 

@@ -39,7 +39,7 @@ step "sample grid"
 $PY sample.py --model "$R/ldm" --out "$OUT/samples_full.png" --device "${DEVICE:-cuda}" 2>&1 | tail -1
 
 step "throughput (eager)"
-$PY bench/throughput.py --preset full --model "$R/ldm" --device "${DEVICE:-cuda}" --batches 1 256 4096 --train-steps 50 --out "$R/res/throughput_eager.json"
+$PY bench/throughput.py --preset full --model "$R/ldm" --device "${DEVICE:-cuda}" --batches ${BATCHES:-1 256 4096} --train-steps ${TRAIN_STEPS:-50} --out "$R/res/throughput_eager.json"
 keep
 step "evaluate LDM + VAE"
 $PY -m latentdiff.evaluate ldm --model "$R/ldm" --data-dir "$DATA" --n-per-class "$N" --classifier "$R/classifier" --out "$R/res/eval_ldm.json" --samples "$R/res/eval_samples.png"
@@ -51,6 +51,6 @@ $PY -m latentdiff.evaluate sweep --model "$R/ldm" --data-dir "$DATA" --n-per-cla
     --out "$R/res/sweep.json" --plot "$R/res/sweep.png"
 keep
 step "throughput (torch.compile, CUDA graphs)"
-timeout 240 $PY bench/throughput.py --preset full --model "$R/ldm" --device "${DEVICE:-cuda}" --batches 4096 256 --skip-train --compile --out "$R/res/throughput_compiled.json"
+timeout 150 $PY bench/throughput.py --preset full --model "$R/ldm" --device "${DEVICE:-cuda}" --batches 4096 256 --skip-train --compile --out "$R/res/throughput_compiled.json"
 keep
 step "done"
