@@ -41,17 +41,19 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # pixel statistics of the MNIST training
 # ============================================================================ classifier
 @dataclass(frozen=True)
 class ClassifierConfig:
-    """A small VGG-style CNN: per stage, ``convs_per_stage`` x (conv3x3-BN-ReLU), then 2x2 max-pool."""
+    """A small VGG-style CNN: per stage, a few conv3x3-BN-ReLU, with a 2x2 max-pool after the stage's last conv."""
 
     channels: tuple[int, ...] = (32, 64, 128)  # width per stage; 28 -> 14 -> 7 -> 3
-    convs_per_stage: int = 2
+    convs_per_stage: tuple[int, ...] = (1, 2, 2)  # one conv at 28x28 keeps training cheap on a CPU
     feature_dim: int = 128  # penultimate width: the FLD / precision-recall feature space
     dropout: float = 0.3  # before the last linear layer
     num_classes: int = 10
 
     def validate(self) -> None:
-        if not self.channels or any(c < 1 for c in self.channels) or self.convs_per_stage < 1 or self.feature_dim < 1:
+        if not self.channels or min(self.channels + self.convs_per_stage) < 1 or self.feature_dim < 1:
             raise ValueError("classifier channels, convs_per_stage and feature_dim must be >= 1")
+        if len(self.convs_per_stage) != len(self.channels):
+            raise ValueError("classifier convs_per_stage needs one entry per channels entry")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError("classifier dropout must be in [0, 1)")
 
@@ -67,23 +69,27 @@ class Classifier(nn.Module):
         config.validate()
         self.config = config
         layers, prev, size = [], 1, 28
-        for c in config.channels:
-            for _ in range(config.convs_per_stage):
-                layers += [nn.Conv2d(prev, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+        for c, n_convs in zip(config.channels, config.convs_per_stage):
+            for j in range(n_convs):
+                layers.append(nn.Conv2d(prev, c, 3, padding=1, bias=False))
+                if j == n_convs - 1:  # pool before BN/ReLU (same function class, 4x cheaper on a CPU)
+                    layers.append(nn.MaxPool2d(2))
+                    size //= 2
+                layers += [nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
                 prev = c
-            layers.append(nn.MaxPool2d(2))
-            size //= 2
         self.conv = nn.Sequential(*layers)
         # (N, C, s, s) -> (N, C*s*s) -> (N, feature_dim): keeps where strokes are, which matters for digits.
         self.embed = nn.Sequential(nn.Flatten(), nn.Linear(prev * size * size, config.feature_dim, bias=False),
                                    nn.BatchNorm1d(config.feature_dim), nn.ReLU(inplace=True))
         self.head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(config.feature_dim, config.num_classes))
+        self.to(memory_format=torch.channels_last)  # NHWC convolutions: ~1.5x faster on a CPU (oneDNN)
 
     def features(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 1, 28, 28) in [0, 1] -> (features (N, feature_dim), logits (N, num_classes))."""
         if images.ndim != 4 or tuple(images.shape[1:]) != (1, 28, 28) or not images.is_floating_point():
             raise ValueError(f"classifier expects float images (N, 1, 28, 28) in [0, 1]; got {images.dtype} {tuple(images.shape)}")
-        h = self.embed(self.conv((images - MNIST_MEAN) / MNIST_STD))
+        x = ((images - MNIST_MEAN) / MNIST_STD).contiguous(memory_format=torch.channels_last)
+        h = self.embed(self.conv(x))
         return h, self.head(h)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -122,7 +128,7 @@ def extract(clf: Classifier, images: torch.Tensor, batch_size: int = 1000) -> tu
 
 
 def train_classifier(data_root: str | Path | None, out: str | Path | None = None, device: str | torch.device = "cpu",
-                     epochs: float = 4, batch_size: int = 128, lr: float = 3e-3, weight_decay: float = 5e-4,
+                     epochs: float = 4, batch_size: int = 256, lr: float = 3e-3, weight_decay: float = 5e-4,
                      seed: int = 0, max_steps: int | None = None, config: ClassifierConfig = ClassifierConfig(),
                      progress: bool = True) -> tuple[Classifier, dict]:
     """Train on the MNIST train split only (random affine augmentation, AdamW + OneCycle); save to ``out``.
@@ -621,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0, help="sample i uses seed + i; also seeds the real-floor subset")
         sp.add_argument("--n-per-class", type=int, default=n_default, help=f"samples per class (default {n_default})")
         sp.add_argument("--out", help="write the results as JSON here")
+        sp.add_argument("--threads", type=int, help="torch CPU threads (1 is often faster on a busy shared CPU)")
 
     sp = sub.add_parser("classifier", help="train (if missing) the classifier and print the real-data floors")
     common(sp)
@@ -658,6 +665,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.n_per_class < 2:
         raise ValueError(f"--n-per-class must be >= 2 (covariances and k-NN radii need several samples), got {args.n_per_class}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = args.fn(args)
     if args.out:
         write_json(result, args.out)

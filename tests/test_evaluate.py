@@ -13,7 +13,7 @@ from latentdiff.evaluate import (Classifier, ClassifierConfig, Reference, balanc
                                  precision_recall, psnr, random_affine, sample_metrics, sweep_plot, train_classifier)
 from latentdiff.serialization import load_model
 
-TINY = ClassifierConfig(channels=(4, 8), convs_per_stage=1, feature_dim=8)
+TINY = ClassifierConfig(channels=(4, 8), convs_per_stage=(1, 2), feature_dim=8)
 
 
 def write_idx(folder, stem, array, magic):
