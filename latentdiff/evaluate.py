@@ -403,13 +403,13 @@ def parse_sampler(spec: str) -> tuple[str, int]:
     return name, int(steps)
 
 
-def choose_default(sweep: dict, min_accuracy: float = 0.98, fld_tolerance: float = 0.10) -> dict:
+def choose_default(sweep: dict, min_accuracy: float = 0.98, fld_tolerance: float = 0.05, max_steps: int = 50) -> dict:
     """Pick default sampling settings from a sweep's results.
 
     Guidance: lowest FLD among scales whose accuracy >= min_accuracy (accuracy alone would pick the
     largest scale, which trades diversity for legibility); if none qualifies, the most accurate one.
-    Sampler: among qualifying sampler runs, the fewest steps whose FLD is within ``fld_tolerance``
-    (relative) of the best FLD.
+    Sampler: among qualifying runs with at most ``max_steps`` steps (ddpm:1000 is a reference, too slow
+    for a default), the fewest steps whose FLD is within ``fld_tolerance`` (relative) of their best.
     """
     def pick_guidance(runs: list[dict]) -> tuple[dict | None, str]:
         ok = [r for r in runs if r["metrics"]["accuracy"] >= min_accuracy]
@@ -423,13 +423,14 @@ def choose_default(sweep: dict, min_accuracy: float = 0.98, fld_tolerance: float
     best_g, out["guidance_reason"] = pick_guidance(sweep.get("guidance", []))
     if best_g is not None:
         out["guidance_scale"] = best_g["guidance_scale"]
-    runs = [r for r in sweep.get("sampler", []) if r["metrics"]["accuracy"] >= min_accuracy] or sweep.get("sampler", [])
+    runs = [r for r in sweep.get("sampler", []) if r["steps"] <= max_steps]
+    runs = [r for r in runs if r["metrics"]["accuracy"] >= min_accuracy] or runs
     if runs:
         best = min(r["metrics"]["fld"] for r in runs)
         near = [r for r in runs if r["metrics"]["fld"] <= best * (1 + fld_tolerance)]
         pick = min(near, key=lambda r: (r["steps"], r["metrics"]["fld"]))
         out.update(sampler=pick["sampler"], steps=pick["steps"],
-                   sampler_reason=f"fewest steps with FLD within {fld_tolerance:.0%} of the best ({best:.3g})")
+                   sampler_reason=f"fewest steps (<= {max_steps}) with FLD within {fld_tolerance:.0%} of their best ({best:.3g})")
     return out
 
 
@@ -497,26 +498,29 @@ def sweep_plot(sweep: dict, floor: dict, path: str | Path) -> None:
         runs = sorted(runs, key=x)
         return [x(r) for r in runs], [r["metrics"][key] for r in runs]
 
+    sx = [math.log2(r["steps"]) for r in sweep["sampler"]]
+
     def flat(xs: list[float], v: float):
         return [min(xs), max(xs)] if xs else [0, 1], [v, v]
 
     panels = [
         ({"FLD": (gx, [r["metrics"]["fld"] for r in g]), "per-class FLD": (gx, [r["metrics"]["fld_per_class_mean"] for r in g]),
           "FLD floor": flat(gx, floor["fld"]), "per-class floor": flat(gx, floor["fld_per_class_mean"])},
-         f"guidance sweep ({sweep['default_sampler']}): FLD", "guidance scale"),
+         f"guidance sweep ({sweep['default_sampler']}): FLD (log)", "guidance scale", True),
         ({"accuracy": (gx, [r["metrics"]["accuracy"] for r in g]), "worst class": (gx, [r["metrics"]["worst_class_accuracy"] for r in g]),
           "precision": (gx, [r["metrics"]["precision"] for r in g]), "recall": (gx, [r["metrics"]["recall"] for r in g])},
-         "guidance sweep: accuracy, precision, recall", "guidance scale"),
-        ({name: series(runs, "fld") for name, runs in by_sampler.items()},
-         f"sampler sweep (g={sweep['sampler_guidance']:g}): FLD", "log2(steps)"),
-        ({name: series(runs, "accuracy") for name, runs in by_sampler.items()}, "sampler sweep: accuracy", "log2(steps)"),
+         "guidance sweep: accuracy, precision, recall", "guidance scale", False),
+        ({**{name: series(runs, "fld") for name, runs in by_sampler.items()}, "FLD floor": flat(sx, floor["fld"])},
+         f"sampler sweep (g={sweep['sampler_guidance']:g}): FLD (log)", "log2(steps)", True),
+        ({**{name: series(runs, "accuracy") for name, runs in by_sampler.items()},
+          "accuracy floor (test)": flat(sx, floor["accuracy"])}, "sampler sweep: accuracy", "log2(steps)", False),
     ]
     size = (640, 400)
     canvas = Image.new("RGB", (2 * size[0], 2 * size[1]), "white")
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (ser, title, xlabel) in enumerate(panels):
+        for i, (ser, title, xlabel, logy) in enumerate(panels):
             p = Path(tmp) / f"{i}.png"
-            line_plot(ser, p, title=title, xlabel=xlabel, size=size)
+            line_plot(ser, p, title=title, xlabel=xlabel, logy=logy, size=size)
             with Image.open(p) as im:
                 canvas.paste(im.copy(), ((i % 2) * size[0], (i // 2) * size[1]))
     Path(path).parent.mkdir(parents=True, exist_ok=True)

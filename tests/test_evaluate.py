@@ -157,10 +157,14 @@ def test_choose_default_prefers_low_fld_over_accuracy():
     sweep = {"guidance": [_run(1, "dpm++", 20, 0.90, 3.0), _run(2, "dpm++", 20, 0.985, 1.0),
                           _run(3, "dpm++", 20, 0.99, 1.5), _run(6, "dpm++", 20, 0.999, 4.0)],
              "sampler": [_run(3, "dpm++", 5, 0.99, 2.0), _run(3, "dpm++", 10, 0.99, 1.05),
-                         _run(3, "dpm++", 20, 0.99, 1.0), _run(3, "ddim", 50, 0.99, 0.98)]}
-    choice = choose_default(sweep, min_accuracy=0.98)
+                         _run(3, "dpm++", 20, 0.99, 1.0), _run(3, "ddim", 50, 0.99, 0.98),
+                         _run(3, "ddpm", 1000, 0.99, 0.5)]}
+    choice = choose_default(sweep, min_accuracy=0.98, fld_tolerance=0.10)
     assert choice["guidance_scale"] == 2  # not 6, the most accurate; not 1, below the accuracy bar
-    assert (choice["sampler"], choice["steps"]) == ("dpm++", 10)  # within 10% of the best FLD, fewest steps
+    # ddpm:1000 is over max_steps; dpm++:10 is within 10% of the best remaining FLD with the fewest steps
+    assert (choice["sampler"], choice["steps"]) == ("dpm++", 10)
+    assert choose_default(sweep, fld_tolerance=0.01)["steps"] == 50
+    assert choose_default(sweep, max_steps=1000)["steps"] == 1000
     fallback = choose_default({"guidance": sweep["guidance"][:1]}, min_accuracy=0.98)
     assert fallback["guidance_scale"] == 1 and "most accurate" in fallback["guidance_reason"]
 
@@ -177,7 +181,7 @@ def test_sweep_plot_writes_png(tmp_path):
     sweep = {"default_sampler": "dpm++:20", "sampler_guidance": 3.0,
              "guidance": [_run(g, "dpm++", 20, 0.9 + g / 100, 5 - g) for g in (1, 2, 3)],
              "sampler": [_run(3, s, n, 0.95, 10 / n) for s in ("dpm++", "ddim") for n in (5, 10, 20)]}
-    sweep_plot(sweep, {"fld": 0.5, "fld_per_class_mean": 0.7}, tmp_path / "sweep.png")
+    sweep_plot(sweep, {"fld": 0.5, "fld_per_class_mean": 0.7, "accuracy": 0.99}, tmp_path / "sweep.png")
     from PIL import Image
 
     assert Image.open(tmp_path / "sweep.png").size == (1280, 800)
