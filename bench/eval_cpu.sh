@@ -12,5 +12,5 @@ CLF=${CLF:-$HOME/.cache/latentdiff/classifier}
 mkdir -p "$OUT"
 nproc > "$OUT/cpu.txt"; uptime >> "$OUT/cpu.txt"
 $PY -m latentdiff.evaluate classifier --data-dir "$DATA" --classifier "$CLF" ${RETRAIN:+--retrain} --out "$OUT/classifier_floor.json"
-/usr/bin/time -v $PY -m latentdiff.evaluate ldm --model "$MODEL" --data-dir "$DATA" --classifier "$CLF" \
-    --n-per-class 1000 --device cpu --out "$OUT/eval_ldm_10k.json" 2> >(grep -E "Elapsed|Maximum resident" >&2)
+time $PY -m latentdiff.evaluate ldm --model "$MODEL" --data-dir "$DATA" --classifier "$CLF" \
+    --n-per-class 1000 --device cpu --out "$OUT/eval_ldm_10k.json"
