@@ -554,8 +554,8 @@ def cmd_classifier(args) -> dict:
 def cmd_ldm(args) -> dict:
     from .pipeline import LatentDiffusion
 
+    pipe = LatentDiffusion.from_pretrained(args.model, device=args.device)  # fail fast, before the classifier
     clf, ref, info = _setup(args)
-    pipe = LatentDiffusion.from_pretrained(args.model, device=args.device)
     r = evaluate_ldm(pipe, clf, ref, args.n_per_class, args.guidance, args.sampler, args.steps, args.seed, args.batch_size)
     images = r.pop("images")
     floor = real_floor(clf, args.data_dir, ref, args.n_per_class, args.seed)
@@ -572,9 +572,9 @@ def cmd_ldm(args) -> dict:
 def cmd_vae(args) -> dict:
     from .vae import VAE
 
-    clf, ref, info = _setup(args)
     model = Path(args.model)
     vae = VAE.from_pretrained(model / "vae" if (model / "vae" / CONFIG_NAME).is_file() else model, args.device)
+    clf, ref, info = _setup(args)
     r = evaluate_vae(vae, clf, ref, args.data_dir, args.batch_size)
     rows = [("MSE ([0,1] pixels)", f"{r['mse']:.5f}"), ("PSNR (dB, of the mean MSE)", f"{r['psnr']:.2f}"),
             ("PSNR (dB, mean per image)", f"{r['psnr_mean_per_image']:.2f}"),
@@ -591,9 +591,9 @@ def cmd_vae(args) -> dict:
 def cmd_sweep(args) -> dict:
     from .pipeline import LatentDiffusion
 
-    clf, ref, info = _setup(args)
+    samplers = [parse_sampler(s) for s in args.samplers]  # fail fast on a typo, before any work
     pipe = LatentDiffusion.from_pretrained(args.model, device=args.device)
-    samplers = [parse_sampler(s) for s in args.samplers]
+    clf, ref, info = _setup(args)
     floor = real_floor(clf, args.data_dir, ref, args.n_per_class, args.seed)
     sweep = run_sweep(pipe, clf, ref, args.guidance, samplers, args.n_per_class, args.seed, args.batch_size,
                       args.sampler_guidance)

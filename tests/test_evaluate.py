@@ -230,3 +230,46 @@ def test_cli_classifier_command(tiny_mnist, tmp_path, monkeypatch):
           "--out", str(out)])
     res = json.loads(out.read_text())
     assert res["floor"]["n"] == 20 and res["classifier"]["steps"] == 1
+
+
+def test_cli_ldm_vae_sweep_end_to_end(tiny_mnist, tmp_path, monkeypatch):
+    """The three model commands on a tiny untrained pipeline: plumbing, JSON and plot, not quality."""
+    import latentdiff.evaluate as ev
+    from latentdiff import LatentDiffusion, UNet, UNetConfig, VAE, VAEConfig
+
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(channels=(8, 8, 8), latent_channels=4))
+    unet = UNet(UNetConfig(channels=(8, 16), num_res_blocks=1, num_heads=2))
+    LatentDiffusion(unet, vae).save_pretrained(tmp_path / "ldm")
+    real_train = ev.train_classifier
+    monkeypatch.setattr(ev, "train_classifier", lambda root, out, device: real_train(
+        root, out, device, max_steps=1, batch_size=8, config=TINY, progress=False))
+    common = ["--data-dir", str(tiny_mnist), "--classifier", str(tmp_path / "c"), "--n-per-class", "2"]
+
+    main(["ldm", "--model", str(tmp_path / "ldm"), "--steps", "2", "--out", str(tmp_path / "ldm.json"), *common])
+    res = json.loads((tmp_path / "ldm.json").read_text())
+    assert res["metrics"]["n"] == 20 and res["floor"]["n"] == 20 and res["steps"] == 2 and "images" not in res
+
+    main(["vae", "--model", str(tmp_path / "ldm"), "--out", str(tmp_path / "vae.json"), *common])  # uses ldm/vae
+    res = json.loads((tmp_path / "vae.json").read_text())
+    assert res["n"] == 20 and len(res["latent_mean"]) == 4 and res["psnr"] == pytest.approx(psnr(res["mse"]))
+
+    main(["sweep", "--model", str(tmp_path / "ldm"), "--guidance", "1", "2", "--samplers", "ddim:2", "dpm++:3",
+          "--out", str(tmp_path / "sweep.json"), "--plot", str(tmp_path / "sweep.png"), *common])
+    res = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["guidance_scale"] for r in res["guidance"]] == [1.0, 2.0]
+    assert [(r["sampler"], r["steps"]) for r in res["sampler"]] == [("ddim", 2), ("dpm++", 3)]
+    assert "guidance_scale" in res["choice"] and (tmp_path / "sweep.png").is_file()
+
+
+def test_generate_balanced_does_not_depend_on_batch_size():
+    from latentdiff import LatentDiffusion, UNet, UNetConfig, VAE, VAEConfig
+    from latentdiff.evaluate import generate_balanced
+
+    torch.manual_seed(0)
+    pipe = LatentDiffusion(UNet(UNetConfig(channels=(8, 16), num_res_blocks=1, num_heads=2)),
+                           VAE(VAEConfig(channels=(8, 8, 8))))
+    a, la = generate_balanced(pipe, 2, 2.0, "ddim", 2, seed=5, batch_size=3, progress=False)
+    b, lb = generate_balanced(pipe, 2, 2.0, "ddim", 2, seed=5, batch_size=20, progress=False)
+    assert la.tolist() == [c for c in range(10) for _ in range(2)] and torch.equal(la, lb)
+    assert torch.allclose(a, b, atol=1e-5)
