@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import batch_indices, load_mnist
+from .errors import ModelLoadError
 from .serialization import CONFIG_NAME, atomic_write_bytes, load_model, save_model
 
 CLASSIFIER_ENV = "LATENTDIFF_CLASSIFIER"
@@ -72,7 +73,7 @@ class Classifier(nn.Module):
         for c, n_convs in zip(config.channels, config.convs_per_stage):
             for j in range(n_convs):
                 layers.append(nn.Conv2d(prev, c, 3, padding=1, bias=False))
-                if j == n_convs - 1:  # pool before BN/ReLU (same function class, 4x cheaper on a CPU)
+                if j == n_convs - 1:  # pool before BN/ReLU: 4x less BN/ReLU work (same as after, for BN scale > 0)
                     layers.append(nn.MaxPool2d(2))
                     size //= 2
                 layers += [nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
@@ -180,7 +181,10 @@ def load_or_train_classifier(path: str | Path | None = None, data_root: str | Pa
         print(f"training the evaluation classifier into {path} (a few minutes on a CPU, once)", file=sys.stderr)
         _, info = train_classifier(data_root, path, device)
         print(f"classifier test accuracy {info['test_accuracy']:.4%} in {info['train_wall_s']:.0f} s", file=sys.stderr)
-    return load_model(Classifier, ClassifierConfig, path, device)
+    try:
+        return load_model(Classifier, ClassifierConfig, path, device)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{e}\n(an evaluation classifier from an older version? retrain it with --retrain)") from e
 
 
 def classifier_info(path: str | Path | None = None) -> dict:
