@@ -14,7 +14,9 @@ endif
 DATA_ARG := $(if $(DATA),--data-dir $(DATA),)
 PRESET ?= quick
 RUNS ?= runs
-LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no --mixed_precision no
+# accelerate launch gives each process 1 CPU thread unless told otherwise; use every core.
+LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no --mixed_precision no \
+          --num_cpu_threads_per_process $(shell nproc)
 
 .PHONY: venv test demo sample clean
 
