@@ -21,7 +21,7 @@ def main() -> None:
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="default: the model's")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default 256 on CPU, 4096 on GPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default="samples.png", help="output PNG grid (default samples.png)")
     p.add_argument("--npz", help="also write images (N,28,28 uint8) and labels (N,) to this .npz")

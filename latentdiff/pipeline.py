@@ -123,13 +123,14 @@ class LatentDiffusion:
     @torch.no_grad()
     def generate(self, labels: Sequence[int] | torch.Tensor, guidance_scale: float | None = None,
                  steps: int | None = None, sampler: str | None = None, generator: torch.Generator | None = None,
-                 seed: int | None = None, eta: float | None = None, batch_size: int = 1024,
+                 seed: int | None = None, eta: float | None = None, batch_size: int | None = None,
                  progress: bool = False) -> torch.Tensor:
         """Digits of the given classes, (N, 1, 28, 28) float in [0, 1] on the pipeline's device.
 
         guidance_scale: CFG scale, 1 = conditional only, 0 = unconditional (default from config.json).
         steps / sampler / eta: sampler settings ("dpm++", "ddim", "ddpm"; eta is DDIM only).
         generator or seed: randomness. Sample i uses seed + i, so results do not depend on batch_size.
+        batch_size: images per forward pass (default 256 on CPU, 4096 on a GPU).
         """
         sc = self.config.sample
         guidance_scale = sc.guidance_scale if guidance_scale is None else guidance_scale
@@ -145,6 +146,8 @@ class LatentDiffusion:
             raise ValueError(f"steps must be an integer in 1..{self.config.diffusion.num_timesteps}, got {steps!r}")
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
             raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+        if batch_size is None:  # measured: CPU throughput peaks near 256 and halves at 4096; GPUs want big batches
+            batch_size = 4096 if self.device.type == "cuda" else 256
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):

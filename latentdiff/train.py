@@ -166,7 +166,8 @@ def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, em
     bar.close()
 
 
-def _finish(run_dir: Path, accel: Accelerator, preview_fn: Callable) -> None:
+def _finish(run_dir: Path, preview_fn: Callable) -> None:
+    """Final preview grid and the loss-curve PNG."""
     preview_fn(run_dir / "previews" / "final.png")
     metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln]
     line_plot({"loss": ([m["step"] for m in metrics], [m["loss"] for m in metrics])}, run_dir / "loss.png",
@@ -223,7 +224,7 @@ def train_vae(cfg: VAERunConfig, resume: str | None = None, overwrite: bool = Fa
         shift, scale = latent_stats(model, images[:10000])
         model.with_latent_stats(shift, scale)
         model.save_pretrained(run_dir)
-        _finish(run_dir, accel, preview)
+        _finish(run_dir, preview)
         accel.print(f"saved VAE to {run_dir} (latent shift {shift:.4f}, scale {scale:.4f})")
     accel.wait_for_everyone()
     return run_dir
@@ -270,7 +271,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None, overwrite: bool = Fa
     if accel.is_main_process:
         final = ema if ema is not None else model
         LatentDiffusion(final, vae, pipe_cfg).save_pretrained(run_dir)
-        _finish(run_dir, accel, preview)
+        _finish(run_dir, preview)
         accel.print(f"saved latent diffusion pipeline to {run_dir}")
     accel.wait_for_everyone()
     return run_dir
