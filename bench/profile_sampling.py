@@ -47,12 +47,11 @@ def main() -> None:
         pipe.generate(labels, steps=args.steps, seed=0, batch_size=args.batch)
         if device.type == "cuda":
             torch.cuda.synchronize()
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = prof.key_averages()
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     total = sum(getattr(e, attr) for e in events) or 1.0
     compute = sum(getattr(e, attr) for e in events if any(c in e.key.lower() for c in COMPUTE))
-    print(prof.key_averages().table(sort_by=key, row_limit=args.rows))
+    print(events.table(sort_by=attr, row_limit=args.rows))
     print(f"compute ops (conv/matmul/attention): {100 * compute / total:.1f}% of self time; "
           f"everything else (norms, element-wise, copies): {100 * (1 - compute / total):.1f}%")
 
