@@ -97,7 +97,8 @@ def load_mnist(root: str | Path | None = None, split: str = "train", download: b
     try:
         ds = MNIST("data", train=(split == "train"), download=True)
     except Exception as e:  # network failures come in many types
-        raise DataError(f"downloading MNIST with torchvision failed ({e}); download the four IDX files by hand "
+        reason = " ".join(str(e).split())  # torchvision's message spans several lines
+        raise DataError(f"downloading MNIST with torchvision failed ({reason}); download the four IDX files by hand "
                         f"and pass --data-dir or set ${ENV_VAR}") from e
     return ds.data.clone(), ds.targets.clone().long()
 

@@ -172,3 +172,17 @@ def test_batch_indices_cover_each_example_once_per_epoch(n, bs):
 def test_batch_larger_than_dataset():
     with pytest.raises(DataError, match="batch"):
         batch_indices(10, 11, 0, 0)
+
+
+def test_failed_download_is_one_line_data_error(monkeypatch, tmp_path):
+    """Without a data folder torchvision downloads; a network failure becomes a one-line DataError."""
+    import torchvision.datasets
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried https://example/, got:\nno network")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as err:
+        load_mnist(None, "train", download=True)
+    assert "\n" not in str(err.value) and "--data-dir" in str(err.value) and "no network" in str(err.value)
