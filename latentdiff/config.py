@@ -146,6 +146,7 @@ class TrainConfig:
     def validate(self) -> None:
         _require(self.steps >= 1, "train.steps must be >= 1")
         _require(self.batch_size >= 1 and self.grad_accum >= 1, "train.batch_size/grad_accum must be >= 1")
+        _require(self.batch_size < 2**24, "train.batch_size must be below 2^24")
         _require(self.lr > 0, "train.lr must be > 0")
         _require(self.lr_decay in ("cosine", "constant"), "train.lr_decay must be cosine or constant")
         _require(0.0 <= self.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")

@@ -11,6 +11,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .noise import seeded_normal, uniform_bits
+
 
 def linear_schedule(num_timesteps: int) -> torch.Tensor:
     """abar_t for DDPM's linear betas (1e-4 .. 0.02 at T=1000, rescaled for other T; Ho et al. 2020)."""
@@ -77,12 +79,22 @@ def drop_labels(y: torch.Tensor, p: float, null_label: int, generator: torch.Gen
 
 def diffusion_loss(model: Callable, x0: torch.Tensor, y: torch.Tensor, alphas_cumprod: torch.Tensor,
                    prediction: str = "v", label_dropout: float = 0.1, null_label: int = 10,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """MSE between model(x_t, t, y') and the target, t uniform, y' = labels with CFG dropout."""
-    b = x0.shape[0]
-    t = torch.randint(0, alphas_cumprod.shape[0], (b,), generator=generator, device=x0.device)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    y = drop_labels(y, label_dropout, null_label, generator)  # the CFG label dropout
+                   generator: torch.Generator | None = None, seeds: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE between model(x_t, t, y') and the target, t uniform, y' = labels with CFG dropout.
+
+    Randomness comes from ``generator``, or, with ``seeds`` (B,) int64, from each example's own seed
+    (counter-based), so an example's t, noise and dropout do not depend on how the batch is split.
+    """
+    b, T = x0.shape[0], alphas_cumprod.shape[0]
+    if seeds is not None:
+        u = uniform_bits(seeds, 2, stream=0)  # (B, 2): timestep, label dropout
+        t = (u[:, 0] * T).long().clamp(max=T - 1)
+        noise = seeded_normal(seeds, tuple(x0.shape[1:]), stream=1, dtype=x0.dtype)
+        y = torch.where(u[:, 1] < label_dropout, torch.full_like(y, null_label), y)  # the CFG label dropout
+    else:
+        t = torch.randint(0, T, (b,), generator=generator, device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        y = drop_labels(y, label_dropout, null_label, generator)  # the CFG label dropout
     abar = alphas_cumprod.to(x0.device, torch.float32)[t]
     x_t = q_sample(x0, t, noise, alphas_cumprod.to(torch.float32))
     out = model(x_t, t, y)

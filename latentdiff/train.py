@@ -1,7 +1,8 @@
 """Training loops for both stages, with Accelerate (CPU, one GPU, many GPUs, mixed precision).
 
-Step-based: the batch at step s is a pure function of (seed, s), and every step's randomness comes
-from a generator seeded by (seed, s, micro-batch, rank), so ``--resume latest`` continues exactly.
+Step-based: the batch at step s is a pure function of (seed, s), and each example's training noise
+comes from a counter-based generator keyed by (seed, s, position in the global batch), so
+``--resume latest`` continues exactly and the process count does not change what is drawn.
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ def lr_at(step: int, cfg) -> float:
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     """A distinct seed per (run seed, step, micro-batch, process)."""
     return (seed * 1_000_003 + step) * 4099 + micro * 131 + rank
+
+
+def example_seeds(seed: int, step: int, positions: torch.Tensor) -> torch.Tensor:
+    """Per-example seeds for the training noise: a function of (run seed, step, position in the global
+    batch) only, so 1 or N processes and any grad_accum draw the same t / noise / dropout per example."""
+    return positions.to(torch.int64) + ((seed * 1_000_003 + step) << 24)  # global batches stay below 2^24
 
 
 class EMA:
@@ -119,10 +126,10 @@ def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, em
             perm_epoch, perm = epoch, epoch_permutation(n_examples, tc.seed, epoch).to(device)
         idx = perm[k * tc.batch_size:(k + 1) * tc.batch_size]
         torch.manual_seed(step_seed(tc.seed, step, 0, accel.process_index))  # dropout etc.: also a function of the step
+        positions = _micro_batches(torch.arange(tc.batch_size, device=device), accel, tc.grad_accum)
         for j, micro in enumerate(_micro_batches(idx, accel, tc.grad_accum)):
             with accel.accumulate(train_model):
-                gen = torch.Generator(device).manual_seed(step_seed(tc.seed, step, j, accel.process_index))
-                loss, parts = loss_fn(train_model, micro, gen)
+                loss, parts = loss_fn(train_model, micro, example_seeds(tc.seed, step, positions[j]))
                 accel.backward(loss)
                 if accel.sync_gradients and tc.grad_clip > 0:
                     accel.clip_grad_norm_(train_model.parameters(), tc.grad_clip)
@@ -205,8 +212,8 @@ def train_vae(cfg: VAERunConfig, resume: str | None = None, overwrite: bool = Fa
     model = VAE(cfg.model).to(accel.device)
     fixed = images[:8]
 
-    def loss_fn(m, idx, gen):
-        loss, parts, _ = vae_loss(m, images[idx], cfg.kl_weight, gen)
+    def loss_fn(m, idx, seeds):
+        loss, parts, _ = vae_loss(m, images[idx], cfg.kl_weight, seeds=seeds)
         return loss, parts
 
     def preview(path: Path) -> None:
@@ -251,9 +258,9 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None, overwrite: bool = Fa
     alphas_cumprod = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps).float().to(accel.device)
     dc = cfg.diffusion
 
-    def loss_fn(m, idx, gen):
+    def loss_fn(m, idx, seeds):
         loss = diffusion_loss(m, latents[idx], labels[idx], alphas_cumprod, dc.prediction, dc.label_dropout,
-                              cfg.model.num_classes, gen)
+                              cfg.model.num_classes, seeds=seeds)
         return loss, {}
 
     pipe_cfg = PipelineConfig(diffusion=dc, sample=cfg.sample)

@@ -11,6 +11,7 @@ from torch import nn
 
 from .config import VAEConfig
 from .nn import Attention, Downsample, ResBlock, Upsample
+from .noise import seeded_normal
 from .serialization import load_model, save_model
 
 
@@ -22,9 +23,12 @@ class DiagonalGaussian:
         self.logvar = logvar.clamp(-30.0, 20.0)  # keeps exp() finite
         self.std = torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Reparameterised sample mean + std * noise."""
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+    def sample(self, generator: torch.Generator | None = None, seeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Reparameterised sample mean + std * noise; noise from ``generator`` or per-example ``seeds`` (B,)."""
+        if seeds is not None:
+            noise = seeded_normal(seeds, tuple(self.mean.shape[1:]), stream=1, dtype=self.mean.dtype)
+        else:
+            noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + self.std * noise
 
     def mode(self) -> torch.Tensor:
@@ -129,10 +133,10 @@ class VAE(nn.Module):
                 h = up(h, (self._sizes[i - 1],) * 2)
         return self.dec_out(h)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, seeds: torch.Tensor | None = None):
         """Training pass: returns (reconstruction, posterior)."""
         posterior = self._encode(x)
-        return self._decode(posterior.sample(generator)), posterior
+        return self._decode(posterior.sample(generator, seeds)), posterior
 
     # Latent normalisation: the diffusion model works on (z - shift) * scale.
     def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
@@ -156,9 +160,10 @@ class VAE(nn.Module):
         return load_model(cls, VAEConfig, directory, device)
 
 
-def vae_loss(model: VAE, x: torch.Tensor, kl_weight: float, generator: torch.Generator | None = None):
+def vae_loss(model: VAE, x: torch.Tensor, kl_weight: float, generator: torch.Generator | None = None,
+             seeds: torch.Tensor | None = None):
     """Per-pixel MSE + kl_weight * per-element KL. Returns (loss, dict of parts, reconstruction)."""
-    recon, posterior = model(x, generator)
+    recon, posterior = model(x, generator, seeds)
     mse = F.mse_loss(recon.float(), x.float())
     kl = posterior.kl().float().mean()
     return mse + kl_weight * kl, {"mse": mse.detach(), "kl": kl.detach()}, recon

@@ -39,7 +39,7 @@ def main() -> None:
     if own.deterministic_vae:
         from latentdiff.vae import DiagonalGaussian
 
-        DiagonalGaussian.sample = lambda self, generator=None: self.mean  # an autoencoder: no sampling noise
+        DiagonalGaussian.sample = lambda self, generator=None, seeds=None: self.mean  # an autoencoder: no sampling noise
 
     if own.sgd:
         train.torch.optim.AdamW = lambda params, lr, weight_decay=0.0: torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)

@@ -8,13 +8,12 @@ adds a dump of every rank's final weights). What is shown:
 * with a step that depends only on its batch, the 2-process run equals a 1-process run with the same
   global batch and seed (allclose 1e-5).
 
-Why "a step that depends only on its batch" needs two switches in the helper:
+Why the VAE comparison uses switches in the helper:
 
-1. Per-step randomness (VAE posterior noise; diffusion t, noise and label dropout) is drawn from a
-   generator seeded by step_seed(seed, step, micro, *rank*) for the rank's half of the batch, so the
-   same example gets different noise under 1 and 2 processes. Runs with that randomness are
-   equivalent in distribution, not bit for bit (test_ldm_matches_one_process_run, xfail).
-   --deterministic-vae makes the VAE use its posterior mean, removing all randomness from the step.
+1. Per-step randomness (VAE posterior noise; diffusion t, noise and label dropout) is keyed by each
+   example's position in the global batch (train.example_seeds), so the same example gets the same
+   draws under 1 and 2 processes (test_ldm_matches_one_process_run). --deterministic-vae (posterior
+   mean, no sampling) is kept for the VAE tests so they isolate gradient sharing.
 2. AdamW divides by sqrt(v) + 1e-8: a parameter whose true gradient is 0 receives about +-lr per
    step from rounding noise. The VAE has such parameters (conv biases right before a per-channel
    GroupNorm), so a different summation order (all-reduce of two half-batch means vs one full mean)
@@ -113,15 +112,14 @@ def ldm_runs(tmp_path_factory, mnist_dir, vae_runs):
 
 
 def test_ldm_ranks_identical_with_real_randomness(ldm_runs):
-    """The real LDM step (AdamW, random t / noise / label dropout per rank): ranks still agree exactly."""
+    """The real LDM step (AdamW, random t / noise / label dropout): ranks still agree exactly."""
     infos, (w0, w1) = ldm_runs["two"]
     assert all(i["world"] == 2 for i in infos)
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
 
 
-@pytest.mark.xfail(strict=True, reason="per-step noise is seeded per rank (step_seed(..., rank)), so each example's "
-                                       "t / noise / label dropout depends on the number of processes")
 def test_ldm_matches_one_process_run(ldm_runs):
+    """Each example's t / noise / label dropout is keyed by its position in the global batch, not by the process."""
     _, (w0, _) = ldm_runs["two"]
     _, (ref,) = ldm_runs["one"]
     assert _max_diff(w0, ref) < 1e-5
