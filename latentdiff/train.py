@@ -53,7 +53,8 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
 def example_seeds(seed: int, step: int, positions: torch.Tensor) -> torch.Tensor:
     """Per-example seeds for the training noise: a function of (run seed, step, position in the global
     batch) only, so 1 or N processes and any grad_accum draw the same t / noise / dropout per example."""
-    return positions.to(torch.int64) + ((seed * 1_000_003 + step) << 24)  # global batches stay below 2^24
+    key = ((seed * 1_000_003 + step) << 24) & ((1 << 62) - 1)  # global batches stay below 2^24; fits int64
+    return positions.to(torch.int64) + key
 
 
 class EMA:
