@@ -108,3 +108,13 @@ def test_resume_needs_matching_settings(tmp_path):
         prepare_run_dir(apply_overrides(cfg, ["train.lr=0.5"]), "latest", False, is_main=True)
     with pytest.raises(RunDirError, match="cannot resume"):
         prepare_run_dir(apply_overrides(VAERunConfig(), [f"out_dir={tmp_path / 'other'}"]), "latest", False, True)
+
+
+def test_example_seeds_depend_on_step_and_position_only():
+    from latentdiff.train import example_seeds
+
+    pos = torch.arange(8)
+    a, b = example_seeds(0, 3, pos), example_seeds(0, 4, pos)
+    assert torch.equal(a, example_seeds(0, 3, pos)) and not set(a.tolist()) & set(b.tolist())
+    assert torch.equal(example_seeds(0, 3, pos[4:]), a[4:])  # a slice of the batch gets the same seeds
+    assert example_seeds(2**40, 10**9, pos).dtype == torch.int64  # huge seeds stay inside int64
