@@ -17,9 +17,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from latentdiff import LatentDiffusion, PipelineConfig, UNet, VAE, load_config  # noqa: E402
-from latentdiff.cli import resolve_config_path  # noqa: E402
-from latentdiff.config import LDMRunConfig, VAERunConfig  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from throughput import build_pipeline  # noqa: E402
 
 COMPUTE = ("conv", "mm", "addmm", "bmm", "matmul", "linear", "attention", "gemm")
 
@@ -34,12 +33,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=15)
     args = p.parse_args()
     device = torch.device(args.device)
-    if args.model:
-        pipe = LatentDiffusion.from_pretrained(args.model, device)
-    else:
-        vcfg = load_config(VAERunConfig, resolve_config_path(args.preset, "vae"))
-        lcfg = load_config(LDMRunConfig, resolve_config_path(args.preset, "ldm"))
-        pipe = LatentDiffusion(UNet(lcfg.model), VAE(vcfg.model), PipelineConfig(lcfg.diffusion, lcfg.sample)).to(device)
+    pipe, _, _ = build_pipeline(args.preset, args.model, device)
     labels = [i % 10 for i in range(args.batch)]
     pipe.generate(labels, steps=args.steps, seed=0, batch_size=args.batch)  # warm-up
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])

@@ -67,6 +67,16 @@ def count_flops(fn) -> int:
     return fc.get_total_flops()
 
 
+def build_pipeline(preset: str, model: str | None, device: torch.device):
+    """(pipeline, VAE run config, LDM run config): a trained folder if given, else random init from the preset."""
+    vcfg = load_config(VAERunConfig, resolve_config_path(preset, "vae"))
+    lcfg = load_config(LDMRunConfig, resolve_config_path(preset, "ldm"))
+    if model:
+        return LatentDiffusion.from_pretrained(model, device), vcfg, lcfg
+    pipe = LatentDiffusion(UNet(lcfg.model), VAE(vcfg.model), PipelineConfig(lcfg.diffusion, lcfg.sample)).to(device)
+    return pipe, vcfg, lcfg
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="quick")
@@ -84,12 +94,7 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(0)
 
-    vcfg = load_config(VAERunConfig, resolve_config_path(args.preset, "vae"))
-    lcfg = load_config(LDMRunConfig, resolve_config_path(args.preset, "ldm"))
-    if args.model:
-        pipe = LatentDiffusion.from_pretrained(args.model, device)
-    else:
-        pipe = LatentDiffusion(UNet(lcfg.model), VAE(vcfg.model), PipelineConfig(lcfg.diffusion, lcfg.sample)).to(device)
+    pipe, vcfg, lcfg = build_pipeline(args.preset, args.model, device)
     sc = pipe.config.sample
     res: dict = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                  "threads": torch.get_num_threads(), "torch": torch.__version__, "preset": args.preset,

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from .config import to_dict
 from .errors import RunDirError, TrainingDiverged
-from .serialization import atomic_save_safetensors, atomic_write_bytes
+from .serialization import atomic_save_safetensors, atomic_write_bytes, nonfinite_keys
 
 RUN_CONFIG = "run.yaml"
 CKPT_DIR = "checkpoints"
@@ -94,7 +94,7 @@ def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, ema: torch.nn.Module | None,
                     optimizer: torch.optim.Optimizer, keep: int, extra: dict | None = None) -> Path:
     """Write checkpoints/step_N atomically (temporary folder + rename), then keep only the last ``keep``."""
-    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = nonfinite_keys(model.state_dict())
     if bad:
         raise TrainingDiverged(f"weights became NaN/inf by step {step} ({bad[0]}); not checkpointing them. "
                                f"Last good checkpoint: {(list_checkpoints(run_dir) or ['none'])[-1]}")

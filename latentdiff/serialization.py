@@ -47,6 +47,11 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
         raise
 
 
+def nonfinite_keys(state_dict: dict[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors holding NaN or inf."""
+    return [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
 def save_model(model: torch.nn.Module, config: Any, directory: str | Path, state_dict: dict | None = None) -> None:
     """Write ``directory/model.safetensors`` then ``directory/config.json``, each atomically.
 
@@ -54,7 +59,7 @@ def save_model(model: torch.nn.Module, config: Any, directory: str | Path, state
     """
     directory = Path(directory)
     sd = state_dict if state_dict is not None else model.state_dict()
-    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = nonfinite_keys(sd)
     if bad:
         raise ModelLoadError(f"refusing to save non-finite weights ({bad[0]} and {len(bad) - 1} more) to {directory}")
     atomic_save_safetensors(sd, directory / WEIGHTS_NAME)

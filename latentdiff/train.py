@@ -113,6 +113,8 @@ def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, em
     device = accel.device
     ema_state = EMA(ema, model) if ema is not None else None
     perm_epoch, perm = -1, None
+    # Where each of this process's micro-batches sits in the global batch (keys the per-example noise).
+    positions = _micro_batches(torch.arange(tc.batch_size, device=device), accel, tc.grad_accum)
     per_epoch = n_examples // tc.batch_size
     loss_sum = torch.zeros((), device=device)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first step with a non-finite loss
@@ -127,7 +129,6 @@ def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, em
             perm_epoch, perm = epoch, epoch_permutation(n_examples, tc.seed, epoch).to(device)
         idx = perm[k * tc.batch_size:(k + 1) * tc.batch_size]
         torch.manual_seed(step_seed(tc.seed, step, 0, accel.process_index))  # dropout etc.: also a function of the step
-        positions = _micro_batches(torch.arange(tc.batch_size, device=device), accel, tc.grad_accum)
         for j, micro in enumerate(_micro_batches(idx, accel, tc.grad_accum)):
             with accel.accumulate(train_model):
                 loss, parts = loss_fn(train_model, micro, example_seeds(tc.seed, step, positions[j]))
