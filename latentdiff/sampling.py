@@ -3,6 +3,12 @@
 A model function is ``model_fn(x_t, t) -> output`` where ``t`` is a (B,) long tensor of timesteps
 and ``output`` is an eps- or v-prediction (``prediction``). Every sampler starts from ``x`` (the
 noise at t = T-1), makes exactly ``steps`` model calls, and returns the clean sample.
+
+Two hooks serve editing and inspection without touching the loops: ``timesteps`` (an explicit
+descending sequence; start from a partly noised ``x`` at ``timesteps[0]``, as SDEdit does) and
+``callback(i, t_next, x, x0)``, called after step ``i`` with the new state ``x`` (at timestep
+``t_next``; -1 once ``x`` is the final sample) and that step's clean estimate ``x0``. A callback
+that returns a tensor replaces ``x`` (inpainting re-imposes the known region this way).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from .diffusion import predict_x0_eps
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[int], torch.Tensor]
+StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
 
 
 def sampling_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:
@@ -29,6 +36,32 @@ def sampling_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:
     return torch.linspace(num_timesteps - 1, 0, steps, dtype=torch.float64).round().long()
 
 
+def check_timesteps(timesteps: torch.Tensor, num_timesteps: int) -> torch.Tensor:
+    """Validate an explicit timestep sequence: 1-D integer, strictly descending, within 0..T-1."""
+    ts = torch.as_tensor(timesteps)
+    if ts.ndim != 1 or ts.numel() < 1 or ts.is_floating_point() or ts.dtype == torch.bool:
+        raise ValueError(f"timesteps must be a non-empty 1-D integer sequence, got shape {tuple(ts.shape)} {ts.dtype}")
+    ts = ts.long().cpu()
+    if ts.min() < 0 or ts.max() >= num_timesteps:
+        raise ValueError(f"timesteps must lie in 0..{num_timesteps - 1}, got {ts.min().item()}..{ts.max().item()}")
+    if ts.numel() > 1 and not bool((ts[1:] < ts[:-1]).all()):
+        raise ValueError("timesteps must be strictly descending (noisiest first)")
+    return ts
+
+
+def _resolve(alphas_cumprod: torch.Tensor, steps: int | None, timesteps: torch.Tensor | None) -> torch.Tensor:
+    if timesteps is not None:
+        return check_timesteps(timesteps, alphas_cumprod.shape[0])
+    return sampling_timesteps(alphas_cumprod.shape[0], steps)
+
+
+def _after_step(callback: StepCallback | None, i: int, t_next: int, x: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+    if callback is None:
+        return x
+    out = callback(i, t_next, x, x0)
+    return x if out is None else out
+
+
 def _default_noise(x: torch.Tensor, generator: Optional[torch.Generator]) -> NoiseFn:
     device = generator.device if generator is not None else x.device
     return lambda i: torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device).to(x.device)
@@ -39,13 +72,14 @@ def _tbatch(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ddim(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int, prediction: str = "v",
+def ddim(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int | None, prediction: str = "v",
          eta: float = 0.0, noise_fn: NoiseFn | None = None, generator: torch.Generator | None = None,
-         progress: bool = False) -> torch.Tensor:
+         progress: bool = False, timesteps: torch.Tensor | None = None,
+         callback: StepCallback | None = None) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12); eta=0 is deterministic, eta=1 is DDPM's ancestral sampler."""
     if not eta >= 0:
         raise ValueError(f"eta must be >= 0, got {eta!r}")
-    ts = sampling_timesteps(alphas_cumprod.shape[0], steps)
+    ts = _resolve(alphas_cumprod, steps, timesteps)
     abar = alphas_cumprod.to(torch.float64)
     noise_fn = noise_fn or _default_noise(x, generator)
     for i in tqdm(range(len(ts)), disable=not progress, desc="ddim", leave=False):
@@ -56,28 +90,31 @@ def ddim(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, steps
         x = a_prev.sqrt().item() * x0 + (1 - a_prev - sigma**2).clamp(min=0).sqrt().item() * eps
         if sigma > 0:
             x = x + sigma.item() * noise_fn(i)
+        x = _after_step(callback, i, int(ts[i + 1]) if i + 1 < len(ts) else -1, x, x0)
     return x
 
 
 @torch.no_grad()
 def ddpm(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int | None = None,
          prediction: str = "v", noise_fn: NoiseFn | None = None, generator: torch.Generator | None = None,
-         progress: bool = False) -> torch.Tensor:
+         progress: bool = False, timesteps: torch.Tensor | None = None,
+         callback: StepCallback | None = None) -> torch.Tensor:
     """Ancestral DDPM sampling (Ho et al. 2020, Alg. 2), i.e. DDIM with eta=1; ``steps`` defaults to T.
 
     With fewer steps than T it samples the DDPM posterior between the visited timesteps.
     """
-    steps = alphas_cumprod.shape[0] if steps is None else steps
+    steps = alphas_cumprod.shape[0] if steps is None and timesteps is None else steps
     return ddim(model_fn, x, alphas_cumprod, steps, prediction, eta=1.0, noise_fn=noise_fn,
-                generator=generator, progress=progress)
+                generator=generator, progress=progress, timesteps=timesteps, callback=callback)
 
 
 @torch.no_grad()
-def dpm_solver_pp_2m(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int,
+def dpm_solver_pp_2m(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int | None,
                      prediction: str = "v", noise_fn: NoiseFn | None = None,
-                     generator: torch.Generator | None = None, progress: bool = False) -> torch.Tensor:
+                     generator: torch.Generator | None = None, progress: bool = False,
+                     timesteps: torch.Tensor | None = None, callback: StepCallback | None = None) -> torch.Tensor:
     """DPM-Solver++(2M), multistep second order in log-SNR (Lu et al. 2022, Alg. 2). Deterministic."""
-    ts = sampling_timesteps(alphas_cumprod.shape[0], steps)
+    ts = _resolve(alphas_cumprod, steps, timesteps)
     abar = alphas_cumprod.to(torch.float64)
     alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
     lam = torch.log(alpha) - torch.log(sigma)  # log-SNR / 2
@@ -86,7 +123,7 @@ def dpm_solver_pp_2m(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.T
         t = ts[i]
         x0, _ = predict_x0_eps(model_fn(x, _tbatch(t, x)), x, abar[t].to(x.dtype), prediction)
         if i + 1 == len(ts):  # last step goes to sigma = 0, where the solution is the denoised sample
-            return x0
+            return _after_step(callback, i, -1, x0, x0)
         s = ts[i + 1]
         h = (lam[s] - lam[t]).item()
         # Second-order correction from the previous x0, skipped on the first step and on the last
@@ -99,6 +136,7 @@ def dpm_solver_pp_2m(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.T
             r = h_prev / h
             d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
         x = (sigma[s] / sigma[t]).item() * x - (alpha[s] * torch.expm1(torch.tensor(-h, dtype=torch.float64))).item() * d
+        x = _after_step(callback, i, int(s), x, x0)
         x0_prev, h_prev = x0, h
     return x  # pragma: no cover (the loop always returns)
 

@@ -245,3 +245,57 @@ def test_cfg_with_a_unet():
         assert torch.allclose(cfg_model_fn(unet, y, 1.0, 10)(x, t), cond)
         assert torch.allclose(cfg_model_fn(unet, y, 0.0, 10)(x, t), uncond)
         assert torch.allclose(cfg_model_fn(unet, y, 4.0, 10)(x, t), uncond + 4 * (cond - uncond), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- hooks
+@pytest.mark.parametrize("name, kwargs", SAMPLER_CASES, ids=[f"{n}{k}" for n, k in SAMPLER_CASES])
+def test_explicit_timesteps_start_part_way(name, kwargs):
+    """SDEdit-style: start from x0 noised to t=400 and walk an explicit sequence down to 0."""
+    abar = make_schedule("cosine", 1000)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(2, 4, 7, 7, generator=g, dtype=torch.float64)
+    a = abar[400]
+    x = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    ts = torch.tensor([400, 300, 150, 40, 0])
+    calls: list = []
+    out = SAMPLERS[name](oracle(x0, abar, "v", calls), x, abar, None, "v", timesteps=ts,
+                         generator=torch.Generator().manual_seed(1), **kwargs)
+    assert calls == ts.tolist()
+    assert torch.allclose(out, x0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, kwargs", SAMPLER_CASES, ids=[f"{n}{k}" for n, k in SAMPLER_CASES])
+def test_explicit_timesteps_equal_the_default_sequence(name, kwargs):
+    abar = make_schedule("cosine", 1000)
+    model = gaussian_denoiser(abar, "eps")
+    x = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a = SAMPLERS[name](model, x.clone(), abar, 8, "eps", generator=torch.Generator().manual_seed(1), **kwargs)
+    b = SAMPLERS[name](model, x.clone(), abar, None, "eps", timesteps=sampling_timesteps(1000, 8),
+                       generator=torch.Generator().manual_seed(1), **kwargs)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name, kwargs", SAMPLER_CASES, ids=[f"{n}{k}" for n, k in SAMPLER_CASES])
+def test_callback_sees_every_step_and_can_replace_the_state(name, kwargs):
+    abar = make_schedule("cosine", 1000)
+    model = gaussian_denoiser(abar, "v")
+    x = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    seen = []
+
+    def record(i, t_next, xt, x0):
+        seen.append((i, t_next, xt.shape, x0.shape))
+
+    SAMPLERS[name](model, x.clone(), abar, 6, "v", generator=torch.Generator().manual_seed(1), callback=record, **kwargs)
+    ts = sampling_timesteps(1000, 6).tolist()
+    assert [s[:2] for s in seen] == list(zip(range(6), ts[1:] + [-1]))
+    # A callback that pins the state to a constant: the final sample is that constant.
+    out = SAMPLERS[name](model, x.clone(), abar, 6, "v", generator=torch.Generator().manual_seed(1),
+                         callback=lambda i, t, xt, x0: torch.full_like(xt, 0.25), **kwargs)
+    assert torch.equal(out, torch.full_like(x, 0.25))
+
+
+@pytest.mark.parametrize("bad", [[5, 5, 0], [0, 5], [1000, 0], [-1], [[3, 2]], [2.0, 1.0], []])
+def test_bad_explicit_timesteps_rejected(bad):
+    abar = make_schedule("cosine", 1000)
+    with pytest.raises(ValueError, match="timesteps"):
+        ddim(gaussian_denoiser(abar, "v"), torch.zeros(1, 1, 2, 2), abar, None, "v", timesteps=torch.tensor(bad))
