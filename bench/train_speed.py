@@ -1,0 +1,109 @@
+"""Training-step speed per stage, batch size and compile mode: where the training wall time goes.
+
+    python bench/train_speed.py --preset full --batches 512 1024 2048 4096 --compile both --out speed.json
+
+For each (stage, batch, compile) it builds the preset's model, runs warm-up steps (reported: that is
+where torch.compile spends its time), then times ``--steps`` optimizer steps (bf16 autocast and fused
+AdamW on a GPU, fp32 on a CPU) and prints images/s and ms/step. Random inputs: speed does not
+depend on the data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from latentdiff import UNet, VAE, load_config  # noqa: E402
+from latentdiff.cli import resolve_config_path  # noqa: E402
+from latentdiff.config import LDMRunConfig, VAERunConfig  # noqa: E402
+from latentdiff.diffusion import diffusion_loss, make_schedule  # noqa: E402
+from latentdiff.vae import vae_loss  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(stage: str, cfg, batch: int, compile_: bool, steps: int, warmup: int, device: torch.device) -> dict:
+    """Warm-up seconds and timed ms/step for one setting."""
+    torch.manual_seed(0)
+    model = (VAE(cfg.model) if stage == "vae" else UNet(cfg.model)).to(device).train()
+    fwd = torch.compile(model) if compile_ else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    if stage == "vae":
+        x = torch.rand(batch, 1, 28, 28, device=device) * 2 - 1
+
+        def loss_fn():
+            return vae_loss(fwd, x, cfg.kl_weight, seeds=torch.arange(batch, device=device))[0]
+    else:
+        shape = (cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size)
+        z, y = torch.randn(batch, *shape, device=device), torch.randint(0, 10, (batch,), device=device)
+        ac = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps).float().to(device)
+
+        def loss_fn():
+            return diffusion_loss(fwd, z, y, ac, cfg.diffusion.prediction, 0.1, 10,
+                                  seeds=torch.arange(batch, device=device))
+
+    def step():
+        with amp:
+            loss = loss_fn()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    sync(device)
+    warm_s = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    dt = (time.perf_counter() - t) / steps
+    return {"stage": stage, "batch": batch, "compile": compile_, "warmup_s": warm_s, "step_ms": 1000 * dt,
+            "images_per_s": batch / dt}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="full")
+    p.add_argument("--stages", nargs="+", default=["vae", "ldm"], choices=["vae", "ldm"])
+    p.add_argument("--batches", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    p.add_argument("--compile", choices=["no", "yes", "both"], default="both")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per setting")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", help="write the results as JSON here")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    cfgs = {"vae": load_config(VAERunConfig, resolve_config_path(args.preset, "vae")),
+            "ldm": load_config(LDMRunConfig, resolve_config_path(args.preset, "ldm"))}
+    modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
+    rows = []
+    for stage in args.stages:
+        for compile_ in modes:
+            for b in args.batches:
+                r = measure(stage, cfgs[stage], b, compile_, args.steps, args.warmup, device)
+                rows.append(r)
+                print(f"{stage} batch {b:5d} compile={str(compile_):5s}: {r['images_per_s']:10,.0f} img/s "
+                      f"({r['step_ms']:.2f} ms/step; warm-up {r['warmup_s']:.1f} s)", flush=True)
+    res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "preset": args.preset, "rows": rows}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
