@@ -8,6 +8,10 @@ targets: accuracy >= 99.5%, worst class >= 99.0%, recall >= 0.9x the floor, then
     python bench/quality_sweep.py --model runs/ldm --data-dir ../shared/data --n-per-class 200 \\
         --guidance 1.5 2 3 --intervals all 100:800 100:600 --spacings uniform logsnr --samplers dpm++:10 \\
         --out bench/results/cpu/quality_sweep.json --plot bench/results/cpu/quality_sweep.png
+    python bench/quality_sweep.py ... --no-grid --settings 1.5/all/uniform/dpm++:20 3/100:800/logsnr/dpm++:10
+
+--cache DIR keeps each setting's digits (safetensors) so a rerun only scores; --generate-only fills it
+without the classifier.
 
 Cost columns: "NFE" is UNet evaluations per digit with CFG's doubled batch counted once (= steps);
 "rows" counts the batch rows the UNet actually ran per digit (guided steps count twice).
@@ -45,6 +49,14 @@ def parse_interval(spec: str) -> tuple[int, int] | None:
     if not sep or not lo.isdigit() or not hi.isdigit():
         raise ValueError(f"interval {spec!r} must be 'all' or LO:HI timesteps, e.g. 100:800")
     return check_guidance_interval((int(lo), int(hi)))
+
+
+def parse_setting(spec: str) -> tuple:
+    """'G/INTERVAL/SPACING/SAMPLER:STEPS', e.g. '3/100:800/logsnr/dpm++:10' -> (3.0, (100, 800), 'logsnr', 'dpm++', 10)."""
+    parts = spec.split("/")
+    if len(parts) != 4 or parts[2] not in SPACINGS:
+        raise ValueError(f"setting {spec!r} must look like G/INTERVAL/SPACING/SAMPLER:STEPS, e.g. 3/100:800/logsnr/dpm++:10")
+    return (float(parts[0]), parse_interval(parts[1]), parts[2], *parse_sampler(parts[3]))
 
 
 def unet_rows(timesteps: torch.Tensor, guidance: float, interval: tuple[int, int] | None) -> int:
@@ -146,6 +158,9 @@ def main() -> None:
     p.add_argument("--intervals", nargs="+", default=["all"], help="'all' or LO:HI timesteps, e.g. 100:800")
     p.add_argument("--spacings", nargs="+", default=["uniform"], choices=sorted(SPACINGS))
     p.add_argument("--samplers", nargs="+", default=["dpm++:10"], help="NAME:STEPS, e.g. dpm++:10 ddim:20")
+    p.add_argument("--settings", nargs="+", default=[],
+                   help="explicit settings G/INTERVAL/SPACING/SAMPLER:STEPS, run after the grid above (if given)")
+    p.add_argument("--no-grid", action="store_true", help="run only --settings")
     p.add_argument("--max-nfe", type=int, default=10, help="budget for the pick (default 10 UNet evaluations)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--cache", help="folder to keep each setting's digits in (safetensors) and reuse them from")
@@ -157,6 +172,7 @@ def main() -> None:
         raise ValueError(f"--n-per-class must be >= 2, got {args.n_per_class}")
     intervals = [parse_interval(s) for s in args.intervals]
     samplers = [parse_sampler(s) for s in args.samplers]
+    [parse_setting(s) for s in args.settings]  # fail fast on a typo, before any work
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.generate_only and not args.cache:
@@ -168,7 +184,9 @@ def main() -> None:
         ref = reference_set(clf, args.data_dir)
         floor = real_floor(clf, args.data_dir, ref, args.n_per_class, args.seed)
     results = []
-    for g, interval, spacing, (sampler, steps) in itertools.product(args.guidance, intervals, args.spacings, samplers):
+    grid = [] if args.no_grid else [(g, i, sp, *smp) for g, i, sp, smp in
+                                     itertools.product(args.guidance, intervals, args.spacings, samplers)]
+    for g, interval, spacing, sampler, steps in grid + [parse_setting(s) for s in args.settings]:
         if interval is not None and g in (0.0, 1.0):
             continue  # no guidance to limit
         r = run_setting(pipe, clf, ref, floor, args.n_per_class, g, interval, spacing, sampler, steps, args.seed,
