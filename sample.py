@@ -9,6 +9,7 @@ import torch
 from latentdiff import LatentDiffusion, make_grid
 from latentdiff.cli import run_main
 from latentdiff.sampling import SAMPLERS
+from latentdiff.timesteps import SPACINGS
 
 
 def main() -> None:
@@ -19,6 +20,11 @@ def main() -> None:
     p.add_argument("--guidance", type=float, default=None, help="CFG scale: 1 = conditional only, 0 = unconditional (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the model's)")
     p.add_argument("--sampler", choices=sorted(SAMPLERS), default=None, help="default: the model's")
+    p.add_argument("--guidance-interval", type=int, nargs=2, metavar=("LO", "HI"), default=None,
+                   help="guide only at timesteps LO <= t <= HI of the schedule (0..T-1, e.g. 100 800 of 1000); "
+                        "conditional only elsewhere (default: the model's)")
+    p.add_argument("--spacing", choices=sorted(SPACINGS), default=None,
+                   help="which timesteps the sampler visits (default: the model's)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default 256 on CPU, 4096 on GPU)")
@@ -31,7 +37,8 @@ def main() -> None:
     pipe = LatentDiffusion.from_pretrained(args.model, device=args.device)
     labels = [c for c in args.labels for _ in range(args.per_label)]
     images = pipe.generate(labels, guidance_scale=args.guidance, steps=args.steps, sampler=args.sampler,
-                           eta=args.eta, seed=args.seed, batch_size=args.batch_size, progress=True)
+                           eta=args.eta, seed=args.seed, batch_size=args.batch_size, progress=True,
+                           guidance_interval=args.guidance_interval, spacing=args.spacing)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     make_grid(images, nrow=args.per_label).save(args.out)
     print(f"wrote {len(labels)} samples to {args.out}")

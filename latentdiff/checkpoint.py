@@ -26,7 +26,8 @@ CKPT_DIR = "checkpoints"
 # Settings that may differ between a run and its resume (bookkeeping, not the maths of training).
 RESUME_MAY_CHANGE = {"train.steps", "train.log_every", "train.preview_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.mixed_precision", "train.compile", "data.root",
-                     "data.download", "out_dir", "sample.sampler", "sample.steps", "sample.guidance_scale", "sample.eta"}
+                     "data.download", "out_dir", "sample.sampler", "sample.steps", "sample.guidance_scale", "sample.eta",
+                     "sample.guidance_interval", "sample.spacing"}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:

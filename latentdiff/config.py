@@ -84,14 +84,19 @@ class DiffusionConfig:
     num_timesteps: int = 1000
     prediction: str = "v"  # eps | v
     label_dropout: float = 0.1  # probability a label is replaced by the null label (for CFG)
+    # Loss weight across noise levels: none (plain MSE) | min_snr (Hang et al. 2023, gamma below).
+    loss_weighting: str = "none"
+    min_snr_gamma: float = 5.0
 
     def validate(self) -> None:
-        from .diffusion import PREDICTIONS, SCHEDULES
+        from .diffusion import LOSS_WEIGHTINGS, PREDICTIONS, SCHEDULES
 
         _require(self.schedule in SCHEDULES, f"diffusion.schedule must be one of {sorted(SCHEDULES)}")
         _require(self.prediction in PREDICTIONS, f"diffusion.prediction must be one of {PREDICTIONS}")
         _require(self.num_timesteps >= 2, "diffusion.num_timesteps must be >= 2")
         _require(0.0 <= self.label_dropout < 1.0, "diffusion.label_dropout must be in [0, 1)")
+        _require(self.loss_weighting in LOSS_WEIGHTINGS, f"diffusion.loss_weighting must be one of {LOSS_WEIGHTINGS}")
+        _require(self.min_snr_gamma > 0, "diffusion.min_snr_gamma must be > 0")
 
 
 @dataclass(frozen=True)
@@ -102,13 +107,23 @@ class SampleConfig:
     steps: int = 20
     guidance_scale: float = 3.0  # 1 = conditional only, 0 = unconditional, >1 = stronger guidance
     eta: float = 0.0  # DDIM stochasticity (0 = deterministic)
+    # Guide only at timesteps lo <= t <= hi of the schedule's 0..T-1 (conditional only elsewhere);
+    # null = every step. Saved configs from before this option load as null: the old behaviour.
+    guidance_interval: Optional[tuple[int, ...]] = None
+    spacing: str = "uniform"  # which timesteps the sampler visits: uniform | trailing | logsnr | karras
 
-    def validate(self) -> None:
-        from .sampling import SAMPLERS
+    def validate(self, num_timesteps: int | None = None) -> None:
+        from .sampling import SAMPLERS, check_guidance_interval
+        from .timesteps import SPACINGS
 
         _require(self.sampler in SAMPLERS, f"sample.sampler must be one of {sorted(SAMPLERS)}")
         _require(self.steps >= 1, "sample.steps must be >= 1")
         _require(self.guidance_scale >= 0, "sample.guidance_scale must be >= 0")
+        _require(self.spacing in SPACINGS, f"sample.spacing must be one of {sorted(SPACINGS)}")
+        try:
+            check_guidance_interval(self.guidance_interval, num_timesteps)
+        except ValueError as e:
+            raise ConfigError(f"sample.{e}") from None
 
 
 # ----------------------------------------------------------------------------- run configs
@@ -187,7 +202,7 @@ class LDMRunConfig:
     def validate(self) -> None:
         self.model.validate()
         self.diffusion.validate()
-        self.sample.validate()
+        self.sample.validate(self.diffusion.num_timesteps)
         self.train.validate()
 
 

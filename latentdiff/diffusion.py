@@ -31,6 +31,7 @@ def cosine_schedule(num_timesteps: int, s: float = 0.008) -> torch.Tensor:
 
 SCHEDULES: dict[str, Callable[[int], torch.Tensor]] = {"cosine": cosine_schedule, "linear": linear_schedule}
 PREDICTIONS = ("eps", "v")
+LOSS_WEIGHTINGS = ("none", "min_snr")
 
 
 def make_schedule(name: str, num_timesteps: int) -> torch.Tensor:
@@ -77,12 +78,28 @@ def drop_labels(y: torch.Tensor, p: float, null_label: int, generator: torch.Gen
     return torch.where(drop, torch.full_like(y, null_label), y)
 
 
+def min_snr_weight(abar: torch.Tensor, prediction: str, gamma: float = 5.0) -> torch.Tensor:
+    """Min-SNR-gamma loss weight per example (Hang et al. 2023, eq. 9 / sec. 3.4), SNR = abar / (1 - abar).
+
+    Clamping the x0-space weight SNR at gamma stops the low-noise steps dominating training. In the
+    network's own target space that is min(SNR, gamma) / SNR for eps and min(SNR, gamma) / (SNR + 1) for v.
+    """
+    snr = abar / (1 - abar)
+    if prediction == "eps":
+        return snr.clamp(max=gamma) / snr
+    if prediction == "v":
+        return snr.clamp(max=gamma) / (snr + 1)
+    raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
+
+
 def diffusion_loss(model: Callable, x0: torch.Tensor, y: torch.Tensor, alphas_cumprod: torch.Tensor,
                    prediction: str = "v", label_dropout: float = 0.1, null_label: int = 10,
-                   generator: torch.Generator | None = None, seeds: torch.Tensor | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None, seeds: torch.Tensor | None = None,
+                   loss_weighting: str = "none", min_snr_gamma: float = 5.0) -> torch.Tensor:
     """MSE between model(x_t, t, y') and the target, t uniform, y' = labels with CFG dropout.
 
-    Randomness comes from ``generator``, or, with ``seeds`` (B,) int64, from each example's own seed
+    loss_weighting "min_snr" weights each example's MSE by ``min_snr_weight`` (gamma ``min_snr_gamma``);
+    "none" is the plain mean. Randomness comes from ``generator``, or, with ``seeds`` (B,) int64, from each example's own seed
     (counter-based), so an example's t, noise and dropout do not depend on how the batch is split.
     """
     b, T = x0.shape[0], alphas_cumprod.shape[0]
@@ -98,4 +115,10 @@ def diffusion_loss(model: Callable, x0: torch.Tensor, y: torch.Tensor, alphas_cu
     abar = alphas_cumprod.to(x0.device, torch.float32)[t]
     x_t = q_sample(x0, t, noise, alphas_cumprod.to(torch.float32))
     out = model(x_t, t, y)
-    return F.mse_loss(out.float(), target(x0, noise, abar, prediction).float())
+    if loss_weighting == "none":
+        return F.mse_loss(out.float(), target(x0, noise, abar, prediction).float())
+    if loss_weighting != "min_snr":
+        raise ValueError(f"unknown loss_weighting {loss_weighting!r}; choose one of {LOSS_WEIGHTINGS}")
+    per_example = (out.float() - target(x0, noise, abar, prediction).float()).square().flatten(1).mean(1)  # (B,)
+    weight = min_snr_weight(alphas_cumprod.to(x0.device, torch.float64)[t], prediction, min_snr_gamma)  # (B,)
+    return (weight.float() * per_example).mean()

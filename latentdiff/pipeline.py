@@ -15,8 +15,9 @@ from .config import DiffusionConfig, SampleConfig, from_dict, to_dict
 from .diffusion import make_schedule
 from .errors import ModelLoadError
 from .noise import seeded_normal
-from .sampling import SAMPLERS, cfg_model_fn
+from .sampling import SAMPLERS, cfg_model_fn, check_guidance_interval
 from .serialization import CONFIG_NAME, atomic_write_bytes, read_config
+from .timesteps import SPACINGS, make_timesteps
 from .unet import UNet
 from .vae import VAE
 
@@ -30,7 +31,7 @@ class PipelineConfig:
 
     def validate(self) -> None:
         self.diffusion.validate()
-        self.sample.validate()
+        self.sample.validate(self.diffusion.num_timesteps)
 
 
 def check_compatible(unet: UNet, vae: VAE) -> None:
@@ -124,19 +125,29 @@ class LatentDiffusion:
     def generate(self, labels: Sequence[int] | torch.Tensor, guidance_scale: float | None = None,
                  steps: int | None = None, sampler: str | None = None, generator: torch.Generator | None = None,
                  seed: int | None = None, eta: float | None = None, batch_size: int | None = None,
-                 progress: bool = False) -> torch.Tensor:
+                 progress: bool = False, guidance_interval: Sequence[int] | None = None,
+                 spacing: str | None = None) -> torch.Tensor:
         """Digits of the given classes, (N, 1, 28, 28) float in [0, 1] on the pipeline's device.
 
         guidance_scale: CFG scale, 1 = conditional only, 0 = unconditional (default from config.json).
         steps / sampler / eta: sampler settings ("dpm++", "ddim", "ddpm"; eta is DDIM only).
         generator or seed: randomness. Sample i uses seed + i, so results do not depend on batch_size.
         batch_size: images per forward pass (default 256 on CPU, 4096 on a GPU).
+        guidance_interval: [lo, hi] timesteps (of 0..T-1) where guidance applies; conditional only
+        elsewhere (default from config.json; pass [0, T-1] to guide at every step).
+        spacing: which timesteps the sampler visits, "uniform" | "trailing" | "logsnr" | "karras".
         """
         sc = self.config.sample
         guidance_scale = sc.guidance_scale if guidance_scale is None else guidance_scale
         steps = sc.steps if steps is None else steps
         sampler = sc.sampler if sampler is None else sampler
         eta = sc.eta if eta is None else eta
+        # Guidance interval and timestep spacing (issue 8): resolved here, applied in _sample_batch.
+        interval = check_guidance_interval(sc.guidance_interval if guidance_interval is None else guidance_interval,
+                                           self.config.diffusion.num_timesteps)
+        spacing = sc.spacing if spacing is None else spacing
+        if spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {spacing!r}; choose one of {sorted(SPACINGS)}")
         y = self._check_labels(labels)
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
             raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
@@ -153,14 +164,17 @@ class LatentDiffusion:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise ValueError(f"seed must be an integer, got {seed!r}")
 
+        timesteps = make_timesteps(self.alphas_cumprod, steps, spacing)
         seeds = self._seeds(len(y), generator, seed)
         out = []
         for start in range(0, len(y), batch_size):
             sl = slice(start, start + batch_size)
-            out.append(self._sample_batch(y[sl], seeds[sl], float(guidance_scale), steps, sampler, float(eta), progress))
+            out.append(self._sample_batch(y[sl], seeds[sl], float(guidance_scale), steps, sampler, float(eta), progress,
+                                          interval, timesteps))
         return torch.cat(out)
 
-    def _sample_batch(self, y, seeds, guidance_scale, steps, sampler, eta, progress) -> torch.Tensor:
+    def _sample_batch(self, y, seeds, guidance_scale, steps, sampler, eta, progress, guidance_interval=None,
+                      timesteps=None) -> torch.Tensor:
         device = self.device
         y, seeds = y.to(device), seeds.to(device)
         x = seeded_normal(seeds, self.vae.latent_shape, stream=0)  # (B, 4, 7, 7)
@@ -172,9 +186,10 @@ class LatentDiffusion:
             model = unet_bf16
         else:
             model = unet
-        model_fn = cfg_model_fn(model, y, guidance_scale, null_label=self.num_classes)
+        model_fn = cfg_model_fn(model, y, guidance_scale, null_label=self.num_classes, guidance_interval=guidance_interval)
         kwargs = {"eta": eta} if sampler == "ddim" else {}
-        z = SAMPLERS[sampler](model_fn, x, self.alphas_cumprod, steps, self.config.diffusion.prediction,
+        z = SAMPLERS[sampler](model_fn, x, self.alphas_cumprod, steps if timesteps is None else None,
+                              self.config.diffusion.prediction, timesteps=timesteps,
                               noise_fn=lambda i: seeded_normal(seeds, self.vae.latent_shape, stream=i + 1),
                               progress=progress, **kwargs)
         decode = getattr(self, "_decode_fn", self.vae._decode)

@@ -19,34 +19,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .diffusion import predict_x0_eps
+from .timesteps import check_timesteps, sampling_timesteps  # noqa: F401  (re-exported: the samplers' import names)
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 NoiseFn = Callable[[int], torch.Tensor]
 StepCallback = Callable[[int, int, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
-
-
-def sampling_timesteps(num_timesteps: int, steps: int) -> torch.Tensor:
-    """``steps`` timesteps evenly spaced from T-1 down to 0 (long, descending, unique)."""
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if steps > num_timesteps:
-        raise ValueError(f"steps={steps} exceeds the {num_timesteps} timesteps of the schedule; use at most {num_timesteps}")
-    if steps == 1:
-        return torch.tensor([num_timesteps - 1])
-    return torch.linspace(num_timesteps - 1, 0, steps, dtype=torch.float64).round().long()
-
-
-def check_timesteps(timesteps: torch.Tensor, num_timesteps: int) -> torch.Tensor:
-    """Validate an explicit timestep sequence: 1-D integer, strictly descending, within 0..T-1."""
-    ts = torch.as_tensor(timesteps)
-    if ts.ndim != 1 or ts.numel() < 1 or ts.is_floating_point() or ts.dtype == torch.bool:
-        raise ValueError(f"timesteps must be a non-empty 1-D integer sequence, got shape {tuple(ts.shape)} {ts.dtype}")
-    ts = ts.long().cpu()
-    if ts.min() < 0 or ts.max() >= num_timesteps:
-        raise ValueError(f"timesteps must lie in 0..{num_timesteps - 1}, got {ts.min().item()}..{ts.max().item()}")
-    if ts.numel() > 1 and not bool((ts[1:] < ts[:-1]).all()):
-        raise ValueError("timesteps must be strictly descending (noisiest first)")
-    return ts
 
 
 def _resolve(alphas_cumprod: torch.Tensor, steps: int | None, timesteps: torch.Tensor | None) -> torch.Tensor:
@@ -144,21 +121,50 @@ def dpm_solver_pp_2m(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.T
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": ddpm, "ddim": ddim, "dpm++": dpm_solver_pp_2m}
 
 
-def cfg_model_fn(model: Callable, labels: torch.Tensor, guidance_scale: float, null_label: int) -> ModelFn:
+def check_guidance_interval(interval, num_timesteps: int | None = None) -> tuple[int, int] | None:
+    """Validate a guidance interval: None (every step) or two integer timesteps lo <= hi within 0..T-1."""
+    if interval is None:
+        return None
+    values = list(interval) if isinstance(interval, (list, tuple)) else None
+    if values is None or len(values) != 2 or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        raise ValueError(f"guidance_interval must be two integer timesteps [lo, hi] (or None for every step), got {interval!r}")
+    lo, hi = values
+    top = "T-1" if num_timesteps is None else str(num_timesteps - 1)
+    if not 0 <= lo <= hi or (num_timesteps is not None and hi >= num_timesteps):
+        raise ValueError(f"guidance_interval [lo, hi] needs 0 <= lo <= hi <= {top} (timesteps of the schedule), "
+                         f"got [{lo}, {hi}]")
+    return lo, hi
+
+
+def cfg_model_fn(model: Callable, labels: torch.Tensor, guidance_scale: float, null_label: int,
+                 guidance_interval: tuple[int, int] | None = None) -> ModelFn:
     """Classifier-free guidance (Ho & Salimans 2022) as a model function of (x, t).
 
     out = uncond + s * (cond - uncond): s = 1 is the conditional model alone, s = 0 the
-    unconditional one, s > 1 strengthens the label. One doubled batch per call.
+    unconditional one, s > 1 strengthens the label. One doubled batch per guided call.
+
+    guidance_interval [lo, hi]: guide only at timesteps lo <= t <= hi (inclusive, in the schedule's
+    0..T-1; Kynkaanniemi et al. 2024); elsewhere the model is conditional only (s = 1) and runs the
+    single, undoubled batch. None guides at every step. The decision reads t's value on the host: free
+    on a CPU; on a GPU the samplers' copy of t to the device has already waited for the stream.
     """
+    interval = check_guidance_interval(guidance_interval)
     if guidance_scale == 1.0:
         return lambda x, t: model(x, t, labels)
     null = torch.full_like(labels, null_label)
-    if guidance_scale == 0.0:
-        return lambda x, t: model(x, t, null)
 
-    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if guidance_scale == 0.0:
+            return model(x, t, null)
         out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))  # (2B, C, H, W)
         cond, uncond = out.chunk(2)
         return uncond + guidance_scale * (cond - uncond)
+
+    if interval is None:
+        return guided
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        t_now = int(t[0])  # one timestep per call: every sampler steps the whole batch together
+        return guided(x, t) if interval[0] <= t_now <= interval[1] else model(x, t, labels)
 
     return fn

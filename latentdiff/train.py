@@ -262,7 +262,8 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None, overwrite: bool = Fa
 
     def loss_fn(m, idx, seeds):
         loss = diffusion_loss(m, latents[idx], labels[idx], alphas_cumprod, dc.prediction, dc.label_dropout,
-                              cfg.model.num_classes, seeds=seeds)
+                              cfg.model.num_classes, seeds=seeds, loss_weighting=dc.loss_weighting,
+                              min_snr_gamma=dc.min_snr_gamma)
         return loss, {}
 
     pipe_cfg = PipelineConfig(diffusion=dc, sample=cfg.sample)

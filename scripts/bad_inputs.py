@@ -73,6 +73,10 @@ def main() -> None:
     api("`generate(..., guidance_scale=-1)`", lambda: pipe.generate([1], guidance_scale=-1.0))
     api("`generate(..., steps=0)`", lambda: pipe.generate([1], steps=0))
     api("`generate(..., sampler='euler')`", lambda: pipe.generate([1], sampler="euler"))
+    api("`generate(..., guidance_interval=[800, 100])` (lo > hi)", lambda: pipe.generate([1], guidance_interval=[800, 100]))
+    api("`generate(..., guidance_interval=[100, 800])` on a 100-step schedule",
+        lambda: pipe.generate([1], guidance_interval=[100, 800]))
+    api("`generate(..., spacing='log')`", lambda: pipe.generate([1], spacing="log"))
     api("`vae.encode` of (2, 28, 28) images", lambda: vae.encode(torch.zeros(2, 28, 28)))
     api("`vae.encode` of uint8-range floats (0..255)", lambda: vae.encode(torch.full((1, 1, 28, 28), 255.0)))
     api("`vae.decode` of (1, 4, 8, 8) latents", lambda: vae.decode(torch.zeros(1, 4, 8, 8)))
@@ -148,6 +152,7 @@ def main() -> None:
     cli("`sample.py --guidance nan`", ["sample.py", "--model", str(tmp / "ldm"), "--guidance", "nan"])
     cli("`sample.py --steps 0`", ["sample.py", "--model", str(tmp / "ldm"), "--steps", "0"])
     cli("`sample.py --sampler euler`", ["sample.py", "--model", str(tmp / "ldm"), "--sampler", "euler"])
+    cli("`sample.py --guidance-interval 800 100`", ["sample.py", "--model", str(tmp / "ldm"), "--guidance-interval", "800", "100"])
     cli("`sample.py --per-label 0`", ["sample.py", "--model", str(tmp / "ldm"), "--per-label", "0"])
     cli("`sample.py --model` a VAE folder", ["sample.py", "--model", str(tmp / "vae")])
 

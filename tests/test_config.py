@@ -158,3 +158,31 @@ def test_exponent_floats_without_a_dot(tmp_path, text):
     assert load_config(VAERunConfig, path).train.lr == pytest.approx(3e-4)
     with pytest.raises(ConfigError):  # ints stay strict
         apply_overrides(TrainConfig(), ["steps=1e3"])
+
+
+def test_sample_interval_and_spacing_are_checked():
+    cfg = apply_overrides(LDMRunConfig(), ["sample.guidance_interval=[100, 800]", "sample.spacing=logsnr"])
+    cfg.validate()
+    assert cfg.sample.guidance_interval == (100, 800) and cfg.sample.spacing == "logsnr"
+    assert apply_overrides(cfg, ["sample.guidance_interval=null"]).sample.guidance_interval is None
+    for bad, word in [("sample.guidance_interval=[800, 100]", "lo <= hi"), ("sample.guidance_interval=[0, 1000]", "<= 999"),
+                      ("sample.guidance_interval=[5]", "two integer"), ("sample.spacing=log", "sample.spacing")]:
+        with pytest.raises(ConfigError, match=word):
+            apply_overrides(LDMRunConfig(), [bad]).validate()
+    with pytest.raises(ConfigError, match="integer"):
+        apply_overrides(LDMRunConfig(), ["sample.guidance_interval=[1.5, 9]"])
+    # The bound follows the run's own schedule length.
+    short = apply_overrides(LDMRunConfig(), ["diffusion.num_timesteps=100", "sample.guidance_interval=[10, 99]"])
+    short.validate()
+    with pytest.raises(ConfigError, match="<= 99"):
+        apply_overrides(short, ["sample.guidance_interval=[10, 100]"]).validate()
+
+
+def test_loss_weighting_is_checked():
+    cfg = apply_overrides(LDMRunConfig(), ["diffusion.loss_weighting=min_snr", "diffusion.min_snr_gamma=3"])
+    cfg.validate()
+    assert cfg.diffusion.loss_weighting == "min_snr" and cfg.diffusion.min_snr_gamma == 3.0
+    assert LDMRunConfig().diffusion.loss_weighting == "none"
+    for bad in ("diffusion.loss_weighting=snr", "diffusion.min_snr_gamma=0"):
+        with pytest.raises(ConfigError, match="diffusion"):
+            apply_overrides(LDMRunConfig(), [bad]).validate()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from latentdiff.diffusion import (SCHEDULES, cosine_schedule, diffusion_loss, drop_labels, linear_schedule,
+                                  min_snr_weight,
                                   make_schedule, predict_x0_eps, q_sample, target)
 
 
@@ -155,3 +156,48 @@ def test_diffusion_loss_reproducible_with_generator():
     b = diffusion_loss(model, x0, y, abar, "v", 0.1, 10, torch.Generator().manual_seed(3))
     c = diffusion_loss(model, x0, y, abar, "v", 0.1, 10, torch.Generator().manual_seed(4))
     assert a.item() == b.item() != c.item()
+
+
+# ---------------------------------------------------------------------------------------------- min-SNR weighting
+def test_min_snr_weight_at_known_timesteps():
+    """SNR = abar / (1 - abar); v: min(SNR, g) / (SNR + 1), eps: min(SNR, g) / SNR (Hang et al. 2023)."""
+    abar = torch.tensor([0.5, 0.8, 0.9, 0.99], dtype=torch.float64)  # SNR 1, 4, 9, 99
+    snr = torch.tensor([1.0, 4.0, 9.0, 99.0], dtype=torch.float64)
+    v = min_snr_weight(abar, "v", gamma=5.0)
+    assert torch.allclose(v, torch.tensor([1 / 2, 4 / 5, 5 / 10, 5 / 100], dtype=torch.float64))
+    eps = min_snr_weight(abar, "eps", gamma=5.0)
+    assert torch.allclose(eps, torch.tensor([1.0, 1.0, 5 / 9, 5 / 99], dtype=torch.float64))
+    # gamma large: v weight is SNR / (SNR + 1) = abar, i.e. plain x0-space MSE.
+    assert torch.allclose(min_snr_weight(abar, "v", gamma=1e9), snr / (snr + 1))
+    with pytest.raises(ValueError, match="prediction"):
+        min_snr_weight(abar, "x0")
+
+
+def _recorded_loss_terms(prediction: str, **kwargs):
+    """Run diffusion_loss with a recording model -> (loss, per-example MSE (B,), abar at the drawn t (B,))."""
+    abar = cosine_schedule(100).float()
+    x0 = torch.randn(32, 4, 7, 7, generator=torch.Generator().manual_seed(0))
+    seen = {}
+
+    def model(x_t, t, y):
+        seen["x_t"], seen["t"] = x_t, t
+        return 0.5 * x_t
+
+    loss = diffusion_loss(model, x0, torch.arange(32) % 10, abar, prediction, seeds=torch.arange(32) + 7, **kwargs)
+    a = abar[seen["t"]].view(-1, 1, 1, 1)
+    noise = (seen["x_t"] - a.sqrt() * x0) / (1 - a).sqrt()
+    tgt = noise if prediction == "eps" else a.sqrt() * noise - (1 - a).sqrt() * x0
+    return loss, (0.5 * seen["x_t"] - tgt).square().flatten(1).mean(1), abar[seen["t"]]
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_loss_weighting_none_is_the_plain_mse_and_min_snr_reweights(prediction):
+    plain, per_example, abar_t = _recorded_loss_terms(prediction)
+    assert torch.equal(plain, _recorded_loss_terms(prediction, loss_weighting="none")[0])  # the default, bit for bit
+    assert plain.item() == pytest.approx(per_example.mean().item(), rel=1e-5)
+    weighted = _recorded_loss_terms(prediction, loss_weighting="min_snr", min_snr_gamma=2.0)[0]
+    w = min_snr_weight(abar_t.double(), prediction, 2.0).float()
+    assert weighted.item() == pytest.approx((w * per_example).mean().item(), rel=1e-5)
+    assert weighted.item() < plain.item()  # every weight is <= 1 for eps and v
+    with pytest.raises(ValueError, match="loss_weighting"):
+        _recorded_loss_terms(prediction, loss_weighting="p2")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from conftest import tiny_pipeline
 
 from latentdiff import LatentDiffusion, make_grid, to_pil
+from latentdiff.errors import ModelLoadError
 
 LABELS = [0, 1, 2, 3, 4, 5, 6, 7]
 
@@ -150,3 +152,89 @@ def test_to_pil_and_grid():
     assert grid.size == (2 * 30 + 2, 3 * 30 + 2)
     arr = np.asarray(grid)
     assert arr[2:30, 2:30].tolist() == np.asarray(pils[0]).tolist()
+
+
+# ---------------------------------------------------------------------------------------------- interval and spacing
+class CountingUNet(torch.nn.Module):
+    """Wraps a UNet and counts the rows it is asked to run (CFG's doubled batch counts double here)."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.config, self.rows = unet, unet.config, 0
+
+    def forward(self, x, t, y):
+        self.rows += x.shape[0]
+        return self.unet(x, t, y)
+
+
+def test_generate_guidance_interval(pipe):
+    """[0, T-1] is plain CFG; an interval no step visits is scale 1; a partial one saves the unguided half-batches."""
+    args = {"labels": [1, 5, 7], "seed": 0, "steps": 4, "guidance_scale": 3.0}
+    plain = pipe.generate(**args)
+    assert torch.equal(pipe.generate(**args, guidance_interval=[0, 99]), plain)
+    assert torch.equal(pipe.generate(**args, guidance_interval=(50, 60)),  # 4 steps visit 99, 66, 33, 0
+                       pipe.generate(**{**args, "guidance_scale": 1.0}))
+    pipe.unet = CountingUNet(pipe.unet)
+    part = pipe.generate(**args, guidance_interval=(30, 70))  # guides at 66 and 33 only
+    assert pipe.unet.rows == 3 * (1 + 2 + 2 + 1)
+    assert not torch.equal(part, plain)
+
+
+def test_generate_spacing(pipe):
+    args = {"labels": [2, 8], "seed": 0, "steps": 5}
+    uniform = pipe.generate(**args)
+    assert torch.equal(pipe.generate(**args, spacing="uniform"), uniform)
+    assert not torch.equal(pipe.generate(**args, spacing="logsnr"), uniform)
+
+
+def test_sample_config_defaults_for_interval_and_spacing():
+    base = tiny_pipeline()
+    cfg = dataclasses.replace(base.config, sample=dataclasses.replace(base.config.sample, guidance_interval=(30, 70),
+                                                                       spacing="karras", guidance_scale=3.0))
+    configured = LatentDiffusion(base.unet, base.vae, cfg)
+    a = configured.generate([3, 4], seed=0)
+    assert torch.equal(a, base.generate([3, 4], seed=0, guidance_scale=3.0, guidance_interval=[30, 70], spacing="karras"))
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    ({"guidance_interval": [10, 5]}, "guidance_interval"),
+    ({"guidance_interval": [0, 100]}, "guidance_interval"),
+    ({"guidance_interval": [1.5, 20]}, "guidance_interval"),
+    ({"guidance_interval": 5}, "guidance_interval"),
+    ({"spacing": "cosine"}, "spacing"),
+])
+def test_bad_interval_and_spacing(pipe, kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        pipe.generate([1], seed=0, **kwargs)
+
+
+def test_interval_and_spacing_are_saved_and_old_configs_load(tmp_path):
+    """config.json keeps the new fields; a config.json from before them loads with guidance at every step."""
+    base = tiny_pipeline()
+    cfg = dataclasses.replace(base.config, sample=dataclasses.replace(base.config.sample, guidance_interval=(10, 80),
+                                                                       spacing="logsnr"))
+    LatentDiffusion(base.unet, base.vae, cfg).save_pretrained(tmp_path / "new")
+    saved = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert saved["sample"]["guidance_interval"] == [10, 80] and saved["sample"]["spacing"] == "logsnr"
+    assert LatentDiffusion.from_pretrained(tmp_path / "new").config == cfg
+    base.save_pretrained(tmp_path / "old")
+    old = json.loads((tmp_path / "old" / "config.json").read_text())
+    for key in ("guidance_interval", "spacing"):
+        del old["sample"][key]
+    for key in ("loss_weighting", "min_snr_gamma"):
+        del old["diffusion"][key]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+    loaded = LatentDiffusion.from_pretrained(tmp_path / "old")
+    assert loaded.config.sample.guidance_interval is None and loaded.config.sample.spacing == "uniform"
+    assert torch.equal(loaded.generate([1, 2], seed=0, guidance_scale=2.0),
+                       base.generate([1, 2], seed=0, guidance_scale=2.0, guidance_interval=[0, 99]))
+
+
+def test_saved_interval_beyond_the_schedule_is_a_load_error(tmp_path):
+    base = tiny_pipeline()  # T = 100
+    base.save_pretrained(tmp_path / "ldm")
+    data = json.loads((tmp_path / "ldm" / "config.json").read_text())
+    data["sample"]["guidance_interval"] = [100, 800]
+    (tmp_path / "ldm" / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ModelLoadError, match=r"sample.guidance_interval .* <= 99"):
+        LatentDiffusion.from_pretrained(tmp_path / "ldm")

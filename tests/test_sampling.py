@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from latentdiff.diffusion import make_schedule
-from latentdiff.sampling import SAMPLERS, cfg_model_fn, ddim, ddpm, dpm_solver_pp_2m, sampling_timesteps
+from latentdiff.sampling import (SAMPLERS, cfg_model_fn, check_guidance_interval, ddim, ddpm, dpm_solver_pp_2m,
+                                 sampling_timesteps)
+from latentdiff.timesteps import make_timesteps
 
 # (name, sampler kwargs): every sampler and DDIM's eta settings.
 SAMPLER_CASES = [("ddpm", {}), ("ddim", {"eta": 0.0}), ("ddim", {"eta": 0.5}), ("ddim", {"eta": 1.0}), ("dpm++", {})]
@@ -299,3 +301,85 @@ def test_bad_explicit_timesteps_rejected(bad):
     abar = make_schedule("cosine", 1000)
     with pytest.raises(ValueError, match="timesteps"):
         ddim(gaussian_denoiser(abar, "v"), torch.zeros(1, 1, 2, 2), abar, None, "v", timesteps=torch.tensor(bad))
+
+
+# ---------------------------------------------------------------------------------------------- spacings
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+@pytest.mark.parametrize("spacing", ["trailing", "logsnr", "karras"])
+@pytest.mark.parametrize("name, kwargs", SAMPLER_CASES, ids=[f"{n}{k}" for n, k in SAMPLER_CASES])
+def test_oracle_recovers_x0_with_every_spacing(name, kwargs, spacing, schedule):
+    abar = make_schedule(schedule, 1000)
+    g = torch.Generator().manual_seed(0)
+    x0, x_T = torch.randn(2, 4, 7, 7, generator=g, dtype=torch.float64), torch.randn(2, 4, 7, 7, generator=g, dtype=torch.float64)
+    for steps in (1, 3, 10):
+        ts = make_timesteps(abar, steps, spacing)
+        calls: list = []
+        out = SAMPLERS[name](oracle(x0, abar, "v", calls), x_T.clone(), abar, None, "v", timesteps=ts,
+                             generator=torch.Generator().manual_seed(1), **kwargs)
+        assert calls == ts.tolist()
+        assert torch.allclose(out, x0, atol=1e-6), (steps, (out - x0).abs().max())
+
+
+# ---------------------------------------------------------------------------------------------- guidance interval
+def _run_with_interval(interval, s: float = 3.0, steps: int = 8):
+    """dpm++ over a RecordingModel at scale s with a guidance interval -> (output, batch size per call, t per call)."""
+    m = RecordingModel()
+    x, _, y = _inputs()
+    abar = make_schedule("cosine", 1000)
+    seen_t: list = []
+
+    def model(xx, tt, yy):
+        seen_t.append(int(tt[0]))
+        return m(xx, tt, yy)
+
+    out = dpm_solver_pp_2m(cfg_model_fn(model, y, s, 10, guidance_interval=interval), x.clone(), abar, steps, "v")
+    return out, [b for b, _ in m.calls], seen_t
+
+
+def test_interval_covering_every_step_is_plain_cfg():
+    full, batches, _ = _run_with_interval((0, 999))
+    plain, plain_batches, _ = _run_with_interval(None)
+    assert torch.equal(full, plain) and batches == plain_batches == [6] * 8
+
+
+def test_empty_interval_is_the_conditional_model():
+    """No visited timestep lies in [500, 510] at 8 uniform steps: every call is the conditional model, undoubled."""
+    empty, batches, ts = _run_with_interval((500, 510))
+    cond, cond_batches, _ = _run_with_interval(None, s=1.0)
+    assert not any(500 <= t <= 510 for t in ts)
+    assert torch.equal(empty, cond) and batches == cond_batches == [3] * 8
+
+
+def test_interval_guides_exactly_the_steps_inside_it():
+    """Bounds are inclusive; steps inside run the doubled batch, the rest the single one (fewer model rows)."""
+    _, batches, ts = _run_with_interval((143, 714))  # 8 uniform steps: 999 856 714 571 428 285 143 0
+    assert ts == [999, 856, 714, 571, 428, 285, 143, 0]
+    assert batches == [3, 3, 6, 6, 6, 6, 6, 3]
+    # Per call: the guided combination inside, the conditional output outside.
+    m = RecordingModel()
+    x, t, y = _inputs()
+    fn = cfg_model_fn(m, y, 2.0, 10, guidance_interval=(5, 5))
+    cond, uncond = m(x, t, y), m(x, t, torch.full_like(y, 10))
+    assert torch.allclose(fn(x, t), uncond + 2.0 * (cond - uncond), atol=1e-5)
+    assert torch.equal(fn(x, t + 1), m(x, t + 1, y))
+
+
+def test_interval_at_scale_zero_is_unconditional_inside():
+    m = RecordingModel()
+    x, t, y = _inputs()
+    fn = cfg_model_fn(m, y, 0.0, 10, guidance_interval=(0, 5))
+    assert torch.equal(fn(x, t), m(x, t, torch.full_like(y, 10))) and torch.equal(fn(x, t + 1), m(x, t + 1, y))
+
+
+@pytest.mark.parametrize("bad", [(5, 4), (-1, 3), (1,), (1, 2, 3), (1.0, 2), (True, 3), "0 9", 7])
+def test_bad_guidance_interval_rejected(bad):
+    with pytest.raises(ValueError, match="guidance_interval"):
+        cfg_model_fn(RecordingModel(), torch.tensor([1]), 2.0, 10, guidance_interval=bad)
+    with pytest.raises(ValueError, match="guidance_interval"):
+        check_guidance_interval(bad, 1000)
+
+
+def test_guidance_interval_beyond_the_schedule_rejected():
+    assert check_guidance_interval([100, 999], 1000) == (100, 999)
+    with pytest.raises(ValueError, match=r"hi <= 99"):
+        check_guidance_interval((10, 100), 100)

@@ -88,6 +88,14 @@ def test_sample_script(trained_runs, tmp_path):
     pipe = LatentDiffusion.from_pretrained(trained_runs["ldm"])
     api = (pipe.generate([0, 0, 1, 1], steps=3, seed=0)[:, 0] * 255).round().to(torch.uint8).numpy()
     assert np.abs(api.astype(int) - images.astype(int)).max() <= 1
+    # --guidance-interval and --spacing reach generate().
+    run_cmd([PY, REPO / "sample.py", "--model", trained_runs["ldm"], "--labels", "0", "1", "--per-label", "2", "--npz", npz,
+             "--out", out, "--steps", "3", "--device", "cpu", "--guidance", "3", "--guidance-interval", "20", "80",
+             "--spacing", "logsnr"])
+    with np.load(npz) as f:
+        images = f["images"]
+    api = pipe.generate([0, 0, 1, 1], steps=3, seed=0, guidance_scale=3.0, guidance_interval=[20, 80], spacing="logsnr")
+    assert np.abs((api[:, 0] * 255).round().to(torch.uint8).numpy().astype(int) - images.astype(int)).max() <= 1
 
 
 def test_python_api_on_trained_models(trained_runs):
@@ -176,6 +184,8 @@ def run_script_in_process(script: str, args: list, monkeypatch, capsys) -> tuple
     (["--steps", "0"], "steps"),
     (["--steps", "101"], "steps"),
     (["--eta", "-1", "--sampler", "ddim"], "eta"),
+    (["--guidance-interval", "50", "10"], "guidance_interval"),
+    (["--guidance-interval", "0", "100"], "guidance_interval"),
 ])
 def test_sample_bad_options(trained_runs, tmp_path, monkeypatch, capsys, args, word):
     code, err = run_script_in_process("sample.py", ["--model", trained_runs["ldm"], "--labels", "1", "--out",
