@@ -10,66 +10,113 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from .config import to_dict
 from .errors import RunDirError, TrainingDiverged
-from .serialization import atomic_save_safetensors, atomic_write_bytes, nonfinite_keys
+from .runlock import LOCK_NAME, RunLock
+from .serialization import atomic_save_safetensors, atomic_write_bytes, nonfinite_keys, read_tensors
 
 RUN_CONFIG = "run.yaml"
 CKPT_DIR = "checkpoints"
 # Settings that may differ between a run and its resume (bookkeeping, not the maths of training).
 RESUME_MAY_CHANGE = {"train.steps", "train.log_every", "train.preview_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.mixed_precision", "train.compile", "data.root",
-                     "data.download", "out_dir", "sample.sampler", "sample.steps", "sample.guidance_scale", "sample.eta",
-                     "sample.guidance_interval", "sample.spacing"}
+                     "data.download", "out_dir", "train.log_with", "sample.sampler", "sample.steps",
+                     "sample.guidance_scale", "sample.eta", "sample.guidance_interval", "sample.spacing"}
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
 
 
+def _clear(run_dir: Path) -> None:
+    """Delete a run folder's contents, keeping the lock file this run holds."""
+    for p in run_dir.iterdir():
+        if p.name != LOCK_NAME:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def starts_fresh(run_dir: Path, resume: str | None) -> bool:
+    """``--resume latest`` before the first checkpoint exists means a fresh run, as in diffusers' examples."""
+    return resume == "latest" and not list_checkpoints(run_dir)
+
+
 def prepare_run_dir(cfg: Any, resume: str | None, overwrite: bool, is_main: bool) -> Path:
-    """Check the output folder may take this run; write run.yaml. Raises RunDirError otherwise."""
+    """Check the output folder may take this run; write run.yaml. Raises RunDirError otherwise.
+
+    Call it holding the folder's RunLock (see claim_run_dir): the checks and writes here assume no other run.
+    """
     run_dir = Path(cfg.out_dir)
     saved = run_dir / RUN_CONFIG
     if not is_main:  # only the main process checks and writes: others would race with its writes / rmtree
         return run_dir
-    if resume:
+    fresh = starts_fresh(run_dir, resume)
+    if resume and not fresh:
         if not saved.is_file():
             raise RunDirError(f"cannot resume: {saved} not found; start a new run without --resume")
-        old = _flatten(yaml.safe_load(saved.read_text()) or {})
-        new = _flatten(to_dict(cfg))
+        old = flatten(yaml.safe_load(saved.read_text()) or {})
+        new = flatten(to_dict(cfg))
         diff = sorted(k for k in set(old) | set(new) if k not in RESUME_MAY_CHANGE and old.get(k) != new.get(k))
         if diff:
             k = diff[0]
             raise RunDirError(f"cannot resume {run_dir}: {k} was {old.get(k)!r}, now {new.get(k)!r} "
                               f"({len(diff)} setting(s) differ: {diff}); resume with the saved settings or use a new --out")
-    elif run_dir.exists() and {p.name for p in run_dir.iterdir()} - {RUN_CONFIG}:  # only run.yaml: never started
-        if not overwrite:
-            what = "another run" if saved.is_file() else "other files"
-            raise RunDirError(f"{run_dir} already holds {what}; pass --resume latest to continue it, "
+    elif run_dir.exists() and {p.name for p in run_dir.iterdir()} - {RUN_CONFIG, LOCK_NAME}:  # only run.yaml: never started
+        ours = saved.is_file() or (run_dir / "config.json").is_file()
+        # A run killed before its first checkpoint left only logs and previews: --resume latest restarts it.
+        restart = fresh and saved.is_file() and not (run_dir / "config.json").is_file()
+        if not ours:
+            raise RunDirError(f"{run_dir} holds files that are not a latentdiff run; refusing to use or delete them "
+                              "(even with --overwrite): choose another --out")
+        if not (overwrite or restart):
+            if fresh:
+                raise RunDirError(f"{run_dir} already holds a finished model and no checkpoint to resume from; "
+                                  "pass --overwrite to replace it, or choose another --out")
+            raise RunDirError(f"{run_dir} already holds another run; pass --resume latest to continue it, "
                               f"--overwrite to replace it, or choose another --out")
-        if is_main:
-            if not saved.is_file() and not (run_dir / "config.json").is_file():
-                raise RunDirError(f"{run_dir} holds files that are not a latentdiff run; refusing to delete them "
-                                  "even with --overwrite: choose another --out")
-            shutil.rmtree(run_dir)
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(saved, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
+        _clear(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(saved, yaml.safe_dump(to_dict(cfg), sort_keys=False).encode())
     return run_dir
+
+
+@contextmanager
+def claim_run_dir(cfg: Any, resume: str | None, overwrite: bool, accel) -> Iterator[tuple[Path, str | None]]:
+    """Hold the run folder for this run: lock it (main process only: one lock per run, not one per process),
+    check and prepare it, and yield (run_dir, resume), where resume is None for a fresh start.
+
+    The lock is taken before anything in the folder is written and released when the block exits (the
+    kernel releases it if the process dies). A refused run removes the lock file and folder it created.
+    """
+    lock = RunLock(cfg.out_dir).acquire() if accel.is_main_process else None
+    try:
+        run_dir = prepare_run_dir(cfg, resume, overwrite, accel.is_main_process)
+    except BaseException:
+        if lock is not None:
+            lock.release(remove=True)
+        raise
+    try:
+        accel.wait_for_everyone()  # the main process has checked and prepared the folder
+        if starts_fresh(run_dir, resume):  # the same answer on every process: no checkpoint is written yet
+            accel.print(f"--resume {resume}: no checkpoint in {run_dir} yet; starting a fresh run")
+            resume = None
+        yield run_dir, resume
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -143,10 +190,16 @@ def resolve_resume(run_dir: Path, resume: str) -> Path:
 
 def load_checkpoint(path: Path, model: torch.nn.Module, ema: torch.nn.Module | None,
                     optimizer: torch.optim.Optimizer) -> dict:
-    """Restore model, EMA and optimizer in place; returns state.json (holds ``step``)."""
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    """Restore model, EMA and optimizer in place; returns state.json (holds ``step``).
+
+    Corrupt or NaN/inf tensors raise ModelLoadError before anything is restored."""
+    fix = f"resume from an earlier checkpoint (--resume {Path(path).parent}/step_N) or start a new run"
+    weights = read_tensors(path / "model.safetensors", fix)
+    ema_weights = read_tensors(path / "ema.safetensors", fix) if ema is not None else None
+    opt_tensors = read_tensors(path / "optimizer.safetensors", fix)
+    model.load_state_dict(weights)
     if ema is not None:
-        ema.load_state_dict(load_file(str(path / "ema.safetensors")))
+        ema.load_state_dict(ema_weights)
     meta = json.loads((path / "optimizer.json").read_text())
-    optimizer.load_state_dict(_optimizer_from_flat(load_file(str(path / "optimizer.safetensors")), meta))
+    optimizer.load_state_dict(_optimizer_from_flat(opt_tensors, meta))
     return json.loads((path / "state.json").read_text())

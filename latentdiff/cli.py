@@ -28,8 +28,11 @@ def training_parser(stage: str, description: str) -> argparse.ArgumentParser:
                    help="override a config value, e.g. --set train.steps=500 (repeatable)")
     p.add_argument("--out", help="output run folder (overrides out_dir)")
     p.add_argument("--data-dir", help="folder with the MNIST IDX files (default: $LATENTDIFF_DATA, else download)")
-    p.add_argument("--resume", metavar="latest|CHECKPOINT", help="continue a run from its newest (or a given) checkpoint")
+    p.add_argument("--resume", metavar="latest|CHECKPOINT", help="continue a run from its newest (or a given) checkpoint; "
+                   "latest with no checkpoint yet starts a fresh run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in the output folder")
+    p.add_argument("--log-with", metavar="TRACKER", help="also log to experiment trackers through accelerate: "
+                   "tensorboard, wandb, ... (comma-separated) or all installed ones (overrides train.log_with)")
     return p
 
 
@@ -39,6 +42,8 @@ def load_run_config(cls: type, args: argparse.Namespace, stage: str, extra: list
         overrides.append(f"out_dir={args.out}")
     if args.data_dir:
         overrides.append(f"data.root={args.data_dir}")
+    if getattr(args, "log_with", None):
+        overrides.append(f"train.log_with={args.log_with}")
     return load_config(cls, resolve_config_path(args.config, stage), overrides + (extra or []))
 
 

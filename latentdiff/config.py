@@ -55,8 +55,11 @@ class VAEConfig:
 class UNetConfig:
     """Architecture of the class-conditioned latent UNet."""
 
-    in_channels: int = 4  # latent channels (must match the VAE)
-    sample_size: int = 7  # latent grid side (must match the VAE); odd sizes are fine
+    # The latent shape the UNet works on. null (the default): follow the VAE; train_ldm fills both in
+    # from the VAE it trains on, a UNet built without one takes the default VAE's (4, 7). A saved
+    # unet/config.json always holds the numbers. Odd sizes are fine.
+    in_channels: Optional[int] = None  # latent channels
+    sample_size: Optional[int] = None  # latent grid side
     channels: tuple[int, ...] = (64, 128)  # width per resolution (7x7, 4x4)
     num_res_blocks: int = 2  # residual blocks per resolution on the way down
     attention_levels: tuple[bool, ...] = (False, True)  # self-attention per resolution
@@ -66,6 +69,8 @@ class UNetConfig:
     dropout: float = 0.0
 
     def validate(self) -> None:
+        _require(all(v is None or v >= 1 for v in (self.in_channels, self.sample_size)),
+                 "unet.in_channels and unet.sample_size must be >= 1 (or null: follow the VAE)")
         _require(len(self.attention_levels) == len(self.channels),
                  "unet.attention_levels needs one entry per unet.channels entry")
         _require(all(c % self.groups == 0 for c in self.channels),
@@ -151,6 +156,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm (0 = off)
     ema_decay: float = 0.999  # EMA of the weights (0 = off); the EMA weights are saved
     mixed_precision: Optional[str] = None  # no | fp16 | bf16; null = whatever accelerate launch says
+    # Experiment trackers through accelerate, e.g. "tensorboard", "tensorboard,wandb" or "all" (every
+    # installed one); null = none. metrics.jsonl is always written.
+    log_with: Optional[str] = None
     seed: int = 0
     log_every: int = 50
     preview_every: int = 500  # preview grid PNG (0 = only at the end)

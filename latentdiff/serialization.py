@@ -81,15 +81,25 @@ def read_config(cls: type, directory: str | Path) -> Any:
     return cfg
 
 
+def read_tensors(path: str | Path, fix: str = "re-save or re-train the model") -> dict[str, torch.Tensor]:
+    """Read a safetensors file (never a pickle); corrupt files and NaN/inf tensors raise ModelLoadError."""
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"{path} is truncated or corrupt ({e}); {fix}") from e
+    bad = nonfinite_keys(tensors)
+    if bad:  # disk or copy corruption: loading it would silently turn every output into NaN
+        raise ModelLoadError(f"{path} holds NaN/inf values in {len(bad)} tensor(s): {', '.join(bad[:3])}"
+                             f"{', ...' if len(bad) > 3 else ''}; the file is corrupt: {fix}")
+    return tensors
+
+
 def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
-    """Read ``directory/model.safetensors`` (never a pickle)."""
+    """Read ``directory/model.safetensors`` (never a pickle); refuses corrupt or non-finite weights."""
     path = Path(directory) / WEIGHTS_NAME
     if not path.is_file():
         raise ModelLoadError(f"{path} not found: the model folder is incomplete; re-save or re-train it")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ModelLoadError(f"{path} is truncated or corrupt ({e}); re-save or re-train the model") from e
+    return read_tensors(path)
 
 
 def load_model(model_cls: type, config_cls: type, directory: str | Path, device: str | torch.device = "cpu"):

@@ -12,7 +12,9 @@ import json
 import math
 import os
 import signal
+import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,13 +22,14 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from .checkpoint import list_checkpoints, load_checkpoint, prepare_run_dir, resolve_resume, save_checkpoint
-from .config import LDMRunConfig, VAERunConfig
+from .checkpoint import claim_run_dir, load_checkpoint, resolve_resume, save_checkpoint
+from .config import LDMRunConfig, UNetConfig, VAEConfig, VAERunConfig
 from .data import batch_indices, epoch_permutation, load_mnist, to_model_range
 from .diffusion import diffusion_loss, make_schedule
-from .errors import TrainingDiverged
-from .pipeline import LatentDiffusion, PipelineConfig, check_compatible, make_grid
+from .errors import ConfigError, TrainingDiverged
+from .pipeline import LatentDiffusion, PipelineConfig, make_grid
 from .plot import line_plot
+from .tracking import finish_trackers, log_image, start_trackers, tracker_names
 from .unet import UNet
 from .vae import VAE, vae_loss
 
@@ -75,8 +78,9 @@ def make_accelerator(cfg) -> Accelerator:
     # cpu=True when there is no GPU: otherwise accelerate (1.x) treats a CPU-only multi-process launch
     # (torchrun) as DistributedType.NO, and every rank trains alone on the whole batch as "main process".
     cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    # Trackers are checked here, first: a missing package fails before anything is loaded or written.
     return Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
-                       cpu=cpu)
+                       cpu=cpu, log_with=tracker_names(cfg.train.log_with) or None, project_dir=cfg.out_dir)
 
 
 def _micro_batches(idx: torch.Tensor, accel: Accelerator, accum: int) -> list[torch.Tensor]:
@@ -108,6 +112,7 @@ def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, em
             keep = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
             metrics_path.write_text("".join(ln + "\n" for ln in keep))
         accel.print(f"resuming from {last_ckpt} at step {start}")
+    start_trackers(accel, cfg, run_dir, start)
     train_model = torch.compile(model) if tc.compile else model
     train_model, optimizer = accel.prepare(train_model, optimizer)
     device = accel.device
@@ -119,8 +124,10 @@ def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, em
     loss_sum = torch.zeros((), device=device)
     first_bad = torch.full((), -1, device=device, dtype=torch.long)  # first step with a non-finite loss
     t0, seen, since, t_start = time.perf_counter(), 0, 0, time.perf_counter()
-    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc=desc, disable=not accel.is_main_process,
-               dynamic_ncols=True)
+    # Not a terminal (CI, nohup, a scheduler): one plain line per log interval instead of a redrawn bar.
+    plain = accel.is_main_process and not sys.stderr.isatty()
+    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, desc=desc,
+               disable=plain or not accel.is_main_process, dynamic_ncols=True)
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, tc)
@@ -162,10 +169,15 @@ def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, em
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(rec) + "\n")
                 bar.set_postfix(loss=f"{avg:.4f}", img_s=f"{rec['images_per_s']:.0f}")
+                if plain:
+                    print(f"{desc} step {done}/{tc.steps}  loss {avg:.4f}  lr {rec['lr']:.3g}  "
+                          f"{rec['images_per_s']:.0f} img/s  {rec['elapsed_s']:.0f}s", file=sys.stderr, flush=True)
+            accel.log({k: v for k, v in rec.items() if k not in ("step", "elapsed_s")}, step=done)
             loss_sum.zero_()
             t0, seen, since = time.perf_counter(), 0, 0
         if accel.is_main_process and tc.preview_every and done % tc.preview_every == 0 and done < tc.steps:
             preview_fn(run_dir / "previews" / f"step_{done:08d}.png")
+            log_image(accel, "preview", run_dir / "previews" / f"step_{done:08d}.png", done)
         if ckpt_now:
             if accel.is_main_process:
                 last_ckpt = save_checkpoint(run_dir, done, model, ema, optimizer, tc.keep_checkpoints)
@@ -202,86 +214,104 @@ def encode_all(vae: VAE, images: torch.Tensor, batch_size: int = 256) -> torch.T
     return torch.cat([vae._encode(images[i:i + batch_size].to(device)).mean for i in range(0, len(images), batch_size)])
 
 
+def _end(accel: Accelerator, run_dir: Path, preview_fn: Callable, steps: int) -> None:
+    """Main process: final preview and loss curve (also to the trackers), then close the trackers."""
+    _finish(run_dir, preview_fn)
+    log_image(accel, "preview", run_dir / "previews" / "final.png", steps)
+    finish_trackers(accel)
+
+
 def train_vae(cfg: VAERunConfig, resume: str | None = None, overwrite: bool = False) -> Path:
     """Train the VAE; writes config.json + model.safetensors (with latent stats) into cfg.out_dir."""
     accel = make_accelerator(cfg)
     images_u8, _ = load_mnist(cfg.data.root, "train", cfg.data.download)  # bad data fails before out_dir is touched
     images = to_model_range(images_u8).to(accel.device)  # (N, 1, 28, 28) in [-1, 1], on the device once
     _check_batching(len(images), cfg.train, accel)
-    run_dir = prepare_run_dir(cfg, resume, overwrite, accel.is_main_process)
-    accel.wait_for_everyone()
-    _seed_all(cfg.train.seed)
-    model = VAE(cfg.model).to(accel.device)
-    fixed = images[:8]
+    with claim_run_dir(cfg, resume, overwrite, accel) as (run_dir, resume):  # one run per folder (a lock)
+        _seed_all(cfg.train.seed)
+        model = VAE(cfg.model).to(accel.device)
+        fixed = images[:8]
 
-    def loss_fn(m, idx, seeds):
-        loss, parts, _ = vae_loss(m, images[idx], cfg.kl_weight, seeds=seeds)
-        return loss, parts
+        def loss_fn(m, idx, seeds):
+            loss, parts, _ = vae_loss(m, images[idx], cfg.kl_weight, seeds=seeds)
+            return loss, parts
 
-    def preview(path: Path) -> None:
-        model.eval()
-        with torch.no_grad():
-            recon = model._decode(model._encode(fixed).mean).clamp(-1, 1)
+        def preview(path: Path) -> None:
+            model.eval()
+            with torch.no_grad():
+                recon = model._decode(model._encode(fixed).mean).clamp(-1, 1)
+            model.train()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            make_grid((torch.cat([fixed, recon]) + 1) / 2, nrow=8).save(path)  # row 1: originals, row 2: recons
+
         model.train()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        make_grid((torch.cat([fixed, recon]) + 1) / 2, nrow=8).save(path)  # row 1: originals, row 2: recons
-
-    model.train()
-    _run_loop(cfg, accel, run_dir, model, None, len(images), loss_fn, preview, resume, "vae")
-    if accel.is_main_process:
-        model.eval()
-        shift, scale = latent_stats(model, images[:10000])
-        model.with_latent_stats(shift, scale)
-        model.save_pretrained(run_dir)
-        _finish(run_dir, preview)
-        accel.print(f"saved VAE to {run_dir} (latent shift {shift:.4f}, scale {scale:.4f})")
-    accel.wait_for_everyone()
+        _run_loop(cfg, accel, run_dir, model, None, len(images), loss_fn, preview, resume, "vae")
+        if accel.is_main_process:
+            model.eval()
+            shift, scale = latent_stats(model, images[:10000])
+            model.with_latent_stats(shift, scale)
+            model.save_pretrained(run_dir)
+            _end(accel, run_dir, preview, cfg.train.steps)
+            accel.print(f"saved VAE to {run_dir} (latent shift {shift:.4f}, scale {scale:.4f})")
+        accel.wait_for_everyone()
     return run_dir
 
 
 # ------------------------------------------------------------------------------------------ LDM
+def unet_config_for(cfg: UNetConfig, vae_cfg: VAEConfig, vae_path: str) -> UNetConfig:
+    """``cfg`` with the latent shape of the VAE filled in where it is null; a set value that differs is an error."""
+    want = {"in_channels": vae_cfg.latent_channels, "sample_size": vae_cfg.latent_size}
+    for key, value in want.items():
+        got = getattr(cfg, key)
+        if got is not None and got != value:
+            raise ConfigError(
+                f"model.{key}={got} conflicts with the VAE in {vae_path}, whose latents are ({vae_cfg.latent_channels}, "
+                f"{vae_cfg.latent_size}, {vae_cfg.latent_size}); drop the model.{key} setting (null: the UNet follows "
+                f"the VAE) or set it to {value}")
+    return replace(cfg, **want)
+
+
 def train_ldm(cfg: LDMRunConfig, resume: str | None = None, overwrite: bool = False) -> Path:
     """Train the latent UNet on cached VAE latents; writes a LatentDiffusion folder into cfg.out_dir."""
     accel = make_accelerator(cfg)
     vae = VAE.from_pretrained(cfg.vae_path, accel.device)  # fails fast on a bad path, before touching out_dir
-    _seed_all(cfg.train.seed)
-    model = UNet(cfg.model).to(accel.device)
-    check_compatible(model, vae)
+    unet_cfg = unet_config_for(cfg.model, vae.config, cfg.vae_path)  # run.yaml keeps the user's null: "follow the VAE"
     if cfg.model.num_classes != 10:
         raise ValueError("train_ldm trains on MNIST, which has 10 classes; set model.num_classes=10")
     images_u8, labels = load_mnist(cfg.data.root, "train", cfg.data.download)
     _check_batching(len(images_u8), cfg.train, accel)
-    run_dir = prepare_run_dir(cfg, resume, overwrite, accel.is_main_process)
-    accel.wait_for_everyone()
-    # Encode the whole dataset once with the frozen VAE; train on the cached, scaled latents.
-    latents = vae.scale_latents(encode_all(vae, to_model_range(images_u8)))  # (N, 4, 7, 7), on the device
-    labels = labels.to(accel.device)
-    ema = copy.deepcopy(model).requires_grad_(False) if cfg.train.ema_decay > 0 else None
-    alphas_cumprod = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps).float().to(accel.device)
-    dc = cfg.diffusion
+    with claim_run_dir(cfg, resume, overwrite, accel) as (run_dir, resume):  # one run per folder (a lock)
+        _seed_all(cfg.train.seed)
+        model = UNet(unet_cfg).to(accel.device)
+        # Encode the whole dataset once with the frozen VAE; train on the cached, scaled latents.
+        latents = vae.scale_latents(encode_all(vae, to_model_range(images_u8)))  # (N, C, h, w), on the device
+        labels = labels.to(accel.device)
+        ema = copy.deepcopy(model).requires_grad_(False) if cfg.train.ema_decay > 0 else None
+        alphas_cumprod = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps).float().to(accel.device)
+        dc = cfg.diffusion
 
-    def loss_fn(m, idx, seeds):
-        loss = diffusion_loss(m, latents[idx], labels[idx], alphas_cumprod, dc.prediction, dc.label_dropout,
-                              cfg.model.num_classes, seeds=seeds, loss_weighting=dc.loss_weighting,
-                              min_snr_gamma=dc.min_snr_gamma)
-        return loss, {}
+        def loss_fn(m, idx, seeds):
+            loss = diffusion_loss(m, latents[idx], labels[idx], alphas_cumprod, dc.prediction, dc.label_dropout,
+                                  cfg.model.num_classes, seeds=seeds, loss_weighting=dc.loss_weighting,
+                                  min_snr_gamma=dc.min_snr_gamma)
+            return loss, {}
 
-    pipe_cfg = PipelineConfig(diffusion=dc, sample=cfg.sample)
+        pipe_cfg = PipelineConfig(diffusion=dc, sample=cfg.sample)
 
-    def preview(path: Path) -> None:
-        net = ema if ema is not None else model
-        pipe = LatentDiffusion(net, vae, pipe_cfg)
-        images = pipe.generate([c for c in range(10) for _ in range(8)], seed=0)  # one row per class
-        net.train(net is model)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        make_grid(images, nrow=8).save(path)
+        def preview(path: Path) -> None:
+            net = ema if ema is not None else model
+            pipe = LatentDiffusion(net, vae, pipe_cfg)
+            images = pipe.generate([c for c in range(10) for _ in range(8)], seed=0)  # one row per class
+            net.train(net is model)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            make_grid(images, nrow=8).save(path)
 
-    model.train()
-    _run_loop(cfg, accel, run_dir, model, ema, len(latents), loss_fn, preview, resume, "ldm")
-    if accel.is_main_process:
-        final = ema if ema is not None else model
-        LatentDiffusion(final, vae, pipe_cfg).save_pretrained(run_dir)
-        _finish(run_dir, preview)
-        accel.print(f"saved latent diffusion pipeline to {run_dir}")
-    accel.wait_for_everyone()
+        model.train()
+        _run_loop(cfg, accel, run_dir, model, ema, len(latents), loss_fn, preview, resume, "ldm")
+        if accel.is_main_process:
+            final = ema if ema is not None else model
+            LatentDiffusion(final, vae, pipe_cfg).save_pretrained(run_dir)
+            _end(accel, run_dir, preview, cfg.train.steps)
+            accel.print(f"saved latent diffusion pipeline to {run_dir}")
+        accel.wait_for_everyone()
     return run_dir

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import UNetConfig
+from .config import UNetConfig, VAEConfig
 from .nn import Attention, Downsample, ResBlock, Upsample, timestep_embedding
 from .serialization import load_model, save_model
 
@@ -19,7 +20,10 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig):
         super().__init__()
         config.validate()
-        self.config = config
+        default = VAEConfig()  # null latent shape: the default VAE's (train_ldm sets it from the actual VAE)
+        self.config = config = replace(
+            config, in_channels=default.latent_channels if config.in_channels is None else config.in_channels,
+            sample_size=default.latent_size if config.sample_size is None else config.sample_size)
         ch, g, heads = config.channels, config.groups, config.num_heads
         emb_dim = 4 * ch[0]
         self.time_embed = nn.Sequential(nn.Linear(ch[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))

@@ -93,8 +93,11 @@ class VAE(nn.Module):
             raise ValueError(f"VAE.encode expects images of shape (B, {c}, {s}, {s}); got {shape}")
         if not x.is_floating_point():
             raise ValueError(f"VAE.encode expects float images in [-1, 1]; got dtype {x.dtype} (use x / 127.5 - 1)")
+        if not torch.isfinite(x).all():
+            raise ValueError(f"VAE.encode got images with {int((~torch.isfinite(x)).sum())} NaN/inf value(s); "
+                             "pass finite images in [-1, 1]")
         lo, hi = x.min().item(), x.max().item()
-        if lo < -1.001 or hi > 1.001 or x.isnan().any():
+        if lo < -1.001 or hi > 1.001:
             raise ValueError(f"VAE.encode expects images in [-1, 1]; got values in [{lo:.3g}, {hi:.3g}] "
                              "(map [0, 1] images with x * 2 - 1)")
 
@@ -118,6 +121,9 @@ class VAE(nn.Module):
         if not isinstance(z, torch.Tensor) or z.ndim != 4 or tuple(z.shape[1:]) != self.latent_shape:
             shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
             raise ValueError(f"VAE.decode expects latents of shape (B, {', '.join(map(str, self.latent_shape))}); got {shape}")
+        if not torch.isfinite(z).all():  # NaN latents decode to NaN images: say where the problem is instead
+            raise ValueError(f"VAE.decode got latents with {int((~torch.isfinite(z)).sum())} NaN/inf value(s); "
+                             "they come from upstream (a diverged model or corrupt input): pass finite latents")
         x = self._decode(z)
         return x.clamp(-1, 1) if clamp else x
 

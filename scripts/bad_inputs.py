@@ -10,7 +10,9 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +26,8 @@ sys.path.insert(0, str(ROOT))
 from latentdiff import VAE, LatentDiffusion, PipelineConfig, UNet  # noqa: E402
 from latentdiff.config import DiffusionConfig, SampleConfig, UNetConfig, VAEConfig  # noqa: E402
 from latentdiff.data import load_mnist  # noqa: E402
+from latentdiff.runlock import RunLock  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
 
 ROWS: list[tuple[str, str, str]] = []
 
@@ -80,6 +84,8 @@ def main() -> None:
     api("`vae.encode` of (2, 28, 28) images", lambda: vae.encode(torch.zeros(2, 28, 28)))
     api("`vae.encode` of uint8-range floats (0..255)", lambda: vae.encode(torch.full((1, 1, 28, 28), 255.0)))
     api("`vae.decode` of (1, 4, 8, 8) latents", lambda: vae.decode(torch.zeros(1, 4, 8, 8)))
+    api("`vae.decode` of latents holding NaN", lambda: vae.decode(torch.full((1, 4, 7, 7), float("nan"))))
+    api("`vae.encode` of images holding inf", lambda: vae.encode(torch.full((1, 1, 28, 28), float("inf"))))
     api("UNet for 8x7x7 latents paired with a 4x7x7 VAE",
         lambda: LatentDiffusion(UNet(UNetConfig(in_channels=8, channels=(16, 32), num_heads=2)), vae))
 
@@ -106,6 +112,11 @@ def main() -> None:
     cfg["channels"] = [16, 16, 16]
     (bad / "shape" / "config.json").write_text(json.dumps(cfg))
     api("`config.json` that does not match the weights", lambda: VAE.from_pretrained(bad / "shape"))
+    shutil.copytree(tmp / "vae", bad / "nan")
+    w = load_file(str(bad / "nan" / "model.safetensors"))
+    w["enc_in.weight"].view(-1)[0] = float("nan")
+    save_file(w, str(bad / "nan" / "model.safetensors"))
+    api("`model.safetensors` holding NaN weights (a valid file)", lambda: VAE.from_pretrained(bad / "nan"))
     api("`from_pretrained` of a folder that does not exist", lambda: LatentDiffusion.from_pretrained(tmp / "nope"))
 
     data = tmp / "data"
@@ -136,7 +147,16 @@ def main() -> None:
     cli("`train_vae.py --out` a folder holding another run", ["train_vae.py", "--data-dir", str(data), "--out", str(run), *tiny])
     cli("`--resume latest` with `--set train.lr=0.1` (differs from the saved run)",
         ["train_vae.py", "--data-dir", str(data), "--out", str(run), "--resume", "latest", *tiny, "--set", "train.lr=0.1"])
-    cli("`--resume latest` of a folder with no run", ["train_vae.py", "--data-dir", str(data), "--out", str(tmp / "new"), "--resume", "latest"])
+    cli("`--resume` a path that is not a checkpoint", ["train_vae.py", "--data-dir", str(data), "--out", str(run), "--resume",
+                                                        str(tmp / "nope"), *tiny])
+    shutil.copytree(run, tmp / "finished")
+    shutil.rmtree(tmp / "finished" / "checkpoints")
+    cli("`--resume latest` of a finished run with no checkpoint", ["train_vae.py", "--data-dir", str(data), "--out",
+                                                                    str(tmp / "finished"), "--resume", "latest", *tiny])
+    with RunLock(tmp / "held"):  # this process holds the folder, as a live training run would
+        cli("`train_vae.py --out` a folder a live run holds", ["train_vae.py", "--data-dir", str(data), "--out",
+                                                               str(tmp / "held"), *tiny])
+    cli("`--log-with nosuch` (not a tracker)", ["train_vae.py", "--data-dir", str(data), "--log-with", "nosuch"])
     cli("`--set train.stpes=5` (typo)", ["train_vae.py", "--data-dir", str(data), "--set", "train.stpes=5"])
     cli("`--set train.steps=many` (wrong type)", ["train_vae.py", "--data-dir", str(data), "--set", "train.steps=many"])
     cli("`--set train.batch_size=7 --set train.grad_accum=2`", ["train_vae.py", "--data-dir", str(data), "--out", str(tmp / "r2"),
@@ -147,6 +167,9 @@ def main() -> None:
     cli("`--config` a file that does not exist", ["train_vae.py", "--config", "nope.yaml"])
     cli("`train_ldm.py --vae` a folder that is not a VAE", ["train_ldm.py", "--data-dir", str(data), "--vae", str(tmp / "empty"),
                                                             "--out", str(tmp / "r4")])
+    cli("`train_ldm.py --set model.in_channels=8` with a 4-channel VAE",
+        ["train_ldm.py", "--data-dir", str(data), "--vae", str(tmp / "vae"), "--out", str(tmp / "r5"),
+         "--set", "model.in_channels=8"])
     cli("`sample.py --labels 12`", ["sample.py", "--model", str(tmp / "ldm"), "--labels", "12"])
     cli("`sample.py --labels three`", ["sample.py", "--model", str(tmp / "ldm"), "--labels", "three"])
     cli("`sample.py --guidance nan`", ["sample.py", "--model", str(tmp / "ldm"), "--guidance", "nan"])
@@ -159,7 +182,8 @@ def main() -> None:
     print("| bad input | result | message |")
     print("|---|---|---|")
     for what, kind, msg in ROWS:
-        msg = msg.replace(str(tmp), "<tmp>").replace("|", "\\|")
+        msg = msg.replace(str(tmp), "<tmp>").replace(f"pid {os.getpid()} on host {socket.gethostname()}", "pid P on host H")
+        msg = re.sub(r", since [^)]*\)", ", since T)", msg).replace("|", "\\|")  # the lock holder's start time
         print(f"| {what} | {kind} | {msg} |")
     shutil.rmtree(tmp, ignore_errors=True)
 

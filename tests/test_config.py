@@ -146,7 +146,11 @@ def test_latent_size():
     assert VAEConfig().latent_size == 7
     assert VAEConfig(channels=(8, 8, 8, 8)).latent_size == 4
     assert VAEConfig(channels=(8,)).latent_size == 28
-    assert UNetConfig().sample_size == VAEConfig().latent_size
+    # A UNet config leaves its latent shape null (follow the VAE); built alone, a UNet takes the default VAE's.
+    assert UNetConfig().sample_size is None and UNetConfig().in_channels is None
+    from latentdiff import UNet
+    built = UNet(UNetConfig(channels=(16, 32), num_heads=2)).config
+    assert (built.in_channels, built.sample_size) == (VAEConfig().latent_channels, VAEConfig().latent_size)
 
 
 @pytest.mark.parametrize("text", ["3e-4", "3E-4", "3.0e-4", "0.0003", ".0003"])

@@ -237,4 +237,29 @@ def test_train_ldm_missing_vae(tmp_path, mnist_dir):
 def test_train_ldm_latent_mismatch(trained_runs, tmp_path, mnist_dir):
     proc = run_cmd([PY, REPO / "train_ldm.py", "--vae", trained_runs["vae"], "--out", tmp_path / "l", "--data-dir",
                     mnist_dir, *as_set_args(LDM_SET + ["model.sample_size=5"])], check=False)
-    _assert_one_line_error(proc, "latents")
+    _assert_one_line_error(proc, "model.sample_size=5 conflicts with the VAE", "latents are (4, 7, 7)",
+                           "drop the model.sample_size setting")
+    assert not (tmp_path / "l").exists()
+
+
+def test_train_ldm_follows_a_non_default_vae(mnist_dir, tmp_path, monkeypatch, capsys):
+    """A VAE with 8 latent channels and two levels (14x14 latents): train_ldm needs no extra flags, then samples."""
+    vae_dir, ldm_dir = tmp_path / "vae", tmp_path / "ldm"
+    fast = ["train.steps=2", "train.checkpoint_every=0", "train.preview_every=0"]
+    run_cmd([PY, REPO / "train_vae.py", "--out", vae_dir, "--data-dir", mnist_dir,
+             *as_set_args(VAE_SET + fast + ["model.channels=[8,16]", "model.latent_channels=8"])])
+    assert VAE.from_pretrained(vae_dir).latent_shape == (8, 14, 14)
+    run_cmd([PY, REPO / "train_ldm.py", "--vae", vae_dir, "--out", ldm_dir, "--data-dir", mnist_dir,
+             *as_set_args(LDM_SET + fast)])
+    pipe = LatentDiffusion.from_pretrained(ldm_dir)
+    assert (pipe.unet.config.in_channels, pipe.unet.config.sample_size) == (8, 14)  # the saved UNet holds the numbers
+    assert load_config(LDMRunConfig, ldm_dir / "run.yaml").model.in_channels is None  # run.yaml keeps "follow the VAE"
+    images = pipe.generate([0, 9], steps=2, seed=0)
+    assert images.shape == (2, 1, 28, 28) and torch.isfinite(images).all()
+    # An explicit setting that disagrees with the VAE is still an error, naming the fix.
+    code, err = run_script_in_process("train_ldm.py", ["--vae", vae_dir, "--out", tmp_path / "l2", "--data-dir", mnist_dir,
+                                                       *as_set_args(LDM_SET + fast + ["model.in_channels=4"])],
+                                      monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "model.in_channels=4 conflicts" in err and "(8, 14, 14)" in err and "set it to 8" in err
+    assert not (tmp_path / "l2").exists()

@@ -8,8 +8,10 @@ import shutil
 import pytest
 import torch
 from conftest import tiny_pipeline, tiny_unet, tiny_vae
+from safetensors.torch import load_file, save_file
 
 from latentdiff import LatentDiffusion, ModelLoadError, UNet, VAE
+from latentdiff.checkpoint import load_checkpoint, save_checkpoint
 
 MODELS = {"vae": (VAE, tiny_vae), "unet": (UNet, tiny_unet)}
 
@@ -129,6 +131,47 @@ def test_refuses_to_save_non_finite_weights(tmp_path):
     with pytest.raises(ModelLoadError, match="non-finite"):
         vae.save_pretrained(tmp_path / "v")
     assert not (tmp_path / "v" / "config.json").exists()
+
+
+def _poison(path, value=float("nan"), count=1):
+    """Overwrite one element in each of the first ``count`` float tensors of a safetensors file; their names."""
+    tensors = load_file(str(path))
+    names = [k for k, v in tensors.items() if v.is_floating_point()][:count]
+    for k in names:
+        tensors[k].view(-1)[0] = value
+    save_file(tensors, str(path))
+    return names
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_refuses_to_load_non_finite_weights(saved, value):
+    """Disk or copy corruption that leaves a valid file of NaN/inf weights is refused, naming file and tensors."""
+    cls, folder = saved
+    names = _poison(folder / "model.safetensors", value, count=2)
+    with pytest.raises(ModelLoadError, match="NaN/inf values in 2 tensor") as e:
+        cls.from_pretrained(folder)
+    assert str(folder / "model.safetensors") in str(e.value) and all(n in str(e.value) for n in names)
+
+
+def test_ldm_with_non_finite_weights(ldm_dir):
+    name = _poison(ldm_dir / "unet" / "model.safetensors")[0]
+    with pytest.raises(ModelLoadError, match=rf"unet/model.safetensors holds NaN/inf values in 1 tensor\(s\): {name}"):
+        LatentDiffusion.from_pretrained(ldm_dir)
+
+
+@pytest.mark.parametrize("part", ["model", "ema", "optimizer"])
+def test_checkpoint_with_non_finite_tensors_is_not_resumed(tmp_path, part):
+    unet = tiny_unet()
+    ema = tiny_unet(1)
+    opt = torch.optim.AdamW(unet.parameters(), lr=1e-3)
+    unet(torch.zeros(1, 4, 7, 7), torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long)).sum().backward()
+    opt.step()
+    ckpt = save_checkpoint(tmp_path, 3, unet, ema, opt, keep=2)
+    name = _poison(ckpt / f"{part}.safetensors")[0]
+    before = {k: v.clone() for k, v in unet.state_dict().items()}
+    with pytest.raises(ModelLoadError, match=rf"{part}.safetensors holds NaN/inf values in 1 tensor\(s\): {name};.*--resume"):
+        load_checkpoint(ckpt, unet, ema, opt)
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in before.items())  # nothing was half-restored
 
 
 # ---------------------------------------------------------------------------------------------- LDM folders

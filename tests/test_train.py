@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import tiny_vae
 
-from latentdiff import RunDirError
-from latentdiff.checkpoint import RUN_CONFIG, prepare_run_dir
+from latentdiff import ConfigError, RunDirError
+from latentdiff.checkpoint import RUN_CONFIG, prepare_run_dir, starts_fresh
 from latentdiff.config import TrainConfig, VAERunConfig, apply_overrides
 from latentdiff.train import _micro_batches, latent_stats, lr_at, step_seed
 
@@ -84,7 +85,7 @@ def test_prepare_run_dir_refuses_other_files(tmp_path):
     cfg = _cfg(tmp_path)
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "notes.txt").write_text("mine")
-    with pytest.raises(RunDirError, match="other files"):
+    with pytest.raises(RunDirError, match="not a latentdiff run"):
         prepare_run_dir(cfg, None, False, is_main=True)
     with pytest.raises(RunDirError, match="not a latentdiff run"):
         prepare_run_dir(cfg, None, True, is_main=True)  # --overwrite never deletes foreign files
@@ -100,14 +101,44 @@ def test_prepare_run_dir_non_main_process_only_reads_the_path(tmp_path):
     assert not (tmp_path / "run" / RUN_CONFIG).exists()
 
 
+def _fake_checkpoint(run: Path, step: int = 3) -> None:
+    (run / "checkpoints" / f"step_{step:08d}").mkdir(parents=True)
+    (run / "checkpoints" / f"step_{step:08d}" / "state.json").write_text(f'{{"step": {step}}}')
+
+
 def test_resume_needs_matching_settings(tmp_path):
     cfg = _cfg(tmp_path)
-    prepare_run_dir(cfg, None, False, is_main=True)
+    run = prepare_run_dir(cfg, None, False, is_main=True)
+    _fake_checkpoint(run)
     prepare_run_dir(apply_overrides(cfg, ["train.steps=5000"]), "latest", False, is_main=True)  # may change
     with pytest.raises(RunDirError, match="train.lr"):
         prepare_run_dir(apply_overrides(cfg, ["train.lr=0.5"]), "latest", False, is_main=True)
-    with pytest.raises(RunDirError, match="cannot resume"):
-        prepare_run_dir(apply_overrides(VAERunConfig(), [f"out_dir={tmp_path / 'other'}"]), "latest", False, True)
+    with pytest.raises(RunDirError, match="cannot resume"):  # an explicit checkpoint path must exist
+        prepare_run_dir(apply_overrides(VAERunConfig(), [f"out_dir={tmp_path / 'other'}"]), str(run / "nope"), False, True)
+
+
+def test_resume_latest_before_any_checkpoint_starts_fresh(tmp_path):
+    """--resume latest with no checkpoint yet (or no folder) is a fresh run, so a scheduler can rerun one command."""
+    cfg = _cfg(tmp_path)
+    assert starts_fresh(tmp_path / "run", "latest") and not starts_fresh(tmp_path / "run", None)
+    run = prepare_run_dir(cfg, "latest", False, is_main=True)  # no folder at all
+    assert (run / RUN_CONFIG).is_file()
+    # Killed before its first checkpoint: only logs and previews. Restarted, even with other settings.
+    (run / "metrics.jsonl").write_text('{"step": 2}\n')
+    (run / "previews").mkdir()
+    changed = apply_overrides(cfg, ["train.lr=0.5"])
+    prepare_run_dir(changed, "latest", False, is_main=True)
+    assert sorted(p.name for p in run.iterdir()) == [RUN_CONFIG]  # the stale log is gone: steps restart at 1
+    # A finished model with no checkpoint is never replaced by a fresh run.
+    (run / "config.json").write_text("{}")
+    with pytest.raises(RunDirError, match="finished model and no checkpoint"):
+        prepare_run_dir(cfg, "latest", False, is_main=True)
+    # Once a checkpoint exists, the settings must match again.
+    (run / "config.json").unlink()
+    _fake_checkpoint(run)
+    assert not starts_fresh(run, "latest")
+    with pytest.raises(RunDirError, match="train.lr"):
+        prepare_run_dir(cfg, "latest", False, is_main=True)
 
 
 def test_example_seeds_depend_on_step_and_position_only():
@@ -118,3 +149,15 @@ def test_example_seeds_depend_on_step_and_position_only():
     assert torch.equal(a, example_seeds(0, 3, pos)) and not set(a.tolist()) & set(b.tolist())
     assert torch.equal(example_seeds(0, 3, pos[4:]), a[4:])  # a slice of the batch gets the same seeds
     assert example_seeds(2**40, 10**9, pos).dtype == torch.int64  # huge seeds stay inside int64
+
+
+def test_unet_follows_the_vae_unless_set():
+    from latentdiff.config import UNetConfig, VAEConfig
+    from latentdiff.train import unet_config_for
+
+    vae = VAEConfig(channels=(8, 16), latent_channels=8)  # latents (8, 14, 14)
+    cfg = unet_config_for(UNetConfig(), vae, "runs/vae")
+    assert (cfg.in_channels, cfg.sample_size) == (8, 14)
+    assert unet_config_for(UNetConfig(in_channels=8, sample_size=14), vae, "v") == cfg  # agreeing settings are fine
+    with pytest.raises(ConfigError, match=r"model.sample_size=7 conflicts with the VAE in runs/vae.*set it to 14"):
+        unet_config_for(UNetConfig(sample_size=7), vae, "runs/vae")

@@ -57,11 +57,20 @@ def test_forward_and_loss():
     (torch.zeros(1, 28, 28), "shape"),
     (torch.zeros(2, 1, 28, 28, dtype=torch.uint8), "float"),
     (torch.full((2, 1, 28, 28), 255.0), r"\[-1, 1\]"),
-    (torch.full((2, 1, 28, 28), float("nan")), r"\[-1, 1\]"),
+    (torch.full((2, 1, 28, 28), float("nan")), "NaN/inf"),
+    (torch.full((2, 1, 28, 28), float("inf")), "NaN/inf"),
 ])
 def test_encode_rejects_bad_input(bad, word):
     with pytest.raises(ValueError, match=word):
         tiny_vae().encode(bad)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_decode_rejects_non_finite_latents(value):
+    z = torch.zeros(2, 4, 7, 7)
+    z[1, 2, 3, 3] = value
+    with pytest.raises(ValueError, match=r"VAE.decode got latents with 1 NaN/inf value"):
+        tiny_vae().decode(z)
 
 
 def test_decode_rejects_wrong_latent_shape():
