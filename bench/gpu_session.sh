@@ -32,7 +32,7 @@ SCORE="$PY bench/score_settings.py --data-dir $DATA --classifier $CLF --device $
 step "1. training-step speed: eager at several batches, compiled at the preset's"
 timeout ${SPEED_TIMEOUT:-60} $PY bench/train_speed.py --preset full --device $DEVICE --batches ${SPEED_BATCHES:-1024 2048 4096} \
   --compile no --steps ${SPEED_STEPS:-20} --out "$R/res/train_speed_eager.json"
-for st in vae ldm; do
+for st in ${SPEED_STAGES_C:-ldm}; do
   timeout ${SPEED_TIMEOUT:-90} $PY bench/train_speed.py --preset full --device $DEVICE --stages $st --batches ${SPEED_BATCH_C:-2048} \
     --compile yes --steps ${SPEED_STEPS:-20} --out "$R/res/train_speed_compiled_$st.json" 2>&1 | grep -v Warning
 done
