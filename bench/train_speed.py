@@ -34,7 +34,7 @@ def sync(device: torch.device) -> None:
 def measure(stage: str, cfg, batch: int, compile_: bool, steps: int, warmup: int, device: torch.device) -> dict:
     """Warm-up seconds and timed ms/step for one setting."""
     torch.manual_seed(0)
-    model = (VAE(cfg.model) if stage == "vae" else UNet(cfg.model)).to(device).train()
+    model = (VAE(cfg.model) if stage == "vae" else UNet(cfg.model)).to(device).train()  # UNet: default VAE's latents
     fwd = torch.compile(model) if compile_ else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -44,7 +44,7 @@ def measure(stage: str, cfg, batch: int, compile_: bool, steps: int, warmup: int
         def loss_fn():
             return vae_loss(fwd, x, cfg.kl_weight, seeds=torch.arange(batch, device=device))[0]
     else:
-        shape = (cfg.model.in_channels, cfg.model.sample_size, cfg.model.sample_size)
+        shape = (cfg.model.in_channels or 4, cfg.model.sample_size or 7, cfg.model.sample_size or 7)  # null: the default VAE's
         z, y = torch.randn(batch, *shape, device=device), torch.randint(0, 10, (batch,), device=device)
         ac = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps).float().to(device)
 
