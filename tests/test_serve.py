@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 pytest.importorskip("starlette", reason="the serve extra is not installed: pip install -e '.[serve]'")
-pytest.importorskip("httpx", reason="Starlette's test client needs httpx: pip install -e '.[serve]'")
+pytest.importorskip("httpx2", reason="Starlette's test client needs httpx2: pip install -e '.[test]'")
 from starlette.testclient import TestClient  # noqa: E402
 
 from latentdiff import LatentDiffusion  # noqa: E402
@@ -217,6 +218,24 @@ def test_two_concurrent_clients_each_get_their_own_result(client):
         t.join(timeout=120)
     assert all(results[i] == [expected[i]] * 3 for i in range(2))
     assert expected[0] != expected[1]
+
+
+def test_server_answers_while_a_model_call_is_running(client):
+    """Model calls run in a worker thread: with the model busy, health and info still answer at once."""
+    lock = client.app.state.service.lock
+    lock.acquire()  # stands in for a long model call
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(r=client.post("/api/generate", json={"labels": [1], "seed": 0})))
+    try:
+        worker.start()
+        time.sleep(0.3)
+        assert client.get("/api/health").status_code == 200
+        assert client.get("/api/info").status_code == 200
+        assert worker.is_alive() and "r" not in result  # the generate request is still waiting for the model
+    finally:
+        lock.release()
+    worker.join(timeout=60)
+    assert result["r"].status_code == 200
 
 
 # ------------------------------------------------------------------------------------- edits

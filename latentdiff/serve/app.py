@@ -196,8 +196,10 @@ def create_app(pipe: LatentDiffusion, model_dir: str | Path, limits: Limits | No
               Route("/api/generate", generate, methods=["POST"]),
               *[Route(f"/api/{name}", edit_route(name), methods=["POST"]) for name in EDITS],
               Mount("/static", StaticFiles(directory=STATIC_DIR), name="static")]
-    return Starlette(routes=routes, exception_handlers={
+    app = Starlette(routes=routes, exception_handlers={
         RequestError: request_error, ValueError: value_error, HTTPException: http_error, Exception: server_error})
+    app.state.service = service
+    return app
 
 
 async def request_error(request: Request, exc: RequestError) -> Response:
