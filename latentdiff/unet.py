@@ -55,8 +55,12 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # y: (B,) labels, or (B, num_classes + 1) float weights blending the label embeddings (interpolation)
-        label_emb = y.to(self.class_embed.weight.dtype) @ self.class_embed.weight if y.is_floating_point() else self.class_embed(y)
+        # y: (B,) labels, or (B, num_classes + 1) float weights blending the label embeddings (interpolation);
+        # a weighted sum, not a matmul, so autocast keeps it fp32 and a one-hot row is exactly the lookup.
+        if y.is_floating_point():
+            label_emb = (y[:, :, None].to(self.class_embed.weight.dtype) * self.class_embed.weight).sum(1)  # (B, E)
+        else:
+            label_emb = self.class_embed(y)
         emb = self.time_embed(timestep_embedding(t, self.config.channels[0])) + label_emb  # (B, E)
         h = self.conv_in(x)
         skips = [h]
