@@ -33,6 +33,7 @@ from .schema import Field, RequestError
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 EDITS = ("img2img", "inpaint")
+DEFAULT_STRENGTH = 0.6  # img2img: enough noise to change the class, little enough to keep the stroke layout
 log = logging.getLogger("latentdiff.serve")
 
 
@@ -78,7 +79,7 @@ class ModelService:
             "generate": {"labels": Field(schema.integer_list(0, n - 1, lim.max_images), required=True),
                          "per_label": Field(schema.integer(1, lim.max_images), default=1),
                          "eta": Field(schema.number(0, 1)), **sampling},
-            "img2img": {"strength": Field(schema.number(0, 1), default=0.6), **edit},
+            "img2img": {"strength": Field(schema.number(0, 1), default=DEFAULT_STRENGTH), **edit},
             "inpaint": {"mask": image, **edit},
         }
 
@@ -88,7 +89,7 @@ class ModelService:
             "model": self.model_dir, "device": str(self.pipe.device), "classes": list(range(self.pipe.num_classes)),
             "samplers": sorted(SAMPLERS), "edits": self.edits,
             "defaults": {"sampler": sc.sampler, "steps": sc.steps, "guidance_scale": sc.guidance_scale, "eta": sc.eta,
-                         "per_label": 1, "strength": 0.6, "count": 1},
+                         "per_label": 1, "strength": DEFAULT_STRENGTH, "count": 1},
             "limits": {**asdict(self.limits), "max_steps": self.max_steps, "max_seed": schema.MAX_SEED},
         }
 

@@ -21,8 +21,10 @@ function showError(id, err) {
 }
 
 async function busy(button, fn) {
+  const label = button.textContent;
   button.disabled = true;
-  try { await fn(); } finally { button.disabled = false; }
+  button.textContent = "Working…";
+  try { await fn(); } finally { button.disabled = false; button.textContent = label; }
 }
 
 // ---------------------------------------------------------------- sampling settings (shared)
@@ -177,6 +179,8 @@ async function start() {
   $("generate").onclick = () => busy($("generate"), generate);
   $("copy-link").onclick = copyLink;
   $("strength").oninput = () => { $("strength-out").value = Number($("strength").value).toFixed(2); };
+  $("strength").value = d.strength;
+  $("strength").oninput();
   $("clear-draw").onclick = clearDrawing;
   $("clear-mask").onclick = clearMask;
   $("img2img").onclick = () => busy($("img2img"), () => edit("img2img"));
