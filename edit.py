@@ -13,7 +13,9 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from latentdiff import VAE, LatentDiffusion, make_grid
 from latentdiff import edit
@@ -33,6 +35,7 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--zoom", type=int, default=1, help="enlarge the PNG by this integer factor (default 1)")
 
 
 def source_args(p: argparse.ArgumentParser) -> None:
@@ -80,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--latents", required=True, help=".safetensors written by `edit.py encode` (or save_latents)")
     s.add_argument("--count", type=int, default=64, help="decode the first N (default 64)")
     s.add_argument("--nrow", type=int, default=8)
+    s.add_argument("--zoom", type=int, default=1, help="enlarge the PNG by this integer factor (default 1)")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     s.add_argument("--out", required=True)
     return p
@@ -98,10 +102,13 @@ def load_sources(args) -> torch.Tensor:
     return images[args.indices].float().div(255).unsqueeze(1)  # (N, 1, 28, 28) in [0, 1]
 
 
-def read_mask(path: str) -> torch.Tensor:
-    import numpy as np
-    from PIL import Image
+def save_png(image, path: str, zoom: int) -> None:
+    """Save a PIL image, enlarged ``zoom`` times with nearest-neighbour pixels."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    image.resize((image.width * zoom, image.height * zoom), Image.NEAREST).save(path)
 
+
+def read_mask(path: str) -> torch.Tensor:
     if not Path(path).is_file():
         raise FileNotFoundError(f"mask {path} not found; pass a 28x28 PNG (white = keep, black = fill)")
     arr = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
@@ -110,6 +117,8 @@ def read_mask(path: str) -> torch.Tensor:
 
 def main() -> None:
     args = build_parser().parse_args()
+    if getattr(args, "zoom", 1) < 1:
+        raise ValueError(f"--zoom must be an integer >= 1, got {args.zoom}")
     if args.cmd in ("encode", "decode"):
         vae = VAE.from_pretrained(args.vae, args.device)
         if args.cmd == "encode":
@@ -122,7 +131,7 @@ def main() -> None:
                 raise ValueError(f"--count and --nrow must be >= 1, got {args.count} and {args.nrow}")
             data = load_latents(args.latents)
             data = replace(data, latents=data.latents[:args.count], labels=data.labels[:args.count])
-            make_grid(decode_latents(vae, data), nrow=args.nrow).save(args.out)
+            save_png(make_grid(decode_latents(vae, data), nrow=args.nrow), args.out, args.zoom)
             print(f"decoded {len(data.latents)} latents to {args.out}")
         return
     pipe = LatentDiffusion.from_pretrained(args.model, device=args.device)
@@ -153,12 +162,10 @@ def main() -> None:
         grid, nrow = torch.cat(rows), args.frames
     else:  # trajectory
         traj = edit.trajectory(pipe, args.labels, seed=args.seed, **kw)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        edit.trajectory_strip(traj).save(args.out)
+        save_png(edit.trajectory_strip(traj), args.out, args.zoom)
         print(f"wrote {len(args.labels)} trajectories of {traj.x0.shape[1]} steps to {args.out}")
         return
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    make_grid(grid, nrow=nrow).save(args.out)
+    save_png(make_grid(grid, nrow=nrow), args.out, args.zoom)
     print(f"wrote {args.out}")
 
 

@@ -61,47 +61,49 @@ def main() -> None:
     p.add_argument("--out-dir", default="bench/results/cpu")
     args = p.parse_args()
     pipe = LatentDiffusion.from_pretrained(args.model)
-    clf = load_or_train_classifier(args.classifier, args.data_dir)
     images_u8, labels = load_mnist(args.data_dir, "test")
     src, labels = to_unit(images_u8[:args.n]), labels[:args.n]
     targets = (labels + 1 + torch.arange(len(labels)) % 9) % 10  # never the source class
-    f_src, _ = extract(clf, src)
     guidances = args.guidance or [pipe.config.sample.guidance_scale]
     common = {"seed": 0, "steps": args.steps, "batch_size": args.batch_size}
     result = {"model": args.model, "n": len(src), "steps": args.steps, "sampler": pipe.config.sample.sampler,
               "swap": [], "inpaint": []}
 
+    # Sample everything first, then score (the classifier may still be training elsewhere).
     recon = pipe.decode(pipe.encode(src)).cpu()
-    result["swap"].append({"strength": 0.0, "guidance": None, **swap_metrics(recon, src, f_src, clf, targets, labels)})
+    swaps, fills = [], []
     for g in guidances:
         for s in [*args.strengths, 1.0]:
             t0 = time.perf_counter()
-            out = img2img(pipe, src, targets, s, guidance_scale=g, **common)
-            row = {"strength": s, "guidance": g, **swap_metrics(out, src, f_src, clf, targets, labels),
-                   "seconds": time.perf_counter() - t0}
-            result["swap"].append(row)
-            print(f"swap g={g} s={s}: {row}", flush=True)
-
-    g = guidances[0]
+            swaps.append((g, s, img2img(pipe, src, targets, s, guidance_scale=g, **common).cpu(), time.perf_counter() - t0))
+            print(f"swap g={g} s={s}: {swaps[-1][-1]:.0f} s", flush=True)
+    g_fill = guidances[0]
     for side in SIDES:
-        mask = half_mask(side)[0, 0].bool()  # (28, 28)
         t0 = time.perf_counter()
-        out = inpaint(pipe, src, half_mask(side), labels, guidance_scale=g, **common).cpu()
-        seconds = time.perf_counter() - t0
-        kept = (out - src)[..., mask].pow(2).mean().item()
+        fills.append((side, inpaint(pipe, src, half_mask(side), labels, guidance_scale=g_fill, **common).cpu(),
+                      time.perf_counter() - t0))
+        print(f"inpaint {side}: {fills[-1][-1]:.0f} s", flush=True)
+
+    clf = load_or_train_classifier(args.classifier, args.data_dir)
+    f_src, _ = extract(clf, src)
+    result["swap"].append({"strength": 0.0, "guidance": None, **swap_metrics(recon, src, f_src, clf, targets, labels)})
+    for g, s, out, seconds in swaps:
+        result["swap"].append({"strength": s, "guidance": g, **swap_metrics(out, src, f_src, clf, targets, labels),
+                               "seconds": seconds})
+    for side, out, seconds in fills:
+        mask = half_mask(side)[0, 0].bool()  # (28, 28)
         dist = seam_distance(side)
         interior = mask & (dist >= 4)
         _, logits = extract(clf, out)
         _, half_logits = extract(clf, src * mask)
         profile = {d: (out - recon)[..., mask & (dist == d)].abs().mean().item() for d in range(14)}
-        row = {"side": side, "guidance": g, "kept_psnr": psnr(kept),
-               "kept_psnr_reconstruction": psnr((recon - src)[..., mask].pow(2).mean()),
-               "kept_psnr_beyond_4px": psnr((out - src)[..., interior].pow(2).mean()),
-               "accuracy": (logits.argmax(1) == labels).float().mean().item(),
-               "half_digit_accuracy": (half_logits.argmax(1) == labels).float().mean().item(),
-               "mae_vs_reconstruction_by_seam_distance": profile, "seconds": seconds}
-        result["inpaint"].append(row)
-        print(f"inpaint {side}: {row}", flush=True)
+        result["inpaint"].append({
+            "side": side, "guidance": g_fill, "kept_psnr": psnr((out - src)[..., mask].pow(2).mean()),
+            "kept_psnr_reconstruction": psnr((recon - src)[..., mask].pow(2).mean()),
+            "kept_psnr_beyond_4px": psnr((out - src)[..., interior].pow(2).mean()),
+            "accuracy": (logits.argmax(1) == labels).float().mean().item(),
+            "half_digit_accuracy": (half_logits.argmax(1) == labels).float().mean().item(),
+            "mae_vs_reconstruction_by_seam_distance": profile, "seconds": seconds})
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

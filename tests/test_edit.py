@@ -327,8 +327,8 @@ def test_cli_encode_decode(saved, mnist_dir, tmp_path, monkeypatch, capsys):
                                   "--out", z, "--device", "cpu"], monkeypatch, capsys)
     assert code == 0 and "20 latents" in stdout, err
     code, stdout, err = run_edit(["decode", "--vae", saved / "vae", "--latents", z, "--count", "12", "--nrow", "6",
-                                  "--out", tmp_path / "g.png", "--device", "cpu"], monkeypatch, capsys)
-    assert code == 0 and Image.open(tmp_path / "g.png").size == (6 * 30 + 2, 2 * 30 + 2), err
+                                  "--out", tmp_path / "g.png", "--device", "cpu", "--zoom", "2"], monkeypatch, capsys)
+    assert code == 0 and Image.open(tmp_path / "g.png").size == (2 * (6 * 30 + 2), 2 * (2 * 30 + 2)), err
 
 
 @pytest.mark.parametrize("args, word", [
@@ -340,6 +340,7 @@ def test_cli_encode_decode(saved, mnist_dir, tmp_path, monkeypatch, capsys):
     (["interp-seeds", "--frames", "1"], "frames"),
     (["interp-classes", "--pairs", "3-8"], "A:B"),
     (["trajectory", "--steps", "0"], "steps"),
+    (["trajectory", "--zoom", "0"], "zoom"),
 ])
 def test_cli_bad_input_is_one_line(saved, mnist_dir, tmp_path, monkeypatch, capsys, args, word):
     data = ["--data-dir", mnist_dir] if args[0] in ("swap", "inpaint") else []
