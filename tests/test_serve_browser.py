@@ -105,7 +105,7 @@ def browser():
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,1120",
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,990",
                 "--hide-scrollbars"):
         opts.add_argument(arg)
     driver = webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=chromedriver))
@@ -154,36 +154,39 @@ def test_page_generates_draws_edits_and_reproduces_from_its_url(server, browser,
     api = post(server + "/api/generate", {"labels": [1, 4, 7], "per_label": 5, "seed": 42})
     assert grid_src == api["image"] and d.find_element(By.ID, "download").get_attribute("href") == grid_src
 
-    # Draw a "1" with the mouse on the 280x280 canvas (offsets from its centre), then redraw it as a 7.
+    # Draw a "1" with the mouse on the 280x280 canvas (offsets from its centre).
     canvas = d.find_element(By.ID, "mask")  # the overlay takes the pointer events
     ActionChains(d).move_to_element_with_offset(canvas, 0, -90).click_and_hold().move_by_offset(5, 60) \
         .move_by_offset(5, 60).move_by_offset(0, 60).release().perform()
     lit = ("const c = document.getElementById(arguments[0]).getContext('2d').getImageData(0, 0, 280, 280).data;"
            "let n = 0; for (let i = arguments[1]; i < c.length; i += 4) if (c[i] > 128) n++; return n;")
     assert js(lit, "draw", 0) > 2000  # white pixels from the stroke (22 px wide, ~180 px long)
-    Select(d.find_element(By.ID, "target")).select_by_visible_text("7")
     d.find_element(By.ID, "count").clear()
     d.find_element(By.ID, "count").send_keys("4")
-    d.find_element(By.ID, "img2img").click()
-    wait.until(lambda _: js(loaded, "edit-output") and js(loaded, "edit-input"))
-    assert re.match(r"redrawn as 7: 4 digits in \d+\.\d\d s", d.find_element(By.ID, "edit-time").text)
-    assert d.find_element(By.ID, "edit-error").get_attribute("hidden")
-    first_edit = d.find_element(By.ID, "edit-output").get_attribute("src")
 
-    # Paint the mask with a finger (touch pointer) over the top half, then fill it as a 4.
+    # Paint the mask with a finger (touch pointer) over the bottom part, then fill it as a 7.
     d.find_element(By.XPATH, "//input[@value='mask']/..").click()
     actions = ActionBuilder(d, mouse=PointerInput(interaction.POINTER_TOUCH, "finger"))
-    actions.pointer_action.move_to(canvas, -110, -100).pointer_down()
-    for dx, dy in ((220, 0), (0, 25), (-220, 0), (0, 25), (220, 0)):
+    actions.pointer_action.move_to(canvas, -110, 40).pointer_down()
+    for dx, dy in ((220, 0), (0, 20), (-220, 0), (0, 20), (220, 0), (0, 20), (-220, 0)):
         actions.pointer_action.move_by(dx, dy)
     actions.pointer_action.pointer_up()
     actions.perform()
     assert js(lit, "mask", 3) > 5000  # opaque mask pixels (alpha channel)
-    Select(d.find_element(By.ID, "target")).select_by_visible_text("4")
+    Select(d.find_element(By.ID, "target")).select_by_visible_text("7")
     d.find_element(By.ID, "inpaint").click()
-    wait.until(lambda _: d.find_element(By.ID, "edit-output").get_attribute("src") != first_edit)
+    wait.until(lambda _: js(loaded, "edit-output") and js(loaded, "edit-input"))
+    assert re.match(r"filled as 7: 4 digits in \d+\.\d\d s", d.find_element(By.ID, "edit-time").text)
+    assert d.find_element(By.ID, "edit-error").get_attribute("hidden")
+    filled = d.find_element(By.ID, "edit-output").get_attribute("src")
+
+    # Clear the mask, then redraw the whole drawing as a 7.
+    d.find_element(By.ID, "clear-mask").click()
+    assert js(lit, "mask", 3) == 0
+    d.find_element(By.ID, "img2img").click()
+    wait.until(lambda _: d.find_element(By.ID, "edit-output").get_attribute("src") != filled)
     wait.until(lambda _: js(loaded, "edit-output"))
-    assert re.match(r"filled as 4: 4 digits in \d+\.\d\d s", d.find_element(By.ID, "edit-time").text)
+    assert re.match(r"redrawn as 7: 4 digits in \d+\.\d\d s", d.find_element(By.ID, "edit-time").text)
 
     shot = Path(os.environ.get("LATENTDIFF_SCREENSHOT") or tmp_path / "serve_page.png")
     shot.parent.mkdir(parents=True, exist_ok=True)
