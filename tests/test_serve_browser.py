@@ -38,7 +38,7 @@ def browser_or_skip() -> tuple[str, str]:
     missing = [name for name, ok in (("chromium", chromium), ("chromedriver", driver), ("selenium", has_selenium)) if not ok]
     if missing:
         message = (f"no headless browser ({', '.join(missing)} missing): apt-get install chromium chromium-driver and "
-                   "pip install -e '.[serve]' (.ci/run does both)")
+                   "pip install -e '.[test,serve]' (.ci/run does both)")
         if os.environ.get("LATENTDIFF_REQUIRE_BROWSER"):
             pytest.fail(message)
         pytest.skip(message)
@@ -121,7 +121,7 @@ def post(url: str, body: dict) -> dict:
         return json.load(r)
 
 
-def test_page_generates_draws_edits_and_reproduces_from_its_url(server, browser, tmp_path):
+def test_page_generates_draws_edits_and_reproduces_from_its_url(browser, server, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.actions import interaction
     from selenium.webdriver.common.actions.action_builder import ActionBuilder
