@@ -24,7 +24,7 @@ LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --dyn
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test,tensorboard]'
+	$(PY) -m pip install -q -e '.[test,serve,tensorboard]'
 	touch $@
 
 venv: $(VENV)/.installed

@@ -15,7 +15,7 @@ from .config import DiffusionConfig, SampleConfig, from_dict, to_dict
 from .diffusion import make_schedule
 from .errors import ModelLoadError
 from .noise import seeded_normal
-from .sampling import SAMPLERS, cfg_model_fn, check_guidance_interval
+from .sampling import SAMPLERS, NoiseFn, StepCallback, cfg_model_fn, check_guidance_interval
 from .serialization import CONFIG_NAME, atomic_write_bytes, read_config
 from .timesteps import SPACINGS, make_timesteps
 from .unet import UNet
@@ -88,8 +88,9 @@ class LatentDiffusion:
         vae = VAE.from_pretrained(directory / "vae", device)
         return cls(unet, vae, config)
 
-    # ------------------------------------------------------------------ sampling
-    def _check_labels(self, labels) -> torch.Tensor:
+    # ------------------------------------------------------------------ inputs
+    def check_labels(self, labels) -> torch.Tensor:
+        """Class indices as a (N,) long tensor; ValueError naming the problem otherwise."""
         if isinstance(labels, torch.Tensor):
             if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.ndim != 1:
                 raise ValueError(f"labels must be a 1-D integer tensor or a list of ints, got {labels.dtype} shape {tuple(labels.shape)}")
@@ -106,6 +107,48 @@ class LatentDiffusion:
             raise ValueError(f"label {out[0]} is out of range; valid classes are 0..{self.num_classes - 1}")
         return torch.tensor(values, dtype=torch.long)
 
+    def sampling_options(self, guidance_scale: float | None = None, steps: int | None = None,
+                         sampler: str | None = None, eta: float | None = None,
+                         guidance_interval: Sequence[int] | None = None, spacing: str | None = None) -> dict:
+        """Sampler settings, the model's defaults filled in and each checked: the keyword arguments of ``denoise``."""
+        sc = self.config.sample
+        guidance_scale = sc.guidance_scale if guidance_scale is None else guidance_scale
+        steps = sc.steps if steps is None else steps
+        sampler = sc.sampler if sampler is None else sampler
+        eta = sc.eta if eta is None else eta
+        # Guidance interval and timestep spacing (README: guidance interval, timestep spacing).
+        interval = check_guidance_interval(sc.guidance_interval if guidance_interval is None else guidance_interval,
+                                           self.config.diffusion.num_timesteps)
+        spacing = sc.spacing if spacing is None else spacing
+        if spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {spacing!r}; choose one of {sorted(SPACINGS)}")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.config.diffusion.num_timesteps:
+            raise ValueError(f"steps must be an integer in 1..{self.config.diffusion.num_timesteps}, got {steps!r}")
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+        return {"guidance_scale": float(guidance_scale), "steps": steps, "sampler": sampler, "eta": float(eta),
+                "guidance_interval": interval, "spacing": spacing}
+
+    def check_batch_size(self, batch_size: int | None) -> int:
+        """``batch_size``, or the measured default: 256 on CPU (throughput peaks there), 4096 on a GPU."""
+        if batch_size is None:
+            return 4096 if self.device.type == "cuda" else 256
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        return batch_size
+
+    def seeds(self, n: int, seed: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-sample seeds seed, seed+1, ... (N,) int64; image i depends on its own seed only."""
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        return torch.arange(n, dtype=torch.int64) + seed
+
     def compile(self, mode: str = "reduce-overhead") -> "LatentDiffusion":
         """torch.compile the UNet and VAE decoder for sampling; "reduce-overhead" adds CUDA graphs on a GPU.
 
@@ -115,12 +158,64 @@ class LatentDiffusion:
         self._decode_fn = torch.compile(self.vae._decode, mode=mode, dynamic=False)
         return self
 
-    def _seeds(self, n: int, generator: torch.Generator | None, seed: int | None) -> torch.Tensor:
-        """Per-sample seeds seed, seed+1, ...; image i depends on its own seed only."""
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-        return torch.arange(n, dtype=torch.int64) + seed
+    # ------------------------------------------------------------------ building blocks (edit.py uses these)
+    def noise(self, seeds: torch.Tensor, stream: int = 0) -> torch.Tensor:
+        """(B, 4, 7, 7) standard normals on the device; row i from (seeds[i], stream) alone."""
+        return seeded_normal(seeds.to(self.device), self.vae.latent_shape, stream=stream)
 
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 1, 28, 28) in [0, 1] -> scaled latents (B, 4, 7, 7): the posterior mean, as in training."""
+        z = self.vae.encode(images.to(self.device).float() * 2 - 1).mean
+        return self.vae.scale_latents(z)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (B, 4, 7, 7) -> images (B, 1, 28, 28) in [0, 1] (fp32 decode)."""
+        decode = getattr(self, "_decode_fn", self.vae._decode)
+        images = decode(self.vae.unscale_latents(latents.to(self.device)).float())  # about [-1, 1]
+        return ((images + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def denoise(self, latents: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor | None, *, guidance_scale: float,
+                steps: int, sampler: str, eta: float = 0.0, guidance_interval: tuple[int, int] | None = None,
+                spacing: str = "uniform", timesteps: torch.Tensor | None = None,
+                callback: StepCallback | None = None, noise_fn: NoiseFn | None = None,
+                progress: bool = False) -> torch.Tensor:
+        """Run a sampler from ``latents`` (B, 4, 7, 7) to clean scaled latents, with CFG towards ``labels``.
+
+        One batch, no checks (take the settings from ``sampling_options``). labels: (B,) class indices,
+        or (B, num_classes + 1) float weights over the label embeddings (interpolation). seeds (B,):
+        step i of a stochastic sampler draws noise stream i + 1 of each sample's seed, unless
+        ``noise_fn(i)`` gives that noise. ``timesteps`` and ``callback`` are the samplers' hooks (start
+        part way; inspect or replace the state after each step); without ``timesteps`` the sampler visits
+        ``steps`` timesteps placed by ``spacing``. ``guidance_interval`` limits CFG to lo <= t <= hi.
+        """
+        device = self.device
+        x, y = latents.to(device), labels.to(device)
+        if noise_fn is None:
+            if seeds is None:
+                raise ValueError("denoise needs seeds (one per sample) or a noise_fn for the sampler's step noise")
+            seeds = seeds.to(device)
+
+            def noise_fn(i: int) -> torch.Tensor:
+                return seeded_normal(seeds, self.vae.latent_shape, stream=i + 1)
+        unet = getattr(self, "_unet_fn", self.unet)
+        if device.type == "cuda":  # bf16 for the UNet; the sampler's update maths stays in fp32
+            def unet_bf16(xx, tt, yy):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    return unet(xx, tt, yy).float()
+            model = unet_bf16
+        else:
+            model = unet
+        model_fn = cfg_model_fn(model, y, guidance_scale, null_label=self.num_classes, guidance_interval=guidance_interval)
+        kwargs = {"eta": eta} if sampler == "ddim" else {}
+        if timesteps is None:
+            timesteps = make_timesteps(self.alphas_cumprod, steps, spacing)
+        return SAMPLERS[sampler](model_fn, x, self.alphas_cumprod, None, self.config.diffusion.prediction,
+                                 noise_fn=noise_fn, progress=progress, timesteps=timesteps, callback=callback, **kwargs)
+
+    # ------------------------------------------------------------------ sampling
     @torch.no_grad()
     def generate(self, labels: Sequence[int] | torch.Tensor, guidance_scale: float | None = None,
                  steps: int | None = None, sampler: str | None = None, generator: torch.Generator | None = None,
@@ -137,64 +232,46 @@ class LatentDiffusion:
         elsewhere (default from config.json; pass [0, T-1] to guide at every step).
         spacing: which timesteps the sampler visits, "uniform" | "trailing" | "logsnr" | "karras".
         """
-        sc = self.config.sample
-        guidance_scale = sc.guidance_scale if guidance_scale is None else guidance_scale
-        steps = sc.steps if steps is None else steps
-        sampler = sc.sampler if sampler is None else sampler
-        eta = sc.eta if eta is None else eta
-        # Guidance interval and timestep spacing (issue 8): resolved here, applied in _sample_batch.
-        interval = check_guidance_interval(sc.guidance_interval if guidance_interval is None else guidance_interval,
-                                           self.config.diffusion.num_timesteps)
-        spacing = sc.spacing if spacing is None else spacing
-        if spacing not in SPACINGS:
-            raise ValueError(f"unknown spacing {spacing!r}; choose one of {sorted(SPACINGS)}")
-        y = self._check_labels(labels)
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.config.diffusion.num_timesteps:
-            raise ValueError(f"steps must be an integer in 1..{self.config.diffusion.num_timesteps}, got {steps!r}")
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
-            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-        if batch_size is None:  # measured: CPU throughput peaks near 256 and halves at 4096; GPUs want big batches
-            batch_size = 4096 if self.device.type == "cuda" else 256
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
-
-        timesteps = make_timesteps(self.alphas_cumprod, steps, spacing)
-        seeds = self._seeds(len(y), generator, seed)
+        y = self.check_labels(labels)
+        opts = self.sampling_options(guidance_scale, steps, sampler, eta, guidance_interval, spacing)
+        batch_size = self.check_batch_size(batch_size)
+        seeds = self.seeds(len(y), seed, generator)
         out = []
         for start in range(0, len(y), batch_size):
             sl = slice(start, start + batch_size)
-            out.append(self._sample_batch(y[sl], seeds[sl], float(guidance_scale), steps, sampler, float(eta), progress,
-                                          interval, timesteps))
+            out.append(self._sample_batch(y[sl], seeds[sl], opts, progress))
         return torch.cat(out)
 
-    def _sample_batch(self, y, seeds, guidance_scale, steps, sampler, eta, progress, guidance_interval=None,
-                      timesteps=None) -> torch.Tensor:
-        device = self.device
-        y, seeds = y.to(device), seeds.to(device)
-        x = seeded_normal(seeds, self.vae.latent_shape, stream=0)  # (B, 4, 7, 7)
-        unet = getattr(self, "_unet_fn", self.unet)
-        if device.type == "cuda":  # bf16 for the UNet; the sampler's update maths stays in fp32
-            def unet_bf16(xx, tt, yy):
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    return unet(xx, tt, yy).float()
-            model = unet_bf16
-        else:
-            model = unet
-        model_fn = cfg_model_fn(model, y, guidance_scale, null_label=self.num_classes, guidance_interval=guidance_interval)
-        kwargs = {"eta": eta} if sampler == "ddim" else {}
-        z = SAMPLERS[sampler](model_fn, x, self.alphas_cumprod, steps if timesteps is None else None,
-                              self.config.diffusion.prediction, timesteps=timesteps,
-                              noise_fn=lambda i: seeded_normal(seeds, self.vae.latent_shape, stream=i + 1),
-                              progress=progress, **kwargs)
-        decode = getattr(self, "_decode_fn", self.vae._decode)
-        images = decode(self.vae.unscale_latents(z).float())  # fp32 decode: (B, 1, 28, 28) in about [-1, 1]
-        return ((images + 1) / 2).clamp(0, 1)
+    def _sample_batch(self, y: torch.Tensor, seeds: torch.Tensor, opts: dict, progress: bool) -> torch.Tensor:
+        x = self.noise(seeds)  # (B, 4, 7, 7): stream 0 of each seed
+        return self.decode(self.denoise(x, y, seeds, progress=progress, **opts))
+
+
+    # ------------------------------------------------------------------ editing: thin calls into latentdiff.edit
+    def img2img(self, images: torch.Tensor, labels, strength: float, **kwargs) -> torch.Tensor:
+        """Class swap (SDEdit); see ``latentdiff.edit.img2img``."""
+        from . import edit  # edit builds on this module
+        return edit.img2img(self, images, labels, strength, **kwargs)
+
+    def inpaint(self, images: torch.Tensor, mask: torch.Tensor, labels, **kwargs) -> torch.Tensor:
+        """Fill the mask == 0 pixels; see ``latentdiff.edit.inpaint``."""
+        from . import edit
+        return edit.inpaint(self, images, mask, labels, **kwargs)
+
+    def interpolate_seeds(self, label: int, seed_a: int, seed_b: int, frames: int, **kwargs) -> torch.Tensor:
+        """One class, slerp between two seeds' noise; see ``latentdiff.edit.interpolate_seeds``."""
+        from . import edit
+        return edit.interpolate_seeds(self, label, seed_a, seed_b, frames, **kwargs)
+
+    def interpolate_classes(self, label_a: int, label_b: int, seed: int, frames: int, **kwargs) -> torch.Tensor:
+        """One seed, label embedding blended from label_a to label_b; see ``latentdiff.edit.interpolate_classes``."""
+        from . import edit
+        return edit.interpolate_classes(self, label_a, label_b, seed, frames, **kwargs)
+
+    def trajectory(self, labels, **kwargs):
+        """``generate`` keeping every step's x0 and noisy latent; see ``latentdiff.edit.trajectory``."""
+        from . import edit
+        return edit.trajectory(self, labels, **kwargs)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

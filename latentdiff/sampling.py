@@ -141,7 +141,8 @@ def cfg_model_fn(model: Callable, labels: torch.Tensor, guidance_scale: float, n
     """Classifier-free guidance (Ho & Salimans 2022) as a model function of (x, t).
 
     out = uncond + s * (cond - uncond): s = 1 is the conditional model alone, s = 0 the
-    unconditional one, s > 1 strengthens the label. One doubled batch per guided call.
+    unconditional one, s > 1 strengthens the label. One doubled batch per guided call. ``labels`` is (B,)
+    class indices, or (B, K+1) float weights over the label embeddings (the UNet blends them).
 
     guidance_interval [lo, hi]: guide only at timesteps lo <= t <= hi (inclusive, in the schedule's
     0..T-1; Kynkaanniemi et al. 2024); elsewhere the model is conditional only (s = 1) and runs the
@@ -151,7 +152,9 @@ def cfg_model_fn(model: Callable, labels: torch.Tensor, guidance_scale: float, n
     interval = check_guidance_interval(guidance_interval)
     if guidance_scale == 1.0:
         return lambda x, t: model(x, t, labels)
-    null = torch.full_like(labels, null_label)
+    null = torch.full(labels.shape[:1], null_label, dtype=torch.long, device=labels.device)
+    if labels.is_floating_point():  # (B, K+1) label-embedding weights: the null label is one-hot too
+        null = torch.nn.functional.one_hot(null, labels.shape[1]).to(labels.dtype)
 
     def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if guidance_scale == 0.0:

@@ -15,7 +15,7 @@ from .serialization import load_model, save_model
 
 
 class UNet(nn.Module):
-    """``unet(z_t, t, y)``: z_t (B,C,H,W), t (B,) timesteps, y (B,) labels in [0, num_classes]."""
+    """``unet(z_t, t, y)``: z_t (B,C,H,W), t (B,) timesteps, y (B,) labels in [0, num_classes] (or soft, see forward)."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -59,7 +59,13 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        emb = self.time_embed(timestep_embedding(t, self.config.channels[0])) + self.class_embed(y)  # (B, E)
+        # y: (B,) labels, or (B, num_classes + 1) float weights blending the label embeddings (interpolation);
+        # a weighted sum, not a matmul, so autocast keeps it fp32 and a one-hot row is exactly the lookup.
+        if y.is_floating_point():
+            label_emb = (y[:, :, None].to(self.class_embed.weight.dtype) * self.class_embed.weight).sum(1)  # (B, E)
+        else:
+            label_emb = self.class_embed(y)
+        emb = self.time_embed(timestep_embedding(t, self.config.channels[0])) + label_emb  # (B, E)
         h = self.conv_in(x)
         skips = [h]
         for blocks in self.down:

@@ -1,0 +1,47 @@
+"""python -m latentdiff.serve --model runs/ldm [--host 127.0.0.1] [--port 8000]: the page and the HTTP API."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..cli import run_main
+from . import require_serve_extra
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m latentdiff.serve", description=__doc__)
+    p.add_argument("--model", required=True, help="LDM run folder written by train_ldm.py (only read, never written)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if available")
+    p.add_argument("--max-images", type=int, default=100, help="digits per request (default 100)")
+    p.add_argument("--max-steps", type=int, default=200, help="sampler steps per request (default 200)")
+    args = p.parse_args(argv)
+    require_serve_extra()
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_images < 1 or args.max_steps < 1:
+        raise ValueError(f"--max-images and --max-steps must be >= 1, got {args.max_images} and {args.max_steps}")
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but this machine has no CUDA GPU; use --device cpu")
+
+    import uvicorn
+
+    from ..pipeline import LatentDiffusion
+    from .app import Limits, create_app
+
+    pipe = LatentDiffusion.from_pretrained(args.model, device=device)
+    app = create_app(pipe, args.model, Limits(max_images=args.max_images, max_steps=args.max_steps))
+    print(f"serving {args.model} on {pipe.device}: open http://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,64 @@
+"""Images in and out of the HTTP API: base64 PNG/JPEG -> (1, 1, 28, 28) tensors, tensors -> PNG bytes."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..pipeline import make_grid
+from .schema import invalid
+
+MODEL_SIDE = 28  # the model's input: 28x28 grayscale, white digit on black, like MNIST
+FORMATS = ("PNG", "JPEG")
+
+
+def decode_image(field: str, value: str, max_side: int) -> torch.Tensor:
+    """A base64 image (raw or a data: URL) -> (1, 1, 28, 28) float in [0, 1].
+
+    Square images from 28 to ``max_side`` pixels are averaged down to 28x28; transparent pixels count as
+    black, so a canvas with an alpha channel reads as drawn on black.
+    """
+    if value.startswith("data:"):
+        head, sep, value = value.partition(",")
+        if not sep or not head.endswith(";base64"):
+            raise invalid(field, "must be a base64 data: URL like data:image/png;base64,...")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid(field, "is not valid base64; send the PNG file's bytes base64-encoded") from None
+    try:
+        im = Image.open(io.BytesIO(raw))  # reads the header only; pixels load after the size check
+    except (UnidentifiedImageError, OSError):
+        raise invalid(field, f"is not an image; send a {' or '.join(FORMATS)} file") from None
+    if im.format not in FORMATS:
+        raise invalid(field, f"is a {im.format} image; send a {' or '.join(FORMATS)} file")
+    w, h = im.size
+    if w != h or not MODEL_SIDE <= w <= max_side:
+        raise invalid(field, f"must be a square image from {MODEL_SIDE}x{MODEL_SIDE} to {max_side}x{max_side} "
+                             f"pixels, got {w}x{h}")
+    try:
+        im.load()
+    except (OSError, SyntaxError, ValueError):
+        raise invalid(field, "is a truncated or corrupt image file") from None
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
+    im = im.convert("L")
+    if im.size != (MODEL_SIDE, MODEL_SIDE):
+        im = im.resize((MODEL_SIDE, MODEL_SIDE), Image.BOX)  # box filter: each pixel is the mean of its cell
+    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)[None, None]  # (1, 1, 28, 28)
+
+
+def png_bytes(images: torch.Tensor, nrow: int) -> bytes:
+    """(N, 1, 28, 28) in [0, 1] -> a PNG grid, ``nrow`` images per row."""
+    buf = io.BytesIO()
+    make_grid(images, nrow=nrow).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")

@@ -1,0 +1,191 @@
+// The latentdiff page: calls the JSON API of the server that served it. No libraries, works offline.
+"use strict";
+const $ = (id) => document.getElementById(id);
+const URL_KEYS = ["labels", "per_label", "guidance_scale", "steps", "sampler", "seed"];
+let info = null;
+
+async function api(path, body) {
+  const t0 = performance.now();
+  const res = await fetch(path, body === undefined ? {} : {
+    method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body)});
+  const data = await res.json().catch(() => ({error: `HTTP ${res.status}`}));
+  if (!res.ok) throw new Error(data.error || `HTTP ${res.status}`);
+  data.roundTrip = (performance.now() - t0) / 1000;
+  return data;
+}
+
+function showError(id, err) {
+  const box = $(id);
+  box.hidden = !err;
+  box.textContent = err ? String(err.message || err) : "";
+}
+
+async function busy(button, fn) {
+  const label = button.textContent;
+  button.disabled = true;
+  button.textContent = "Working…";
+  try { await fn(); } finally { button.disabled = false; button.textContent = label; }
+}
+
+// ---------------------------------------------------------------- sampling settings (shared)
+function sampling() {
+  const s = {guidance_scale: Number($("guidance-num").value), steps: Number($("steps").value), sampler: $("sampler").value};
+  if ($("seed").value !== "") s.seed = Number($("seed").value);
+  return s;
+}
+
+function setGuidance(v) { $("guidance").value = v; $("guidance-num").value = v; }
+
+function timing(r, n) {
+  return `${n} digit${n === 1 ? "" : "s"} in ${r.seconds.toFixed(2)} s on the model ` +
+         `(${r.roundTrip.toFixed(2)} s round trip) · seed ${r.settings.seed}`;
+}
+
+function scaleImage(img, scale) {
+  img.onload = () => { img.style.width = `${img.naturalWidth * scale}px`; };
+}
+
+// ---------------------------------------------------------------- generate
+function chosenClasses() {
+  return [...document.querySelectorAll("#classes input:checked")].map((el) => Number(el.value));
+}
+
+async function generate() {
+  showError("gen-error", null);
+  const labels = chosenClasses();
+  if (!labels.length) { showError("gen-error", "choose at least one digit"); return; }
+  const body = {labels, per_label: Number($("per-label").value), ...sampling()};
+  let r;
+  try { r = await api("/api/generate", body); } catch (e) { showError("gen-error", e); return; }
+  const img = $("grid");
+  scaleImage(img, Math.max(1, Math.min(4, Math.floor(560 / (r.columns * 30)))));
+  img.src = r.image;
+  $("gen-time").textContent = timing(r, r.count);
+  $("download").href = r.image;
+  $("download").download = `latentdiff_${r.settings.labels.join("")}_seed${r.settings.seed}.png`;
+  const query = new URLSearchParams();
+  for (const k of URL_KEYS) if (r.settings[k] !== undefined) query.set(k, [].concat(r.settings[k]).join(","));
+  history.replaceState(null, "", `?${query}`);  // this URL reproduces the grid exactly
+  $("share-url").value = location.href;
+  $("gen-result").hidden = false;
+}
+
+async function copyLink() {
+  try { await navigator.clipboard.writeText(location.href); } catch (e) { $("share-url").select(); document.execCommand("copy"); }
+  $("copied").hidden = false;
+  setTimeout(() => { $("copied").hidden = true; }, 1500);
+}
+
+function applyQuery() {
+  const q = new URLSearchParams(location.search);
+  if (!q.has("labels")) return false;
+  const wanted = new Set(q.get("labels").split(",").map(Number));
+  document.querySelectorAll("#classes input").forEach((el) => { el.checked = wanted.has(Number(el.value)); });
+  if (q.has("per_label")) $("per-label").value = q.get("per_label");
+  if (q.has("guidance_scale")) setGuidance(q.get("guidance_scale"));
+  if (q.has("steps")) $("steps").value = q.get("steps");
+  if (q.has("sampler")) $("sampler").value = q.get("sampler");
+  if (q.has("seed")) $("seed").value = q.get("seed");
+  return true;
+}
+
+// ---------------------------------------------------------------- drawing canvas
+const draw = $("draw"), mask = $("mask");
+const dctx = draw.getContext("2d"), mctx = mask.getContext("2d");
+let maskPainted = false;
+
+function clearDrawing() { dctx.fillStyle = "#000"; dctx.fillRect(0, 0, draw.width, draw.height); }
+function clearMask() { mctx.clearRect(0, 0, mask.width, mask.height); maskPainted = false; }
+
+function setupCanvas() {
+  clearDrawing();
+  let last = null;
+  const tool = () => document.querySelector("input[name=tool]:checked").value;
+  const point = (e) => {
+    const r = mask.getBoundingClientRect();
+    return [(e.clientX - r.left) * mask.width / r.width, (e.clientY - r.top) * mask.height / r.height];
+  };
+  const stroke = (from, to) => {
+    const t = tool(), ctx = t === "mask" ? mctx : dctx;
+    ctx.strokeStyle = t === "pen" ? "#fff" : t === "mask" ? "#e5484d" : "#000";
+    ctx.lineWidth = Number($("brush").value);
+    ctx.lineCap = ctx.lineJoin = "round";
+    ctx.beginPath(); ctx.moveTo(...from); ctx.lineTo(...to); ctx.stroke();
+    if (t === "mask") maskPainted = true;
+  };
+  // Pointer events cover mouse, pen and touch alike; the overlay (mask) canvas is on top and takes them.
+  mask.addEventListener("pointerdown", (e) => {
+    mask.setPointerCapture(e.pointerId); last = point(e); stroke(last, last); e.preventDefault();
+  });
+  mask.addEventListener("pointermove", (e) => { if (last) { const p = point(e); stroke(last, p); last = p; } });
+  const end = () => { last = null; };
+  mask.addEventListener("pointerup", end);
+  mask.addEventListener("pointercancel", end);
+}
+
+function keepMask() {
+  // The API's mask is white = keep, black = fill; the brush paints what to fill.
+  const out = document.createElement("canvas");
+  out.width = mask.width; out.height = mask.height;
+  const src = mctx.getImageData(0, 0, mask.width, mask.height), ctx = out.getContext("2d");
+  const dst = ctx.createImageData(mask.width, mask.height);
+  for (let i = 0; i < src.data.length; i += 4) {
+    const v = src.data[i + 3] > 0 ? 0 : 255;
+    dst.data[i] = dst.data[i + 1] = dst.data[i + 2] = v; dst.data[i + 3] = 255;
+  }
+  ctx.putImageData(dst, 0, 0);
+  return out.toDataURL("image/png");
+}
+
+async function edit(kind) {
+  showError("edit-error", null);
+  if (kind === "inpaint" && !maskPainted) { showError("edit-error", "paint the area to fill with the Mask brush first"); return; }
+  const body = {image: draw.toDataURL("image/png"), label: Number($("target").value), count: Number($("count").value),
+                ...sampling()};
+  if (kind === "img2img") body.strength = Number($("strength").value);
+  else body.mask = keepMask();
+  let r;
+  try { r = await api(`/api/${kind}`, body); } catch (e) { showError("edit-error", e); return; }
+  scaleImage($("edit-input"), 3);
+  scaleImage($("edit-output"), r.count > 4 ? 2 : 3);
+  $("edit-input").src = r.input;
+  $("edit-output").src = r.image;
+  $("edit-time").textContent = `${kind === "img2img" ? "redrawn" : "filled"} as ${r.settings.label}: ` + timing(r, r.count);
+  $("edit-result").hidden = false;
+}
+
+// ---------------------------------------------------------------- start
+async function start() {
+  try { info = await api("/api/info"); } catch (e) { showError("gen-error", `cannot reach the server: ${e.message}`); return; }
+  const d = info.defaults;
+  $("model-info").textContent = `${info.model} · ${info.device} · ${info.classes.length} classes`;
+  $("classes").innerHTML = info.classes.map((c) =>
+    `<label><input type="checkbox" value="${c}" checked><span>${c}</span></label>`).join("");
+  $("target").innerHTML = info.classes.map((c) => `<option>${c}</option>`).join("");
+  $("sampler").innerHTML = info.samplers.map((s) => `<option>${s}</option>`).join("");
+  $("sampler").value = d.sampler;
+  $("steps").value = d.steps; $("steps").max = info.limits.max_steps;
+  $("seed").max = info.limits.max_seed;
+  setGuidance(d.guidance_scale);
+  $("per-label").max = $("count").max = info.limits.max_images;
+  for (const kind of ["img2img", "inpaint"]) {
+    if (!info.edits.includes(kind)) { $(kind).disabled = true; $(kind).title = "this server has no " + kind; }
+  }
+  $("guidance").oninput = () => { $("guidance-num").value = $("guidance").value; };
+  $("guidance-num").oninput = () => { $("guidance").value = $("guidance-num").value; };
+  $("seed-random").onclick = () => { $("seed").value = ""; };
+  $("all").onclick = () => document.querySelectorAll("#classes input").forEach((el) => { el.checked = true; });
+  $("none").onclick = () => document.querySelectorAll("#classes input").forEach((el) => { el.checked = false; });
+  $("generate").onclick = () => busy($("generate"), generate);
+  $("copy-link").onclick = copyLink;
+  $("strength").oninput = () => { $("strength-out").value = Number($("strength").value).toFixed(2); };
+  $("strength").value = d.strength;
+  $("strength").oninput();
+  $("clear-draw").onclick = clearDrawing;
+  $("clear-mask").onclick = clearMask;
+  $("img2img").onclick = () => busy($("img2img"), () => edit("img2img"));
+  $("inpaint").onclick = () => busy($("inpaint"), () => edit("inpaint"));
+  setupCanvas();
+  if (applyQuery()) busy($("generate"), generate);  // a shared link shows its grid straight away
+}
+start();

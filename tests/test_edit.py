@@ -1,0 +1,364 @@
+"""latentdiff.edit and latentdiff.latents: class swap, inpainting, interpolation, trajectories, stored latents.
+
+Tiny random models: the checks are exact identities (reconstruction, plain samples at the ends,
+batch-split independence, determinism), not image quality, which bench/edit_eval.py measures.
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO, tiny_pipeline
+from PIL import Image
+
+from latentdiff import edit
+from latentdiff.data import load_mnist
+from latentdiff.errors import DataError
+from latentdiff.latents import decode_latents, encode_split, load_latents, save_latents
+
+ATOL = 1e-5  # float rounding between batch shapes, as for generate
+LABELS = [3, 1, 4, 1, 5, 9]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_pipeline(seed=1)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+def recon(pipe, x):
+    return pipe.decode(pipe.encode(x))
+
+
+def close(a, b, atol=ATOL):
+    return torch.allclose(a, b, atol=atol, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- img2img
+def test_strength_0_is_the_reconstruction(tiny, digits):
+    out = edit.img2img(tiny, digits, LABELS, 0.0, seed=0)
+    assert out.shape == (6, 1, 28, 28) and torch.equal(out, recon(tiny, digits))
+
+
+@pytest.mark.parametrize("sampler", ["dpm++", "ddim", "ddpm"])
+def test_strength_1_is_generate(tiny, digits, sampler):
+    """Strength 1 starts from generate's own noise on generate's schedule, so the source is ignored."""
+    out = edit.img2img(tiny, digits, LABELS, 1.0, seed=7, sampler=sampler, eta=0.5, guidance_scale=2.0)
+    assert torch.equal(out, tiny.generate(LABELS, seed=7, sampler=sampler, eta=0.5, guidance_scale=2.0))
+
+
+def test_strength_moves_away_from_the_source(tiny, digits):
+    rec = recon(tiny, digits)
+    dist = [(edit.img2img(tiny, digits, 3, s, seed=0) - rec).abs().mean().item() for s in (0.0, 0.2, 1.0)]
+    assert dist[0] == 0 < dist[1] < dist[2]
+
+
+def test_img2img_uses_the_source_and_the_labels(tiny, digits):
+    a = edit.img2img(tiny, digits, 3, 0.6, seed=0, guidance_scale=3.0)
+    assert not close(a, edit.img2img(tiny, digits.flip(0), 3, 0.6, seed=0, guidance_scale=3.0), atol=1e-3)
+    assert not close(a, edit.img2img(tiny, digits, 8, 0.6, seed=0, guidance_scale=3.0), atol=1e-3)
+
+
+@pytest.mark.parametrize("sampler", ["dpm++", "ddpm"])
+def test_img2img_batch_split_and_seed(tiny, digits, sampler):
+    full = edit.img2img(tiny, digits, LABELS, 0.5, seed=3, sampler=sampler)
+    assert close(full, edit.img2img(tiny, digits, LABELS, 0.5, seed=3, sampler=sampler, batch_size=4))
+    assert close(full[:2], edit.img2img(tiny, digits[:2], LABELS[:2], 0.5, seed=3, sampler=sampler))
+    assert torch.equal(full, edit.img2img(tiny, digits, LABELS, 0.5, seed=3, sampler=sampler))
+    assert not close(full, edit.img2img(tiny, digits, LABELS, 0.5, seed=4, sampler=sampler), atol=1e-3)
+
+
+def test_img2img_accepts_n_28_28_and_a_generator(tiny, digits):
+    a = edit.img2img(tiny, digits[:, 0], 2, 0.4, generator=torch.Generator().manual_seed(1))
+    b = edit.img2img(tiny, digits, [2] * 6, 0.4, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("steps, strength, expected", [
+    (10, 1.0, None), (10, 0.5, 5), (10, 0.05, 1), (20, 0.3, 6), (1000, 0.002, 2)])
+def test_sdedit_timesteps(steps, strength, expected):
+    from latentdiff.sampling import sampling_timesteps
+    ts = edit.sdedit_timesteps(1000, steps, strength)
+    if expected is None:
+        assert torch.equal(ts, sampling_timesteps(1000, steps))
+    else:
+        assert len(ts) == expected and ts[0] == round(strength * 999) and (ts[-1] == 0 or len(ts) == 1)
+    assert bool((ts[1:] < ts[:-1]).all())
+
+
+# ---------------------------------------------------------------------------------------------- inpainting
+def test_all_keep_mask_is_the_reconstruction(tiny, digits):
+    assert torch.equal(edit.inpaint(tiny, digits, torch.ones(28, 28), LABELS, seed=0), recon(tiny, digits))
+
+
+def test_all_fill_mask_is_generate(tiny, digits):
+    out = edit.inpaint(tiny, digits, torch.zeros(1, 1, 28, 28), LABELS, seed=2, guidance_scale=2.0)
+    assert torch.equal(out, tiny.generate(LABELS, seed=2, guidance_scale=2.0))
+
+
+def test_half_mask_keeps_its_half(tiny, digits, monkeypatch):
+    """The final latents: kept cells are the source latents exactly, filled cells the model's, the seam a blend."""
+    final = []
+    decode = tiny.decode
+    monkeypatch.setattr(tiny, "decode", lambda z: final.append(z) or decode(z))
+    out = edit.inpaint(tiny, digits, edit.half_mask("left"), LABELS, seed=0, guidance_scale=2.0)
+    z, src = final[-1], tiny.encode(digits)  # (6, 4, 7, 7)
+    assert torch.equal(out, decode(z))
+    assert torch.equal(z[..., :3], src[..., :3])  # columns 0-2 cover pixels 0-11, all kept
+    assert (z[..., 4:] - src[..., 4:]).abs().mean() > 0.1  # pixels 16-27: filled
+    free = edit.inpaint(tiny, digits, torch.zeros(28, 28), LABELS, seed=0, guidance_scale=2.0)
+    assert not close(out[..., 20:], free[..., 20:], atol=1e-3)  # the fill depends on the kept half
+
+
+def test_inpaint_batch_split_and_per_image_masks(tiny, digits):
+    masks = torch.stack([edit.half_mask(s)[0] for s in ("left", "right", "top", "bottom", "left", "top")])
+    full = edit.inpaint(tiny, digits, masks, LABELS, seed=5, sampler="ddim", eta=1.0)
+    assert close(full, edit.inpaint(tiny, digits, masks, LABELS, seed=5, sampler="ddim", eta=1.0, batch_size=4))
+    one = edit.inpaint(tiny, digits[1:2], masks[1], LABELS[1], seed=6, sampler="ddim", eta=1.0)
+    assert close(full[1:2], one)  # image 1 uses seed 5 + 1
+
+
+def test_latent_mask_is_the_cell_average():
+    m = edit.latent_mask(edit.half_mask("left"), 7)  # 14 kept columns over cells of 4: 3 full, one half
+    assert m.shape == (1, 1, 7, 7)
+    assert m[0, 0, 0].tolist() == [1, 1, 1, 0.5, 0, 0, 0] and torch.equal(m[0, 0, :, 3], torch.full((7,), 0.5))
+
+
+# ---------------------------------------------------------------------------------------------- interpolation
+@pytest.mark.parametrize("sampler", ["dpm++", "ddpm"])
+def test_seed_interpolation_ends_are_plain_samples(tiny, sampler):
+    frames = edit.interpolate_seeds(tiny, 4, 10, 20, 5, sampler=sampler, guidance_scale=2.0)
+    assert frames.shape == (5, 1, 28, 28)
+    assert close(frames[0], tiny.generate([4], seed=10, sampler=sampler, guidance_scale=2.0)[0])
+    assert close(frames[-1], tiny.generate([4], seed=20, sampler=sampler, guidance_scale=2.0)[0])
+    assert not close(frames[2], frames[0], atol=1e-3) and not close(frames[2], frames[-1], atol=1e-3)
+    again = edit.interpolate_seeds(tiny, 4, 10, 20, 5, sampler=sampler, guidance_scale=2.0, batch_size=2)
+    assert close(frames, again)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_class_interpolation_ends_are_plain_samples(tiny, guidance):
+    frames = edit.interpolate_classes(tiny, 2, 7, 11, 4, guidance_scale=guidance)
+    assert close(frames[0], tiny.generate([2], seed=11, guidance_scale=guidance)[0])
+    assert close(frames[-1], tiny.generate([7], seed=11, guidance_scale=guidance)[0])
+    assert not close(frames[1], frames[0], atol=1e-3)
+    assert torch.equal(frames, edit.interpolate_classes(tiny, 2, 7, 11, 4, guidance_scale=guidance))
+
+
+def test_slerp_ends_and_norm():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 4, 7, 7, generator=g), torch.randn(1, 4, 7, 7, generator=g)
+    out = edit.slerp(a, b, torch.linspace(0, 1, 5))
+    assert torch.equal(out[0], a[0]) and torch.equal(out[-1], b[0])
+    # Unlike a lerp, the middle keeps the norm of Gaussian noise (a lerp would shrink it by ~1/sqrt 2).
+    assert abs(out[2].norm() / a.norm() - 1) < 0.15
+    assert torch.equal(edit.slerp(a, a, torch.tensor([0.0, 0.5])), torch.cat([a, a]))
+
+
+# ---------------------------------------------------------------------------------------------- trajectories
+@pytest.mark.parametrize("sampler", ["dpm++", "ddim"])
+def test_trajectory(tiny, sampler):
+    traj = edit.trajectory(tiny, [1, 2, 3], seed=0, steps=5, sampler=sampler, batch_size=2)
+    assert traj.x0.shape == (3, 5, 1, 28, 28) and traj.latents.shape == (3, 5, 4, 7, 7)
+    assert traj.timesteps.tolist()[-1] == -1 and len(traj.timesteps) == 5
+    assert bool((traj.timesteps[1:] < traj.timesteps[:-1]).all())
+    assert torch.equal(traj.x0[:, -1], traj.images)
+    assert close(traj.images, tiny.generate([1, 2, 3], seed=0, steps=5, sampler=sampler))
+    strip = edit.trajectory_strip(traj)
+    assert strip.size == (5 * 30 + 2, 6 * 30 + 2)  # 5 steps across; 2 rows per digit
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+BAD = [
+    ({"images": torch.rand(2, 3, 28, 28)}, "shape"),
+    ({"images": torch.rand(2, 1, 14, 14)}, "shape"),
+    ({"images": torch.rand(0, 1, 28, 28)}, "N >= 1"),
+    ({"images": torch.zeros(2, 1, 28, 28, dtype=torch.uint8)}, "255"),
+    ({"images": torch.full((2, 1, 28, 28), 2.0)}, r"\[0, 1\]"),
+    ({"images": torch.full((2, 1, 28, 28), float("nan"))}, "NaN"),
+    ({"images": np.zeros((2, 1, 28, 28))}, "torch tensor"),
+    ({"labels": [3, 4, 5]}, "one label per image"),
+    ({"labels": [10]}, "out of range"),
+    ({"labels": [1.5]}, "integer"),
+    ({"strength": 1.5}, "strength"),
+    ({"strength": -0.1}, "strength"),
+    ({"strength": float("nan")}, "strength"),
+    ({"strength": True}, "strength"),
+    ({"strength": "0.5"}, "strength"),
+    ({"seed": 1.5}, "seed"),
+    ({"guidance_scale": -1.0}, "guidance"),
+    ({"steps": 0}, "steps"),
+    ({"sampler": "euler"}, "sampler"),
+    ({"batch_size": 0}, "batch_size"),
+]
+
+
+@pytest.mark.parametrize("kwargs, word", BAD)
+def test_img2img_bad_inputs(tiny, kwargs, word):
+    args = {"images": torch.rand(2, 1, 28, 28), "labels": [1, 2], "strength": 0.5, "seed": 0, "steps": 2, **kwargs}
+    with pytest.raises(ValueError, match=word):
+        edit.img2img(tiny, **args)
+
+
+@pytest.mark.parametrize("mask, word", [
+    (torch.full((28, 28), 0.5), "0 \\(fill\\) or 1"),
+    (torch.ones(3, 1, 28, 28), "shape"),
+    (torch.ones(14, 14), "shape"),
+    (torch.ones(2, 2, 28, 28), "shape"),
+    ([[1] * 28] * 28, "torch tensor"),
+])
+def test_inpaint_bad_masks(tiny, mask, word):
+    with pytest.raises(ValueError, match=word):
+        edit.inpaint(tiny, torch.rand(2, 1, 28, 28), mask, [1, 2], seed=0, steps=2)
+
+
+def test_inpaint_accepts_bool_and_int_masks(tiny):
+    x = torch.rand(2, 1, 28, 28)
+    m = edit.half_mask("top")
+    a = edit.inpaint(tiny, x, m, 1, seed=0, steps=2)
+    assert torch.equal(a, edit.inpaint(tiny, x, m.bool(), 1, seed=0, steps=2))
+    assert torch.equal(a, edit.inpaint(tiny, x, m.long()[0], 1, seed=0, steps=2))
+
+
+@pytest.mark.parametrize("call, word", [
+    (lambda p: edit.interpolate_seeds(p, 3, 0, 1, 1), "frames"),
+    (lambda p: edit.interpolate_seeds(p, 3, 0, 1, 2.5), "frames"),
+    (lambda p: edit.interpolate_seeds(p, 3, 0.5, 1, 3), "seed_a"),
+    (lambda p: edit.interpolate_seeds(p, 3, 0, "1", 3), "seed_b"),
+    (lambda p: edit.interpolate_seeds(p, 11, 0, 1, 3), "out of range"),
+    (lambda p: edit.interpolate_classes(p, 3, 12, 0, 3), "out of range"),
+    (lambda p: edit.interpolate_classes(p, 3, 4, None, 3), "seed"),
+    (lambda p: edit.interpolate_classes(p, 3, 4, 0, 0), "frames"),
+    (lambda p: edit.interpolate_classes(p, 3, 4, 0, 3, eta=-1.0), "eta"),
+    (lambda p: edit.trajectory(p, [], seed=0), "empty"),
+    (lambda p: edit.trajectory(p, [1], seed=0, steps=101), "steps"),
+    (lambda p: edit.half_mask("middle"), "half"),
+])
+def test_other_bad_inputs(tiny, call, word):
+    with pytest.raises(ValueError, match=word):
+        call(tiny)
+
+
+# ---------------------------------------------------------------------------------------------- stored latents
+def test_encode_split_round_trip(tmp_path, mnist_dir):
+    tiny = tiny_pipeline(seed=1)
+    vae = tiny.vae.with_latent_stats(0.3, 1.7)
+    data = encode_split(vae, mnist_dir, "test")
+    images, labels = load_mnist(mnist_dir, "test")
+    assert data.latents.shape == (len(images), 4, 7, 7) and torch.equal(data.labels, labels)
+    save_latents(tmp_path / "z.safetensors", data, vae="tiny")
+    back = load_latents(tmp_path / "z.safetensors")
+    assert torch.equal(back.latents, data.latents) and torch.equal(back.labels, labels)
+    assert (back.scaling_factor, back.shift_factor) == (1.7, 0.3) and back.metadata["split"] == "test"
+    # Stored latents are the scaled posterior means, and decode with the file's own scale and shift.
+    x = images[:5].float().div(255).unsqueeze(1)
+    assert close(back.latents[:5], tiny.encode(x), atol=1e-5)
+    assert close(decode_latents(vae, back)[:5], recon(tiny, x), atol=1e-5)
+    assert len(encode_split(vae, mnist_dir, "test", limit=10).latents) == 10
+
+
+def test_bad_latent_files(tmp_path, tiny):
+    with pytest.raises(DataError, match="not found"):
+        load_latents(tmp_path / "none.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(DataError, match="truncated"):
+        load_latents(tmp_path / "junk.safetensors")
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(DataError, match="not a latents file"):
+        load_latents(tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="limit"):
+        encode_split(tiny.vae, tmp_path, limit=0)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def run_edit(args: list, monkeypatch, capsys) -> tuple[int, str, str]:
+    """Run edit.py's __main__ in this process; (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["edit.py", *map(str, args)])
+    code = 0
+    try:
+        runpy.run_path(str(REPO / "edit.py"), run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("edit") / "ldm"
+    tiny_pipeline(seed=2).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("cmd, extra, size", [
+    ("swap", ["--indices", "0", "1", "--to", "7", "--strengths", "0", "0.5", "1"], (4 * 30 + 2, 2 * 30 + 2)),
+    ("inpaint", ["--indices", "0", "1", "2", "--keep", "top", "--labels", "5"], (3 * 30 + 2, 3 * 30 + 2)),
+    ("interp-seeds", ["--labels", "1", "2", "--frames", "3"], (3 * 30 + 2, 2 * 30 + 2)),
+    ("interp-classes", ["--pairs", "3:8", "--frames", "4"], (4 * 30 + 2, 30 + 2)),
+    ("trajectory", ["--labels", "3", "--steps", "3"], (3 * 30 + 2, 2 * 30 + 2)),
+])
+def test_cli_pictures(saved, mnist_dir, tmp_path, monkeypatch, capsys, cmd, extra, size):
+    out = tmp_path / "x.png"
+    data = ["--data-dir", mnist_dir] if cmd in ("swap", "inpaint") else []
+    code, stdout, err = run_edit([cmd, "--model", saved, "--device", "cpu", "--out", out, *data, *extra], monkeypatch, capsys)
+    assert code == 0 and "wrote" in stdout, err
+    assert Image.open(out).size == size
+
+
+def test_cli_inpaint_mask_png(saved, mnist_dir, tmp_path, monkeypatch, capsys):
+    Image.fromarray((edit.half_mask("right")[0, 0].numpy() * 255).astype(np.uint8)).save(tmp_path / "m.png")
+    code, _, err = run_edit(["inpaint", "--model", saved, "--data-dir", mnist_dir, "--indices", "0", "--mask",
+                             tmp_path / "m.png", "--labels", "2", "--out", tmp_path / "x.png"], monkeypatch, capsys)
+    assert code == 0, err
+
+
+def test_cli_encode_decode(saved, mnist_dir, tmp_path, monkeypatch, capsys):
+    z = tmp_path / "z.safetensors"
+    code, stdout, err = run_edit(["encode", "--vae", saved / "vae", "--data-dir", mnist_dir, "--limit", "20",
+                                  "--out", z, "--device", "cpu"], monkeypatch, capsys)
+    assert code == 0 and "20 latents" in stdout, err
+    code, stdout, err = run_edit(["decode", "--vae", saved / "vae", "--latents", z, "--count", "12", "--nrow", "6",
+                                  "--out", tmp_path / "g.png", "--device", "cpu", "--zoom", "2"], monkeypatch, capsys)
+    assert code == 0 and Image.open(tmp_path / "g.png").size == (2 * (6 * 30 + 2), 2 * (2 * 30 + 2)), err
+
+
+@pytest.mark.parametrize("args, word", [
+    (["swap", "--to", "12"], "out of range"),
+    (["swap", "--to", "1", "--strengths", "1.5"], "strength"),
+    (["swap", "--to", "1", "--indices", "99999"], "indices"),
+    (["inpaint", "--labels", "1"], "exactly one of --keep"),
+    (["inpaint", "--labels", "1", "--mask", "missing.png"], "missing.png"),
+    (["interp-seeds", "--frames", "1"], "frames"),
+    (["interp-classes", "--pairs", "3-8"], "A:B"),
+    (["trajectory", "--steps", "0"], "steps"),
+    (["trajectory", "--zoom", "0"], "zoom"),
+])
+def test_cli_bad_input_is_one_line(saved, mnist_dir, tmp_path, monkeypatch, capsys, args, word):
+    data = ["--data-dir", mnist_dir] if args[0] in ("swap", "inpaint") else []
+    code, _, err = run_edit([*args, "--model", saved, "--out", tmp_path / "x.png", *data], monkeypatch, capsys)
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and word in err, err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_cli_decode_bad_file(saved, tmp_path, monkeypatch, capsys):
+    code, _, err = run_edit(["decode", "--vae", saved / "vae", "--latents", tmp_path / "no.safetensors",
+                             "--out", tmp_path / "g.png"], monkeypatch, capsys)
+    assert code == 2 and "not found" in err
+
+
+def test_pipeline_methods_delegate(tiny, digits):
+    m = edit.half_mask("top")
+    assert torch.equal(tiny.img2img(digits, 3, 0.5, seed=1), edit.img2img(tiny, digits, 3, 0.5, seed=1))
+    assert torch.equal(tiny.inpaint(digits, m, 3, seed=1), edit.inpaint(tiny, digits, m, 3, seed=1))
+    assert torch.equal(tiny.interpolate_seeds(3, 0, 1, 3), edit.interpolate_seeds(tiny, 3, 0, 1, 3))
+    assert torch.equal(tiny.interpolate_classes(3, 4, 0, 3), edit.interpolate_classes(tiny, 3, 4, 0, 3))
+    assert torch.equal(tiny.trajectory([2], seed=0).x0, edit.trajectory(tiny, [2], seed=0).x0)
