@@ -102,9 +102,10 @@ def _legend_below(ax: Axes) -> None:
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize="small", frameon=False)
 
 
-def _floor(ax: Axes, value: float | None, label: str, color: str = "0.35") -> None:
+def _floor(ax: Axes, value: float | None, label: str, color: str = "0.35", percent: bool = False) -> None:
+    """A dashed reference line at a real-data floor; its value goes in the legend (it may sit between ticks)."""
     if value is not None and math.isfinite(value):
-        ax.axhline(value, color=color, label=label, **FLOOR_STYLE)
+        ax.axhline(value, color=color, label=f"{label} ({value:.2%})" if percent else f"{label} ({value:.3g})", **FLOOR_STYLE)
 
 
 def _line(ax: Axes, xs: Sequence[float], ys: Sequence[float], label: str, **kw) -> str:
@@ -143,8 +144,8 @@ def guidance_accuracy_panel(ax: Axes, runs: list[dict], floor: dict) -> None:
     gx = [r["guidance_scale"] for r in runs]
     c1 = _line(ax, gx, [r["metrics"]["accuracy"] for r in runs], "accuracy")
     c2 = _line(ax, gx, [r["metrics"]["worst_class_accuracy"] for r in runs], "worst class")
-    _floor(ax, floor.get("accuracy"), "classifier on real test digits", c1)
-    _floor(ax, floor.get("worst_class_accuracy"), "its worst class", c2)
+    _floor(ax, floor.get("accuracy"), "classifier on real test digits", c1, percent=True)
+    _floor(ax, floor.get("worst_class_accuracy"), "its worst class", c2, percent=True)
     guidance_axis(ax, gx)
     percent_axis(ax, [r["metrics"][k] for r in runs for k in ("accuracy", "worst_class_accuracy")]
                  + [floor.get("accuracy", math.nan), floor.get("worst_class_accuracy", math.nan)], "accuracy")
@@ -181,7 +182,8 @@ def steps_panel(ax: Axes, runs: list[dict], floor: dict, key: str, label: str) -
         by_sampler.setdefault(r["sampler"], []).append(r)
     for name, rs in by_sampler.items():
         _line(ax, [r["steps"] for r in rs], [r["metrics"][key] for r in rs], name)
-    _floor(ax, floor.get(key), "real-data floor" if key != "accuracy" else "classifier on real test digits")
+    _floor(ax, floor.get(key), "classifier on real test digits" if key == "accuracy" else "real-data floor",
+           percent=key == "accuracy")
     steps_axis(ax, [r["steps"] for r in runs])
     values = [r["metrics"][key] for r in runs] + [floor.get(key, math.nan)]
     if key.endswith("accuracy"):

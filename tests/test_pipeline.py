@@ -150,3 +150,15 @@ def test_to_pil_and_grid():
     assert grid.size == (2 * 30 + 2, 3 * 30 + 2)
     arr = np.asarray(grid)
     assert arr[2:30, 2:30].tolist() == np.asarray(pils[0]).tolist()
+
+
+def test_make_grid_layout_is_torchvision_layout():
+    """Built on torchvision.utils.make_grid: same pixels; always nrow tiles wide; a lone image keeps its padding."""
+    import torchvision
+
+    images = torch.rand(7, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    tv = (torchvision.utils.make_grid(images, nrow=3, padding=1)[0] * 255).round().to(torch.uint8).numpy()
+    assert np.array_equal(np.asarray(make_grid(images, nrow=3, padding=1)), tv)
+    assert make_grid(images[:2], nrow=4).size == (4 * 30 + 2, 30 + 2)  # short row: still 4 tiles wide, black
+    one = np.asarray(make_grid(images[:1], nrow=1, padding=3))
+    assert one.shape == (34, 34) and one[:3].max() == 0 and one[3:31, 3:31].tolist() == np.asarray(to_pil(images[:1])[0]).tolist()

@@ -26,18 +26,17 @@ def load_samples(path: str | Path, num_classes: int = 10) -> tuple[torch.Tensor,
     """An .npz of samples -> (images float (N, 1, 28, 28) in [0, 1], labels int64 (N,)); DataError if unusable."""
     path = Path(path)
     images, labels, keys = _read(path)
-    where = f"{path} ({keys[0]!r}, {keys[1]!r})"
     _check_shapes(path, images, labels, keys)
     labels = _check_labels(path, labels, keys[1], num_classes)
     x = _check_images(path, images, keys[0])
     n = len(labels)
     if n < MIN_SAMPLES:
-        raise DataError(f"{where} holds {n} samples; the metrics need at least {MIN_SAMPLES} "
+        raise DataError(f"{path} holds {n} samples; the metrics need at least {MIN_SAMPLES} "
                         f"(covariances and k-NN radii need several samples): save more")
     counts = torch.bincount(labels, minlength=num_classes)
     thin = [c for c in range(num_classes) if 0 < counts[c] < MIN_PER_CLASS]
     if thin:
-        raise DataError(f"{where}: class {thin[0]} has {int(counts[thin[0]])} sample; every class present needs at least "
+        raise DataError(f"{path}: class {thin[0]} has {int(counts[thin[0]])} sample; every class present needs at least "
                         f"{MIN_PER_CLASS} (per-class FLD fits a covariance): add samples of it or drop it")
     return x.reshape(n, 1, 28, 28), labels
 
@@ -81,7 +80,7 @@ def _check_labels(path: Path, labels: np.ndarray, key: str, num_classes: int) ->
     if labels.dtype.kind == "f":
         bad = labels[~np.isfinite(labels) | (labels != np.round(labels))]
         if bad.size:
-            raise DataError(f"{path}: {key!r} must be integer class indices; found {bad.flat[0]!r}: store labels.astype(int)")
+            raise DataError(f"{path}: {key!r} must be integer class indices; found {float(bad.flat[0]):g}: store labels.astype(int)")
         labels = labels.astype(np.int64)
     elif labels.dtype.kind not in "iu":
         raise DataError(f"{path}: {key!r} has dtype {labels.dtype}; expected integer class indices 0..{num_classes - 1}")
@@ -95,11 +94,11 @@ def _check_images(path: Path, images: np.ndarray, key: str) -> torch.Tensor:
     if images.dtype == np.uint8:
         return torch.from_numpy(images).float().div(255)
     if images.dtype.kind != "f":
-        raise DataError(f"{path}: {key!r} has dtype {images.dtype}; save uint8 in [0, 255] or float in [0, 1]")
+        raise DataError(f"{path}: {key!r} has dtype {images.dtype}; save uint8 in [0, 255] (images.astype(np.uint8)) or float in [0, 1]")
     x = images.astype(np.float32)
     n_bad = int((~np.isfinite(x)).sum())
     if n_bad:
-        raise DataError(f"{path}: {key!r} holds {n_bad} NaN or infinite values; the generator's output is broken")
+        raise DataError(f"{path}: {key!r} holds {n_bad} NaN or infinite values; the generator produced invalid pixels: regenerate those samples")
     lo, hi = float(x.min()), float(x.max())
     if lo < 0 or hi > 1:
         fix = ("map [-1, 1] images with (x + 1) / 2" if lo >= -1 and hi <= 1 else
