@@ -23,36 +23,46 @@ _plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.2, 5, 1000: never 10^-1 or 2.
 
 # ------------------------------------------------------------------------------------------ axes
 def steps_axis(ax: Axes, steps: Sequence[int], min_gap: float = 0.07) -> None:
-    """Log x axis with a tick at each step count run, labelled as the integer count.
-
-    Counts closer than ``min_gap`` of the axis width (15 next to 20) keep their tick but only the
-    rounder one keeps its label, so labels never run into each other.
-    """
+    """Log x axis with a tick at each step count run, labelled as the integer count (see _spaced)."""
     ticks = sorted({int(s) for s in steps})
     ax.set_xscale("log")
     ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.xaxis.set_minor_locator(NullLocator())
     if len(ticks) == 1:  # a lone point: give it room on both sides
         ax.set_xlim(ticks[0] / 1.5, ticks[0] * 1.5)
-    span = math.log10(ticks[-1] / ticks[0]) * 1.1 if len(ticks) > 1 else 1.0
-    labelled: list[int] = []
-    for t in sorted(ticks, key=lambda t: (-_roundness(t), t)):
-        if all(abs(math.log10(t / u)) >= min_gap * span for u in labelled):
-            labelled.append(t)
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0f}" if round(v) in labelled else ""))
+    ax.xaxis.set_major_formatter(_labels_for(_spaced(ticks, math.log10, min_gap), "{:.0f}"))
     ax.set_xlabel("sampler steps (log scale)")
 
 
-def _roundness(n: int) -> int:
-    """How many of 10, 5, 2 divide n: 1000 > 50 > 20 > 15 > 7."""
-    return sum(n % d == 0 for d in (10, 5, 2))
-
-
-def guidance_axis(ax: Axes, scales: Sequence[float]) -> None:
-    """Linear x axis with a tick at each guidance scale run."""
-    ax.xaxis.set_major_locator(FixedLocator(sorted(set(scales))))
-    ax.xaxis.set_major_formatter(_plain)
+def guidance_axis(ax: Axes, scales: Sequence[float], min_gap: float = 0.05) -> None:
+    """Linear x axis with a tick at each guidance scale run (see _spaced)."""
+    ticks = sorted(set(scales))
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(_labels_for(_spaced(ticks, float, min_gap), "{:g}"))
     ax.set_xlabel("guidance scale (1 = conditional only)")
+
+
+def _spaced(ticks: Sequence[float], pos, min_gap: float) -> list[float]:
+    """The ticks to label, roundest first, skipping any closer than ``min_gap`` of the axis to one kept.
+
+    Crowded values (15 next to 20 steps, 1.1 next to 1.2 on a 1..6 axis) keep their tick mark but
+    only the rounder one keeps its label, so labels never run into each other.
+    """
+    span = (pos(max(ticks)) - pos(min(ticks))) * 1.1 or 1.0
+    kept: list[float] = []
+    for t in sorted(ticks, key=lambda t: (-_roundness(t), t)):
+        if all(abs(pos(t) - pos(u)) >= min_gap * span for u in kept):
+            kept.append(t)
+    return kept
+
+
+def _roundness(x: float) -> int:
+    """How many of 10, 5, 2, 1, 0.5 divide x: 20 (5) before 15 (3) before 7 (2) before 1.2 (0)."""
+    return sum(abs(x / d - round(x / d)) < 1e-9 for d in (10, 5, 2, 1, 0.5))
+
+
+def _labels_for(kept: list[float], fmt: str) -> FuncFormatter:
+    return FuncFormatter(lambda v, _: fmt.format(v) if any(math.isclose(v, k) for k in kept) else "")
 
 
 class PercentTicks(Formatter):

@@ -8,7 +8,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from latentdiff.evaluate import main
-from latentdiff.plot import PercentTicks, loss_plot, steps_axis, sweep_plot
+from latentdiff.plot import PercentTicks, guidance_axis, loss_plot, steps_axis, sweep_plot
 
 
 def _run(g, sampler, steps, acc, fld, recall=0.8):
@@ -64,13 +64,19 @@ def test_steps_axis_shows_step_counts_on_a_log_scale():
     assert _labels(ax.xaxis) == ["5", "10", "20", "50", "1000"]  # counts, not log2 values like 2.322
 
 
-def test_crowded_step_ticks_keep_the_rounder_label():
+def test_crowded_ticks_keep_the_rounder_label():
     fig = Figure(figsize=(5, 3))
     ax = fig.add_subplot()
     ax.plot([10, 15, 20, 1000], [1, 2, 3, 4])
     steps_axis(ax, [10, 15, 20, 1000])
     fig.canvas.draw()
     assert _labels(ax.xaxis) == ["10", "", "20", "1000"]  # 15 keeps its tick, loses its label to 20
+    ax = fig.add_subplot(212)
+    scales = [1, 1.1, 1.2, 1.3, 1.5, 2, 3, 4, 6]
+    ax.plot(scales, scales)
+    guidance_axis(ax, scales)
+    fig.canvas.draw()
+    assert _labels(ax.xaxis) == ["1", "", "", "", "1.5", "2", "3", "4", "6"]
 
 
 def test_fld_axis_is_log_with_plain_numbers_and_floor_line():

@@ -31,6 +31,7 @@ from .sweep import choose_default, parse_sampler, run_sweep
 
 # ------------------------------------------------------------------------------------------ reporting
 def format_table(rows: list[tuple[str, str, str]], header: tuple[str, str, str] = ("metric", "model", "real floor")) -> str:
+    """Three left-aligned columns under a header and a rule."""
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(3)]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)) for r in rows]
@@ -42,6 +43,7 @@ def _pct(v: float) -> str:
 
 
 def metric_rows(m: dict, floor: dict | None) -> list[tuple[str, str, str]]:
+    """(metric, model value, floor value) rows for a sample_metrics dict and its real floor."""
     f = floor or {}
     spec = [("accuracy", "accuracy", _pct), ("worst-class accuracy", "worst_class_accuracy", _pct),
             (f"FLD (N={m['n']} vs {m['n_ref']} test)", "fld", "{:.3f}".format),
@@ -52,12 +54,10 @@ def metric_rows(m: dict, floor: dict | None) -> list[tuple[str, str, str]]:
     return rows
 
 
-
 def write_json(obj: dict, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
 
 
 # ------------------------------------------------------------------------------------------ commands

@@ -99,7 +99,6 @@ class Reference:
     logits: torch.Tensor  # (N, num_classes)
 
 
-
 def sample_metrics(feats: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, ref: Reference,
                    k: int = 3, num_classes: int = 10) -> dict:
     """All metrics of a labelled sample set vs the reference, from classifier outputs."""
