@@ -152,8 +152,9 @@ def cmd_samples(args) -> dict:
     r = score_images(clf, ref, images, labels, args.batch_size)
     counts = torch.bincount(labels, minlength=clf.config.num_classes).tolist()
     floor = real_floor(clf, args.data_dir, ref, counts, args.seed)  # real digits with the same class counts
-    present = sum(c > 0 for c in counts)
-    print(f"{args.file}: {len(labels)} samples of {present} classes ({min(c for c in counts if c)}-{max(counts)} per class), "
+    present = sorted({c for c in counts if c})
+    per_class = f"{present[0]}" if len(present) == 1 else f"{present[0]}-{present[-1]}"
+    print(f"{args.file}: {len(labels)} samples, {per_class} per class for {sum(c > 0 for c in counts)} classes; "
           f"scored in {r['metrics_s']:.1f} s")
     if floor["n"] != len(labels):
         print(f"note: the real floor uses {floor['n']} train digits (a class has fewer train digits than samples)")
