@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+import torchvision
 from PIL import Image
 
 from .config import DiffusionConfig, SampleConfig, from_dict, to_dict
@@ -281,12 +282,13 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def make_grid(images: torch.Tensor, nrow: int, padding: int = 2) -> Image.Image:
-    """(N, 1, H, W) in [0, 1] -> one PIL grid image, ``nrow`` images per row."""
-    n, _, h, w = images.shape
-    rows = math.ceil(n / nrow)
-    grid = torch.zeros(rows * (h + padding) + padding, nrow * (w + padding) + padding)
-    for i in range(n):
-        r, c = divmod(i, nrow)
-        top, left = padding + r * (h + padding), padding + c * (w + padding)
-        grid[top:top + h, left:left + w] = images[i, 0].float().cpu().clamp(0, 1)
+    """(N, 1, H, W) in [0, 1] -> one PIL grid image, ``nrow`` images per row (torchvision's layout, black padding)."""
+    x = images.detach().float().cpu().clamp(0, 1)
+    # Blank tiles up to a full first row: the grid is always nrow tiles wide, and torchvision returns a
+    # lone image without its padding.
+    x = torch.cat([x, x.new_zeros(max(nrow - len(x), 0), *x.shape[1:])])
+    if len(x) == 1:
+        grid = torch.nn.functional.pad(x[0, 0], [padding] * 4)
+    else:
+        grid = torchvision.utils.make_grid(x, nrow=nrow, padding=padding, pad_value=0.0)[0]  # (3, H', W') -> (H', W')
     return Image.fromarray((grid * 255).round().to(torch.uint8).numpy())

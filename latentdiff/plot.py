@@ -1,4 +1,9 @@
-"""Tiny line plots drawn with PIL (no matplotlib dependency): loss curves and sweep plots."""
+"""Figures for training and evaluation, drawn with matplotlib: the loss curve and the sweep panels.
+
+Built on ``matplotlib.figure.Figure`` directly (no pyplot): no display, no global state, no backend
+to select, safe inside a training process or a server. Each figure function returns its Figure (so
+tests can read the axes) and writes a PNG when given a path; each panel is one function of an Axes.
+"""
 
 from __future__ import annotations
 
@@ -6,47 +11,226 @@ import math
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image, ImageDraw
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import (FixedLocator, Formatter, FuncFormatter, LogLocator, MaxNLocator, NullFormatter,
+                               NullLocator)
 
-COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+LOG_SPAN = 5.0  # a value axis whose data spans more than this ratio gets a log scale
+FLOOR_STYLE = {"linestyle": "--", "linewidth": 1.2, "alpha": 0.8}
+_plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.2, 5, 1000: never 10^-1 or 2.322
 
 
-def line_plot(series: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | Path, title: str = "",
-              xlabel: str = "", ylabel: str = "", logy: bool = False, size: tuple[int, int] = (640, 400)) -> None:
-    """Plot named (xs, ys) series to a PNG; non-finite points are skipped."""
-    w, h = size
-    left, right, top, bottom = 70, 20, 30, 45
-    img = Image.new("RGB", size, "white")
-    d = ImageDraw.Draw(img)
-    fy = (lambda v: math.log10(v)) if logy else (lambda v: v)
-    pts = {k: [(x, fy(y)) for x, y in zip(xs, ys) if math.isfinite(y) and (y > 0 or not logy)] for k, (xs, ys) in series.items()}
-    allp = [p for v in pts.values() for p in v]
-    if not allp:
-        allp = [(0.0, 0.0), (1.0, 1.0)]
-    x0, x1 = min(p[0] for p in allp), max(p[0] for p in allp)
-    y0, y1 = min(p[1] for p in allp), max(p[1] for p in allp)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)
+# ------------------------------------------------------------------------------------------ axes
+def steps_axis(ax: Axes, steps: Sequence[int], min_gap: float = 0.07) -> None:
+    """Log x axis with a tick at each step count run, labelled as the integer count (see _spaced)."""
+    ticks = sorted({int(s) for s in steps})
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    if len(ticks) == 1:  # a lone point: give it room on both sides
+        ax.set_xlim(ticks[0] / 1.5, ticks[0] * 1.5)
+    ax.xaxis.set_major_formatter(_labels_for(_spaced(ticks, math.log10, min_gap), "{:.0f}"))
+    ax.set_xlabel("sampler steps (log scale)")
 
-    def to_px(x: float, y: float) -> tuple[float, float]:
-        return (left + (x - x0) / (x1 - x0) * (w - left - right), h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
 
-    d.rectangle([left, top, w - right, h - bottom], outline="black")
-    for i in range(5):  # axis ticks
-        yv = y0 + (y1 - y0) * i / 4
-        _, py = to_px(x0, yv)
-        d.text((4, py - 6), f"{10 ** yv:.3g}" if logy else f"{yv:.3g}", fill="black")
-        xv = x0 + (x1 - x0) * i / 4
-        px, _ = to_px(xv, y0)
-        d.text((px - 12, h - bottom + 6), f"{xv:.4g}", fill="black")
-    for i, (name, p) in enumerate(pts.items()):
-        color = COLORS[i % len(COLORS)]
-        if len(p) > 1:
-            d.line([to_px(*q) for q in p], fill=color, width=2)
-        for q in p if len(p) <= 20 else []:
-            px, py = to_px(*q)
-            d.ellipse([px - 3, py - 3, px + 3, py + 3], fill=color)
-        d.text((left + 10, top + 8 + 14 * i), name, fill=color)
-    d.text((left, 8), title, fill="black")
-    d.text((w // 2 - 20, h - 18), xlabel, fill="black")
-    d.text((4, top - 22), ylabel, fill="black")
-    img.save(path)
+def guidance_axis(ax: Axes, scales: Sequence[float], min_gap: float = 0.05) -> None:
+    """Linear x axis with a tick at each guidance scale run (see _spaced)."""
+    ticks = sorted(set(scales))
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(_labels_for(_spaced(ticks, float, min_gap), "{:g}"))
+    ax.set_xlabel("guidance scale (1 = conditional only)")
+
+
+def _spaced(ticks: Sequence[float], pos, min_gap: float) -> list[float]:
+    """The ticks to label, roundest first, skipping any closer than ``min_gap`` of the axis to one kept.
+
+    Crowded values (15 next to 20 steps, 1.1 next to 1.2 on a 1..6 axis) keep their tick mark but
+    only the rounder one keeps its label, so labels never run into each other.
+    """
+    span = (pos(max(ticks)) - pos(min(ticks))) * 1.1 or 1.0
+    kept: list[float] = []
+    for t in sorted(ticks, key=lambda t: (-_roundness(t), t)):
+        if all(abs(pos(t) - pos(u)) >= min_gap * span for u in kept):
+            kept.append(t)
+    return kept
+
+
+def _roundness(x: float) -> int:
+    """How many of 10, 5, 2, 1, 0.5 divide x: 20 (5) before 15 (3) before 7 (2) before 1.2 (0)."""
+    return sum(abs(x / d - round(x / d)) < 1e-9 for d in (10, 5, 2, 1, 0.5))
+
+
+def _labels_for(kept: list[float], fmt: str) -> FuncFormatter:
+    return FuncFormatter(lambda v, _: fmt.format(v) if any(math.isclose(v, k) for k in kept) else "")
+
+
+class PercentTicks(Formatter):
+    """Fractions as percentages with just the decimals the tick spacing needs: 99.5%, 99.92%, never 99.920%."""
+
+    ticks: list[float] = []
+
+    def set_locs(self, locs) -> None:
+        self.ticks = sorted(locs)
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        locs = self.ticks
+        step = min((b - a for a, b in zip(locs, locs[1:])), default=0.01) * 100
+        decimals = max(0, math.ceil(-math.log10(step) - 1e-9)) if step > 0 else 1
+        return f"{x * 100:.{decimals}f}%"
+
+
+def percent_axis(ax: Axes, values: Sequence[float], label: str) -> None:
+    """y in [0, 1] shown as percentages; never above 100% (a flat 100% line gets a sliver of room)."""
+    vals = [v for v in values if math.isfinite(v)]
+    if vals:
+        lo, hi = min(vals), max(vals)
+        pad = max((hi - lo) * 0.08, 0.001)
+        ax.set_ylim(lo - pad, min(hi + pad, 1.0 + pad / 2))
+    ax.yaxis.set_major_locator(MaxNLocator(7, steps=[1, 2, 5, 10], min_n_ticks=4))  # spacings PercentTicks can print exactly
+    ax.yaxis.set_major_formatter(PercentTicks())
+    ax.set_ylabel(f"{label} (%)")
+
+
+def value_axis(ax: Axes, values: Sequence[float], label: str) -> None:
+    """Plain-number y axis; logarithmic when the values span more than LOG_SPAN x (FLD at g=1 vs g=6)."""
+    pos = [v for v in values if math.isfinite(v) and v > 0]
+    if pos and max(pos) / min(pos) > LOG_SPAN:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
+        ax.yaxis.set_minor_locator(LogLocator(base=10, subs=tuple(range(1, 10))))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        label += " (log scale)"
+    else:
+        ax.yaxis.set_major_locator(MaxNLocator(6, steps=[1, 2, 2.5, 5, 10]))
+    ax.yaxis.set_major_formatter(_plain)
+    ax.set_ylabel(label)
+
+
+def _legend_below(ax: Axes) -> None:
+    """Legend under the axes, outside the data area, so it can never cover a point."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize="small", frameon=False)
+
+
+def _floor(ax: Axes, value: float | None, label: str, color: str = "0.35", percent: bool = False) -> None:
+    """A dashed reference line at a real-data floor; its value goes in the legend (it may sit between ticks)."""
+    if value is not None and math.isfinite(value):
+        ax.axhline(value, color=color, label=f"{label} ({value:.2%})" if percent else f"{label} ({value:.3g})", **FLOOR_STYLE)
+
+
+def _line(ax: Axes, xs: Sequence[float], ys: Sequence[float], label: str, **kw) -> str:
+    pts = sorted((x, y) for x, y in zip(xs, ys) if math.isfinite(y))
+    (line,) = ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label, **{"marker": "o", "markersize": 4, **kw})
+    return line.get_color()
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 110) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ loss
+def loss_plot(steps: Sequence[float], losses: Sequence[float], path: str | Path | None = None,
+              title: str = "training loss") -> Figure:
+    """Training loss against optimizer step (one point per logged interval)."""
+    fig = Figure(figsize=(7, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    _line(ax, steps, losses, "loss", markersize=2 if len(steps) > 50 else 4)
+    ax.set_xlabel("optimizer step")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    value_axis(ax, losses, "training loss (mean over the log interval)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------ sweep panels
+def guidance_accuracy_panel(ax: Axes, runs: list[dict], floor: dict) -> None:
+    """Conditional accuracy (all digits and the worst class) against guidance scale."""
+    gx = [r["guidance_scale"] for r in runs]
+    c1 = _line(ax, gx, [r["metrics"]["accuracy"] for r in runs], "accuracy")
+    c2 = _line(ax, gx, [r["metrics"]["worst_class_accuracy"] for r in runs], "worst class")
+    _floor(ax, floor.get("accuracy"), "classifier on real test digits", c1, percent=True)
+    _floor(ax, floor.get("worst_class_accuracy"), "its worst class", c2, percent=True)
+    guidance_axis(ax, gx)
+    percent_axis(ax, [r["metrics"][k] for r in runs for k in ("accuracy", "worst_class_accuracy")]
+                 + [floor.get("accuracy", math.nan), floor.get("worst_class_accuracy", math.nan)], "accuracy")
+    ax.set_title("accuracy vs guidance")
+
+
+def guidance_metric_panel(ax: Axes, runs: list[dict], floor: dict, key: str, label: str) -> None:
+    """One distance (FLD, per-class FLD) against guidance scale, with its real-data floor."""
+    gx = [r["guidance_scale"] for r in runs]
+    ys = [r["metrics"][key] for r in runs]
+    c = _line(ax, gx, ys, label)
+    _floor(ax, floor.get(key), "real-data floor", c)
+    guidance_axis(ax, gx)
+    value_axis(ax, ys + [floor.get(key, math.nan)], label)
+    ax.set_title(f"{label} vs guidance (lower is better)")
+
+
+def guidance_precision_recall_panel(ax: Axes, runs: list[dict], floor: dict) -> None:
+    """Precision (fidelity) and recall (diversity) against guidance scale, each with its floor."""
+    gx = [r["guidance_scale"] for r in runs]
+    for key in ("precision", "recall"):
+        c = _line(ax, gx, [r["metrics"][key] for r in runs], key)
+        _floor(ax, floor.get(key), f"{key} floor", c)
+    guidance_axis(ax, gx)
+    ax.yaxis.set_major_formatter(_plain)
+    ax.set_ylabel(f"precision / recall (k={runs[0]['metrics'].get('k', 3)})" if runs else "precision / recall")
+    ax.set_title("precision and recall vs guidance")
+
+
+def steps_panel(ax: Axes, runs: list[dict], floor: dict, key: str, label: str) -> None:
+    """One metric against sampler steps, a line per sampler, with the real-data floor."""
+    by_sampler: dict[str, list[dict]] = {}
+    for r in runs:
+        by_sampler.setdefault(r["sampler"], []).append(r)
+    for name, rs in by_sampler.items():
+        _line(ax, [r["steps"] for r in rs], [r["metrics"][key] for r in rs], name)
+    _floor(ax, floor.get(key), "classifier on real test digits" if key == "accuracy" else "real-data floor",
+           percent=key == "accuracy")
+    steps_axis(ax, [r["steps"] for r in runs])
+    values = [r["metrics"][key] for r in runs] + [floor.get(key, math.nan)]
+    if key.endswith("accuracy"):
+        percent_axis(ax, values, label)
+    else:
+        value_axis(ax, values, label)
+    ax.set_title(f"{label} vs steps")
+
+
+# ------------------------------------------------------------------------------------------ sweep figure
+def sweep_plot(sweep: dict, floor: dict, path: str | Path | None = None) -> Figure:
+    """The sweep as one 2x3 figure: four panels against guidance scale, then two against sampler steps.
+
+    ``sweep`` is what ``python -m latentdiff.evaluate sweep --out`` writes (its "guidance" and "sampler"
+    run lists); ``floor`` the real-data metrics at the same N.
+    """
+    g, s = sweep.get("guidance", []), sweep.get("sampler", [])
+    n = (g or s)[0]["metrics"].get("n") if (g or s) else None
+    fig = Figure(figsize=(15, 9.5), layout="constrained")
+    axes = fig.subplots(2, 3)
+    if g:
+        guidance_accuracy_panel(axes[0, 0], g, floor)
+        guidance_metric_panel(axes[0, 1], g, floor, "fld", "FLD")
+        guidance_metric_panel(axes[0, 2], g, floor, "fld_per_class_mean", "mean per-class FLD")
+        guidance_precision_recall_panel(axes[1, 0], g, floor)
+    if s:
+        steps_panel(axes[1, 1], s, floor, "fld", "FLD")
+        steps_panel(axes[1, 2], s, floor, "accuracy", "accuracy")
+    for ax in axes.flat:
+        if ax.has_data():
+            ax.grid(alpha=0.3)
+            _legend_below(ax)
+        else:
+            ax.set_axis_off()
+    n_text = f"; N = {n:,} samples per point (floors at the same N)" if n else ""
+    fig.suptitle(f"guidance sweep at {sweep.get('default_sampler', '?')}; sampler sweep at guidance "
+                 f"{sweep.get('sampler_guidance', math.nan):g}{n_text}")
+    if path is not None:
+        save_figure(fig, path)
+    return fig

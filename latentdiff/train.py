@@ -28,7 +28,7 @@ from .data import batch_indices, epoch_permutation, load_mnist, to_model_range
 from .diffusion import diffusion_loss, make_schedule
 from .errors import ConfigError, TrainingDiverged
 from .pipeline import LatentDiffusion, PipelineConfig, make_grid
-from .plot import line_plot
+from .plot import loss_plot
 from .tracking import finish_trackers, log_image, start_trackers, tracker_names
 from .unet import UNet
 from .vae import VAE, vae_loss
@@ -191,8 +191,8 @@ def _finish(run_dir: Path, preview_fn: Callable) -> None:
     """Final preview grid and the loss-curve PNG."""
     preview_fn(run_dir / "previews" / "final.png")
     metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln]
-    line_plot({"loss": ([m["step"] for m in metrics], [m["loss"] for m in metrics])}, run_dir / "loss.png",
-              title=f"training loss ({run_dir.name})", xlabel="step", ylabel="loss", logy=True)
+    loss_plot([m["step"] for m in metrics], [m["loss"] for m in metrics], run_dir / "loss.png",
+              title=f"training loss ({run_dir.name})")
 
 
 def _seed_all(seed: int) -> None:

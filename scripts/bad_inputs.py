@@ -28,6 +28,7 @@ from latentdiff.config import DiffusionConfig, SampleConfig, UNetConfig, VAEConf
 from latentdiff.data import load_mnist  # noqa: E402
 from latentdiff.runlock import RunLock  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
+from latentdiff.evaluate import load_samples  # noqa: E402
 
 ROWS: list[tuple[str, str, str]] = []
 
@@ -138,6 +139,31 @@ def main() -> None:
     with gzip.open(d / "train-labels-idx1-ubyte.gz", "wb") as f:
         f.write(np.array([2049, 10], ">i4").tobytes() + bytes(10))
     api("image and label files of different lengths", lambda: load_mnist(d))
+
+    # Another generator's samples for `python -m latentdiff.evaluate samples FILE.npz`.
+    npz = tmp / "npz"
+    npz.mkdir()
+    digits, labels = load_mnist(data, "test")
+    im, lb = digits.numpy()[:20], labels.numpy()[:20]  # two of each class
+    thin = lb.copy()
+    thin[np.flatnonzero(lb == 3)[0]] = 4
+    (npz / "notzip.npz").write_text("images,labels\n")
+    np.save(npz / "array.npy", im)
+    for name, arrays in [("keys", {"imgs": im, "lbls": lb}), ("shape", {"images": im[..., None], "labels": lb}),
+                         ("onehot", {"images": im, "labels": np.eye(10)[lb]}), ("count", {"images": im, "labels": lb[:19]}),
+                         ("range", {"images": im, "labels": lb + 1}), ("float_labels", {"images": im, "labels": lb + 0.5}),
+                         ("pm1", {"x": im / 127.5 - 1, "y": lb}), ("nan", {"images": np.full(im.shape, np.nan), "labels": lb}),
+                         ("few", {"images": im[:10], "labels": lb[:10]}), ("thin", {"images": im, "labels": thin})]:
+        np.savez(npz / f"{name}.npz", **arrays)
+    for what, name in [("a file that does not exist", "nope.npz"), ("a text file", "notzip.npz"),
+                       ("a `.npy` array", "array.npy"), ("keys `imgs`/`lbls`", "keys.npz"),
+                       ("images (N, 28, 28, 1)", "shape.npz"), ("one-hot labels (N, 10)", "onehot.npz"),
+                       ("19 labels for 20 images", "count.npz"), ("label 10", "range.npz"), ("labels like 0.5", "float_labels.npz"),
+                       ("float images in [-1, 1]", "pm1.npz"), ("NaN images", "nan.npz"), ("10 samples", "few.npz"),
+                       ("a class with 1 sample", "thin.npz")]:
+        api(f"`evaluate samples`: {what}", lambda name=name: load_samples(npz / name))
+    cli("`python -m latentdiff.evaluate samples` of a mismatched file",
+        ["-m", "latentdiff.evaluate", "samples", str(npz / "count.npz"), "--classifier", str(tmp / "clf")])
 
     tiny = ["--set", "model.channels=[8,16,16]", "--set", "train.steps=2", "--set", "train.batch_size=8",
             "--set", "train.log_every=1", "--set", "train.checkpoint_every=1", "--set", "train.preview_every=0"]

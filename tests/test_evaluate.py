@@ -181,10 +181,11 @@ def test_sweep_plot_writes_png(tmp_path):
     sweep = {"default_sampler": "dpm++:20", "sampler_guidance": 3.0,
              "guidance": [_run(g, "dpm++", 20, 0.9 + g / 100, 5 - g) for g in (1, 2, 3)],
              "sampler": [_run(3, s, n, 0.95, 10 / n) for s in ("dpm++", "ddim") for n in (5, 10, 20)]}
-    sweep_plot(sweep, {"fld": 0.5, "fld_per_class_mean": 0.7, "accuracy": 0.99}, tmp_path / "sweep.png")
+    fig = sweep_plot(sweep, {"fld": 0.5, "fld_per_class_mean": 0.7, "accuracy": 0.99}, tmp_path / "sweep.png")
     from PIL import Image
 
-    assert Image.open(tmp_path / "sweep.png").size == (1280, 800)
+    assert Image.open(tmp_path / "sweep.png").size == (1650, 1045)  # 15 x 9.5 inches at 110 dpi
+    assert [ax.get_title() for ax in fig.axes][-2:] == ["FLD vs steps", "accuracy vs steps"]  # axis details: test_plot.py
 
 
 # ----------------------------------------------------------------------------- classifier
@@ -220,7 +221,7 @@ def test_train_classifier_steps_and_roundtrip(tiny_mnist, tmp_path):
 
 def test_cli_classifier_command(tiny_mnist, tmp_path, monkeypatch):
     """End to end on tiny data: trains a (default-size, 1 step) classifier, prints floors, writes JSON."""
-    import latentdiff.evaluate as ev
+    import latentdiff.evaluate.classifier as ev
 
     real_train = ev.train_classifier
     monkeypatch.setattr(ev, "train_classifier", lambda root, out, device: real_train(
@@ -234,7 +235,7 @@ def test_cli_classifier_command(tiny_mnist, tmp_path, monkeypatch):
 
 def test_cli_ldm_vae_sweep_end_to_end(tiny_mnist, tmp_path, monkeypatch):
     """The three model commands on a tiny untrained pipeline: plumbing, JSON and plot, not quality."""
-    import latentdiff.evaluate as ev
+    import latentdiff.evaluate.classifier as ev
     from latentdiff import LatentDiffusion, UNet, UNetConfig, VAE, VAEConfig
 
     torch.manual_seed(0)

@@ -238,3 +238,13 @@ def test_saved_interval_beyond_the_schedule_is_a_load_error(tmp_path):
     (tmp_path / "ldm" / "config.json").write_text(json.dumps(data))
     with pytest.raises(ModelLoadError, match=r"sample.guidance_interval .* <= 99"):
         LatentDiffusion.from_pretrained(tmp_path / "ldm")
+def test_make_grid_layout_is_torchvision_layout():
+    """Built on torchvision.utils.make_grid: same pixels; always nrow tiles wide; a lone image keeps its padding."""
+    import torchvision
+
+    images = torch.rand(7, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    tv = (torchvision.utils.make_grid(images, nrow=3, padding=1)[0] * 255).round().to(torch.uint8).numpy()
+    assert np.array_equal(np.asarray(make_grid(images, nrow=3, padding=1)), tv)
+    assert make_grid(images[:2], nrow=4).size == (4 * 30 + 2, 30 + 2)  # short row: still 4 tiles wide, black
+    one = np.asarray(make_grid(images[:1], nrow=1, padding=3))
+    assert one.shape == (34, 34) and one[:3].max() == 0 and one[3:31, 3:31].tolist() == np.asarray(to_pil(images[:1])[0]).tolist()

@@ -1,0 +1,114 @@
+"""Scoring against the MNIST test digits: the reference set, the real-data floor, LDM and VAE evaluation.
+
+Frechet distances and k-NN radii are biased by the sample size N, so every score carries its N and
+sits next to a real-data floor computed at the same N (and the same class counts): train digits
+scored against test digits.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..data import load_mnist
+from .classifier import Classifier, extract, to_unit
+from .metrics import (Reference, balanced_subset, class_accuracy, frechet_distance_features, precision_recall, psnr,
+                      sample_metrics)
+
+
+def reference_set(clf: Classifier, data_root: str | Path | None) -> Reference:
+    """Classifier features of the MNIST test split."""
+    images, labels = load_mnist(data_root, "test")
+    feats, logits = extract(clf, to_unit(images))
+    return Reference(feats, labels, logits)
+
+
+def real_floor(clf: Classifier, data_root: str | Path | None, ref: Reference, n_per_class: int | Sequence[int] = 1000,
+               seed: int = 0, k: int = 3) -> dict:
+    """The metrics for real digits: ``n_per_class`` train digits per class (or one count per class) vs the test reference.
+
+    This is what a perfect generator would score at the same N. Accuracy is the exception: the classifier
+    has seen the train digits, so the accuracy floor is its accuracy on the (unseen) test digits.
+    """
+    images, labels = load_mnist(data_root, "train")
+    idx = balanced_subset(labels, n_per_class, seed, clf.config.num_classes)
+    feats, logits = extract(clf, to_unit(images[idx]))
+    out = sample_metrics(feats, logits, labels[idx], ref, k, clf.config.num_classes)
+    out.update(class_accuracy(ref.logits.argmax(1), ref.labels, clf.config.num_classes))
+    out["accuracy_on"] = "test split (the classifier trained on train)"
+    return out
+
+
+def score_images(clf: Classifier, ref: Reference, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000) -> dict:
+    """Metrics of any labelled image set: float images (N, 1, 28, 28) in [0, 1], labels (N,)."""
+    t0 = time.perf_counter()
+    feats, logits = extract(clf, images, batch_size)
+    metrics = sample_metrics(feats, logits, labels, ref, num_classes=clf.config.num_classes)
+    return {"metrics": metrics, "metrics_s": time.perf_counter() - t0}
+
+
+def generate_balanced(pipe, n_per_class: int, guidance: float | None = None, sampler: str | None = None,
+                      steps: int | None = None, seed: int = 0, batch_size: int = 500,
+                      progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n_per_class`` digits of every class -> (images (N, 1, 28, 28) in [0, 1] on the CPU, labels (N,)).
+
+    Sample i uses seed + i whatever the batching, so runs at different guidance scales share their noise.
+    """
+    labels = torch.arange(pipe.num_classes).repeat_interleave(n_per_class)
+    out = []
+    with tqdm(total=len(labels), desc=f"generate g={guidance} {sampler}:{steps}", disable=not progress,
+              unit="img", dynamic_ncols=True) as bar:
+        for start in range(0, len(labels), batch_size):
+            y = labels[start:start + batch_size]
+            out.append(pipe.generate(y, guidance_scale=guidance, steps=steps, sampler=sampler, seed=seed + start,
+                                     batch_size=batch_size).cpu())
+            bar.update(len(y))
+    return torch.cat(out), labels
+
+
+def evaluate_ldm(pipe, clf: Classifier, ref: Reference, n_per_class: int = 1000, guidance: float | None = None,
+                 sampler: str | None = None, steps: int | None = None, seed: int = 0, batch_size: int = 500,
+                 progress: bool = True) -> dict:
+    """Generate a class-balanced set and score it; returns settings, metrics and timings."""
+    sc = pipe.config.sample
+    settings = {"guidance_scale": sc.guidance_scale if guidance is None else float(guidance),
+                "sampler": sampler or sc.sampler, "steps": sc.steps if steps is None else steps,
+                "seed": seed, "n_per_class": n_per_class}
+    t0 = time.perf_counter()
+    images, labels = generate_balanced(pipe, n_per_class, settings["guidance_scale"], settings["sampler"],
+                                       settings["steps"], seed, batch_size, progress)
+    generate_s = time.perf_counter() - t0
+    return {**settings, **score_images(clf, ref, images, labels), "generate_s": generate_s, "images": images}
+
+
+@torch.no_grad()
+def evaluate_vae(vae, clf: Classifier, ref: Reference, data_root: str | Path | None, batch_size: int = 500) -> dict:
+    """Reconstruction metrics on the test split (posterior means, no sampling) and scaled-latent statistics."""
+    device = next(vae.parameters()).device
+    images, labels = load_mnist(data_root, "test")
+    x = to_unit(images)
+    recon, latents = [], []
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].to(device)
+        posterior = vae.encode(xb * 2 - 1)
+        latents.append(vae.scale_latents(posterior.mean).cpu())
+        recon.append(((vae.decode(posterior.mean) + 1) / 2).cpu())  # [-1, 1] -> [0, 1]
+    recon, z = torch.cat(recon), torch.cat(latents)  # (N, 1, 28, 28), (N, C, h, w)
+    mse_per_image = (recon.double() - x.double()).square().mean((1, 2, 3))
+    feats, logits = extract(clf, recon)
+    acc = class_accuracy(logits.argmax(1), labels, clf.config.num_classes)
+    precision, recall = precision_recall(ref.features, feats)
+    zc = z.transpose(0, 1).flatten(1).double()  # (C, N*h*w)
+    return {"mse": mse_per_image.mean().item(), "psnr": psnr(mse_per_image.mean()),
+            "psnr_mean_per_image": sum(psnr(m) for m in mse_per_image.tolist()) / len(mse_per_image),
+            "accuracy": acc["accuracy"], "worst_class_accuracy": acc["worst_class_accuracy"],
+            "worst_class": acc["worst_class"], "accuracy_originals": class_accuracy(ref.logits.argmax(1), ref.labels)["accuracy"],
+            "fld": frechet_distance_features(feats, ref.features), "precision": precision, "recall": recall,
+            "n": len(x), "latent_mean": zc.mean(1).tolist(), "latent_std": zc.std(1).tolist(),
+            "latent_mean_all": zc.mean().item(), "latent_std_all": zc.std().item(),
+            "scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.shift_factor}
+
