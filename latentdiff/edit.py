@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .pipeline import LatentDiffusion, make_grid
+from .timesteps import make_timesteps
 
 
 # ---------------------------------------------------------------------------------------- input checks
@@ -98,16 +99,16 @@ def _noised(pipe: LatentDiffusion, z: torch.Tensor, eps: torch.Tensor, t: int) -
 
 
 # ---------------------------------------------------------------------------------------- img2img (SDEdit)
-def sdedit_timesteps(num_timesteps: int, steps: int, strength: float) -> torch.Tensor:
-    """Descending timesteps from t0 = round(strength * (T-1)) to 0, ceil(strength * steps) of them.
+def sdedit_timesteps(alphas_cumprod: torch.Tensor, steps: int, strength: float,
+                     spacing: str = "uniform") -> torch.Tensor:
+    """t0 = round(strength * (T-1)), then the timesteps below t0 of a full ``steps``-step run with ``spacing``.
 
-    The step density matches a full run of ``steps``; strength 1 gives exactly the full schedule.
+    The step density is the full run's (about strength * steps steps for uniform spacing), and strength
+    1 gives exactly the full schedule, so img2img at strength 1 is ``generate``.
     """
-    t0 = round(strength * (num_timesteps - 1))
-    n = min(max(1, math.ceil(strength * steps)), t0 + 1)  # spacing >= 1, so rounding keeps them distinct
-    if n == 1:
-        return torch.tensor([t0])
-    return torch.linspace(t0, 0, n, dtype=torch.float64).round().long()
+    t0 = round(strength * (alphas_cumprod.shape[0] - 1))
+    full = make_timesteps(alphas_cumprod, steps, spacing)
+    return torch.cat([torch.tensor([t0]), full[full < t0]])
 
 
 @torch.no_grad()
@@ -123,7 +124,7 @@ def img2img(pipe: LatentDiffusion, images: torch.Tensor, labels, strength: float
     y, s = _labels_for(pipe, labels, n), check_strength(strength)
     opts, batch_size = pipe.sampling_options(**sampling), pipe.check_batch_size(batch_size)
     seeds = pipe.seeds(n, seed, generator)
-    ts = sdedit_timesteps(pipe.config.diffusion.num_timesteps, opts["steps"], s)
+    ts = sdedit_timesteps(pipe.alphas_cumprod, opts["steps"], s, opts["spacing"])
 
     def run(sl: slice) -> torch.Tensor:
         z = pipe.encode(x[sl])  # (B, 4, 7, 7)

@@ -82,16 +82,23 @@ def test_img2img_accepts_n_28_28_and_a_generator(tiny, digits):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("steps, strength, expected", [
-    (10, 1.0, None), (10, 0.5, 5), (10, 0.05, 1), (20, 0.3, 6), (1000, 0.002, 2)])
-def test_sdedit_timesteps(steps, strength, expected):
-    from latentdiff.sampling import sampling_timesteps
-    ts = edit.sdedit_timesteps(1000, steps, strength)
-    if expected is None:
-        assert torch.equal(ts, sampling_timesteps(1000, steps))
-    else:
-        assert len(ts) == expected and ts[0] == round(strength * 999) and (ts[-1] == 0 or len(ts) == 1)
-    assert bool((ts[1:] < ts[:-1]).all())
+@pytest.mark.parametrize("spacing", ["uniform", "logsnr", "karras", "trailing"])
+@pytest.mark.parametrize("steps, strength", [(10, 1.0), (10, 0.5), (10, 0.05), (20, 0.3), (1000, 0.002), (5, 0.0)])
+def test_sdedit_timesteps(steps, strength, spacing):
+    from latentdiff.diffusion import make_schedule
+    from latentdiff.timesteps import make_timesteps
+    abar = make_schedule("cosine", 1000)
+    ts, full = edit.sdedit_timesteps(abar, steps, strength, spacing), make_timesteps(abar, steps, spacing)
+    assert ts[0] == round(strength * 999) and bool((ts[1:] < ts[:-1]).all())
+    assert torch.equal(ts[1:], full[full < ts[0]])  # the full run's own timesteps below t0
+    if strength == 1.0:
+        assert torch.equal(ts, full)
+
+
+def test_img2img_strength_one_is_generate_with_any_spacing(tiny, digits):
+    for spacing in ("logsnr", "karras"):
+        assert torch.equal(edit.img2img(tiny, digits, LABELS, 1.0, seed=5, spacing=spacing),
+                           tiny.generate(LABELS, seed=5, spacing=spacing))
 
 
 # ---------------------------------------------------------------------------------------------- inpainting
