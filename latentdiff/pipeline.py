@@ -173,8 +173,12 @@ class LatentDiffusion:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, 4, 7, 7) -> images (B, 1, 28, 28) in [0, 1] (fp32 decode)."""
+        latents = latents.to(self.device)
+        if not torch.isfinite(latents).all():  # one sync per batch; NaN digits would hide where things broke
+            raise ValueError(f"decode got latents with {int((~torch.isfinite(latents)).sum())} NaN/inf value(s): they "
+                             "come from upstream (a diverged model, an extreme guidance_scale, corrupt input); pass finite latents")
         decode = getattr(self, "_decode_fn", self.vae._decode)
-        images = decode(self.vae.unscale_latents(latents.to(self.device)).float())  # about [-1, 1]
+        images = decode(self.vae.unscale_latents(latents).float())  # about [-1, 1]
         return ((images + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()

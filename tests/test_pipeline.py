@@ -248,3 +248,11 @@ def test_make_grid_layout_is_torchvision_layout():
     assert make_grid(images[:2], nrow=4).size == (4 * 30 + 2, 30 + 2)  # short row: still 4 tiles wide, black
     one = np.asarray(make_grid(images[:1], nrow=1, padding=3))
     assert one.shape == (34, 34) and one[:3].max() == 0 and one[3:31, 3:31].tolist() == np.asarray(to_pil(images[:1])[0]).tolist()
+
+
+def test_decode_refuses_non_finite_latents(pipe):
+    z = torch.zeros(2, *pipe.vae.latent_shape)
+    assert pipe.decode(z).shape == (2, 1, 28, 28)
+    z[1, 0, 3, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN/inf"):
+        pipe.decode(z)
