@@ -16,6 +16,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import (FixedLocator, Formatter, FuncFormatter, LogLocator, MaxNLocator, NullFormatter,
                                NullLocator)
 
+from .sampling import interval_label
+
 LOG_SPAN = 5.0  # a value axis whose data spans more than this ratio gets a log scale
 FLOOR_STYLE = {"linestyle": "--", "linewidth": 1.2, "alpha": 0.8}
 _plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.2, 5, 1000: never 10^-1 or 2.322
@@ -149,37 +151,67 @@ def loss_plot(steps: Sequence[float], losses: Sequence[float], path: str | Path 
 
 
 # ------------------------------------------------------------------------------------------ sweep panels
-def guidance_accuracy_panel(ax: Axes, runs: list[dict], floor: dict) -> None:
-    """Conditional accuracy (all digits and the worst class) against guidance scale."""
-    gx = [r["guidance_scale"] for r in runs]
-    c1 = _line(ax, gx, [r["metrics"]["accuracy"] for r in runs], "accuracy")
-    c2 = _line(ax, gx, [r["metrics"]["worst_class_accuracy"] for r in runs], "worst class")
-    _floor(ax, floor.get("accuracy"), "classifier on real test digits", c1, percent=True)
-    _floor(ax, floor.get("worst_class_accuracy"), "its worst class", c2, percent=True)
-    guidance_axis(ax, gx)
+def interval_groups(runs: list[dict], num_timesteps: int | None = None) -> list[tuple[str | None, list[dict]]]:
+    """Guidance runs split by guidance interval, in sweep order, as (label, runs): "t in [100, 800]" or
+    "every step". A single group (label None) when the runs share one interval or carry none (older sweeps)."""
+    groups: dict[tuple | None, list[dict]] = {}
+    for r in runs:
+        iv = r.get("guidance_interval")
+        groups.setdefault(None if iv is None else tuple(iv), []).append(r)
+    if len(groups) <= 1:
+        return [(None, runs)]
+    return [(interval_label(iv, num_timesteps), rs) for iv, rs in groups.items()]
+
+
+def _named(metric: str, group: str | None) -> str:
+    return metric if group is None else f"{metric}, {group}"
+
+
+def _pair_panel(ax: Axes, runs: list[dict], floor: dict, keys: tuple[str, str], names: tuple[str, str],
+                floor_names: tuple[str, str], num_timesteps: int | None) -> None:
+    """Two metrics against guidance scale, a line pair per guidance interval, each metric with its floor.
+
+    One interval: two colours, each floor in its metric's colour. Several: one colour per interval, the
+    second metric dotted, the floors grey.
+    """
+    groups = interval_groups(runs, num_timesteps)
+    multi = len(groups) > 1
+    for group, rs in groups:
+        gx = [r["guidance_scale"] for r in rs]
+        c1 = _line(ax, gx, [r["metrics"][keys[0]] for r in rs], _named(names[0], group))
+        c2 = _line(ax, gx, [r["metrics"][keys[1]] for r in rs], _named(names[1], group),
+                   **({"color": c1, "linestyle": ":"} if multi else {}))
+    for key, name, color in zip(keys, floor_names, ("0.35", "0.6") if multi else (c1, c2)):
+        _floor(ax, floor.get(key), name, color, percent=key.endswith("accuracy"))
+    guidance_axis(ax, [r["guidance_scale"] for r in runs])
+
+
+def guidance_accuracy_panel(ax: Axes, runs: list[dict], floor: dict, num_timesteps: int | None = None) -> None:
+    """Conditional accuracy (all digits and the worst class) against guidance scale, a pair per interval."""
+    _pair_panel(ax, runs, floor, ("accuracy", "worst_class_accuracy"), ("accuracy", "worst class"),
+                ("classifier on real test digits", "its worst class"), num_timesteps)
     percent_axis(ax, [r["metrics"][k] for r in runs for k in ("accuracy", "worst_class_accuracy")]
                  + [floor.get("accuracy", math.nan), floor.get("worst_class_accuracy", math.nan)], "accuracy")
     ax.set_title("accuracy vs guidance")
 
 
-def guidance_metric_panel(ax: Axes, runs: list[dict], floor: dict, key: str, label: str) -> None:
-    """One distance (FLD, per-class FLD) against guidance scale, with its real-data floor."""
-    gx = [r["guidance_scale"] for r in runs]
+def guidance_metric_panel(ax: Axes, runs: list[dict], floor: dict, key: str, label: str,
+                          num_timesteps: int | None = None) -> None:
+    """One distance (FLD, per-class FLD) against guidance scale, a line per interval, with its real-data floor."""
+    groups = interval_groups(runs, num_timesteps)
+    for group, rs in groups:
+        c = _line(ax, [r["guidance_scale"] for r in rs], [r["metrics"][key] for r in rs], group or label)
     ys = [r["metrics"][key] for r in runs]
-    c = _line(ax, gx, ys, label)
-    _floor(ax, floor.get(key), "real-data floor", c)
-    guidance_axis(ax, gx)
+    _floor(ax, floor.get(key), "real-data floor", c if len(groups) == 1 else "0.35")
+    guidance_axis(ax, [r["guidance_scale"] for r in runs])
     value_axis(ax, ys + [floor.get(key, math.nan)], label)
     ax.set_title(f"{label} vs guidance (lower is better)")
 
 
-def guidance_precision_recall_panel(ax: Axes, runs: list[dict], floor: dict) -> None:
-    """Precision (fidelity) and recall (diversity) against guidance scale, each with its floor."""
-    gx = [r["guidance_scale"] for r in runs]
-    for key in ("precision", "recall"):
-        c = _line(ax, gx, [r["metrics"][key] for r in runs], key)
-        _floor(ax, floor.get(key), f"{key} floor", c)
-    guidance_axis(ax, gx)
+def guidance_precision_recall_panel(ax: Axes, runs: list[dict], floor: dict, num_timesteps: int | None = None) -> None:
+    """Precision (fidelity) and recall (diversity) against guidance scale, a pair per interval, with floors."""
+    _pair_panel(ax, runs, floor, ("precision", "recall"), ("precision", "recall"), ("precision floor", "recall floor"),
+                num_timesteps)
     ax.yaxis.set_major_formatter(_plain)
     ax.set_ylabel(f"precision / recall (k={runs[0]['metrics'].get('k', 3)})" if runs else "precision / recall")
     ax.set_title("precision and recall vs guidance")
@@ -208,17 +240,19 @@ def sweep_plot(sweep: dict, floor: dict, path: str | Path | None = None) -> Figu
     """The sweep as one 2x3 figure: four panels against guidance scale, then two against sampler steps.
 
     ``sweep`` is what ``python -m latentdiff.evaluate sweep --out`` writes (its "guidance" and "sampler"
-    run lists); ``floor`` the real-data metrics at the same N.
+    run lists); ``floor`` the real-data metrics at the same N. Guidance runs at several guidance
+    intervals draw one line per interval on each guidance panel.
     """
     g, s = sweep.get("guidance", []), sweep.get("sampler", [])
+    T = sweep.get("num_timesteps")
     n = (g or s)[0]["metrics"].get("n") if (g or s) else None
     fig = Figure(figsize=(15, 9.5), layout="constrained")
     axes = fig.subplots(2, 3)
     if g:
-        guidance_accuracy_panel(axes[0, 0], g, floor)
-        guidance_metric_panel(axes[0, 1], g, floor, "fld", "FLD")
-        guidance_metric_panel(axes[0, 2], g, floor, "fld_per_class_mean", "mean per-class FLD")
-        guidance_precision_recall_panel(axes[1, 0], g, floor)
+        guidance_accuracy_panel(axes[0, 0], g, floor, T)
+        guidance_metric_panel(axes[0, 1], g, floor, "fld", "FLD", T)
+        guidance_metric_panel(axes[0, 2], g, floor, "fld_per_class_mean", "mean per-class FLD", T)
+        guidance_precision_recall_panel(axes[1, 0], g, floor, T)
     if s:
         steps_panel(axes[1, 1], s, floor, "fld", "FLD")
         steps_panel(axes[1, 2], s, floor, "accuracy", "accuracy")
@@ -229,8 +263,10 @@ def sweep_plot(sweep: dict, floor: dict, path: str | Path | None = None) -> Figu
         else:
             ax.set_axis_off()
     n_text = f"; N = {n:,} samples per point (floors at the same N)" if n else ""
-    fig.suptitle(f"guidance sweep at {sweep.get('default_sampler', '?')}; sampler sweep at guidance "
-                 f"{sweep.get('sampler_guidance', math.nan):g}{n_text}")
+    spacing = f" ({sweep['spacing']} spacing)" if "spacing" in sweep else ""  # sweeps from before intervals: neither
+    interval = f", {interval_label(sweep['sampler_interval'], T)}" if "sampler_interval" in sweep else ""
+    fig.suptitle(f"guidance sweep at {sweep.get('default_sampler', '?')}{spacing}; sampler sweep at guidance "
+                 f"{sweep.get('sampler_guidance', math.nan):g}{interval}{n_text}")
     if path is not None:
         save_figure(fig, path)
     return fig

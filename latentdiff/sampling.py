@@ -136,6 +136,14 @@ def check_guidance_interval(interval, num_timesteps: int | None = None) -> tuple
     return lo, hi
 
 
+def interval_label(interval, num_timesteps: int | None = None) -> str:
+    """A guidance interval as text: "every step" for None or [0, T-1], else "t in [lo, hi]"."""
+    if interval is None or (num_timesteps is not None and list(interval) == [0, num_timesteps - 1]):
+        return "every step"
+    lo, hi = interval
+    return f"t in [{lo}, {hi}]"
+
+
 def cfg_model_fn(model: Callable, labels: torch.Tensor, guidance_scale: float, null_label: int,
                  guidance_interval: tuple[int, int] | None = None) -> ModelFn:
     """Classifier-free guidance (Ho & Salimans 2022) as a model function of (x, t).

@@ -2,6 +2,7 @@
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from matplotlib.figure import Figure
@@ -140,3 +141,41 @@ def test_cli_plot_bad_inputs(tmp_path, content, name, words):
     with pytest.raises((ValueError, FileNotFoundError), match=re.escape(words)):
         main(["plot", str(tmp_path / name), "--out", str(tmp_path / "x.png")])
     assert not (tmp_path / "x.png").exists()
+
+
+# ------------------------------------------------------------------------------------------ guidance intervals
+def _iv(g, interval, acc, fld):
+    return {**_run(g, "dpm++", 20, acc, fld), "guidance_interval": interval, "spacing": "logsnr"}
+
+
+INTERVAL_SWEEP = {**SWEEP, "num_timesteps": 1000, "spacing": "logsnr", "sampler_interval": [0, 999],
+                  "guidance": [_iv(g, iv, 0.99 + g / 1000, f + g / 10) for iv, f in (([0, 999], 1.0), ([100, 800], 0.5),
+                                                                                      ([200, 850], 0.3))
+                               for g in (1, 2, 3)]}
+
+
+def test_one_line_per_interval_on_each_guidance_panel():
+    fig = sweep_plot(INTERVAL_SWEEP, FLOOR)
+    axes = _drawn(fig)
+    names = ["every step", "t in [100, 800]", "t in [200, 850]"]
+    solid = lambda ax: [ln for ln in ax.get_lines() if ln.get_linestyle() == "-"]
+    for title in ("FLD vs guidance (lower is better)", "mean per-class FLD vs guidance (lower is better)"):
+        assert [ln.get_label() for ln in solid(axes[title])] == names
+    assert [ln.get_label() for ln in solid(axes["accuracy vs guidance"])] == [f"accuracy, {n}" for n in names]
+    assert [ln.get_label() for ln in solid(axes["precision and recall vs guidance"])] == [f"precision, {n}" for n in names]
+    fld = solid(axes["FLD vs guidance (lower is better)"])
+    assert [list(ln.get_ydata()) for ln in fld][1] == pytest.approx([0.6, 0.7, 0.8])  # each line holds its own runs
+    assert len({ln.get_color() for ln in fld}) == 3
+    for ax in fig.axes:  # legends stay below the panels
+        assert ax.get_legend().get_window_extent().y1 <= ax.get_window_extent().y0
+    assert "logsnr spacing" in fig._suptitle.get_text() and "every step" in fig._suptitle.get_text()
+
+
+def test_old_sweep_json_without_intervals_still_plots(tmp_path):
+    """bench/results/h100/sweep.json predates guidance intervals: same panels, one line per metric."""
+    old = Path(__file__).parents[1] / "bench/results/h100/sweep.json"
+    assert "guidance_interval" not in json.loads(old.read_text())["guidance"][0]
+    main(["plot", str(old), "--out", str(tmp_path / "old.png")])
+    assert Image.open(tmp_path / "old.png").size == (1650, 1045)
+    ax = _drawn(sweep_plot(json.loads(old.read_text()), FLOOR))["FLD vs guidance (lower is better)"]
+    assert [ln.get_label() for ln in ax.get_lines() if ln.get_linestyle() == "-"] == ["FLD"]

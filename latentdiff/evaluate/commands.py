@@ -3,7 +3,7 @@
     python -m latentdiff.evaluate classifier --data-dir DIR            # train/check it, print real-data floors
     python -m latentdiff.evaluate ldm --model runs/ldm --data-dir DIR   # accuracy, FLD, precision/recall
     python -m latentdiff.evaluate vae --model runs/vae --data-dir DIR   # MSE, PSNR, recon accuracy, latent stats
-    python -m latentdiff.evaluate sweep --model runs/ldm --guidance 1 2 3 --samplers dpm++:10 ddim:20 --plot sweep.png
+    python -m latentdiff.evaluate sweep --model runs/ldm --guidance 1 2 3 --intervals all 100:800 --samplers dpm++:10 ddim:20 --plot sweep.png
     python -m latentdiff.evaluate samples other.npz --data-dir DIR      # any generator's samples, same metrics
     python -m latentdiff.evaluate plot sweep.json --out sweep.png       # re-draw a sweep (or a metrics.jsonl)
 
@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 
 from ..serialization import CONFIG_NAME, atomic_write_bytes
+from ..timesteps import SPACINGS
 from .classifier import (CLASSIFIER_ENV, DEFAULT_CLASSIFIER, Classifier, classifier_info, default_classifier_path,
                          load_or_train_classifier)
 from .metrics import Reference
 from .samples import load_samples
 from .score import evaluate_ldm, evaluate_vae, real_floor, reference_set, score_images
-from .sweep import choose_default, parse_sampler, run_sweep
+from .sweep import choose_default, parse_interval, parse_sampler, run_sweep, setting_name
 
 
 # ------------------------------------------------------------------------------------------ reporting
@@ -78,16 +79,25 @@ def cmd_classifier(args) -> dict:
     return {"classifier": info, "floor": floor}
 
 
+def _interval_option(args, pipe) -> tuple[int, int] | None:
+    """``--guidance-interval LO HI`` or ``all`` -> (lo, hi); None (not given) leaves the model's default."""
+    values = args.guidance_interval
+    return None if values is None else parse_interval(" ".join(values), pipe.config.diffusion.num_timesteps)
+
+
 def cmd_ldm(args) -> dict:
     from ..pipeline import LatentDiffusion
 
     pipe = LatentDiffusion.from_pretrained(args.model, device=args.device)  # fail fast, before the classifier
+    interval = _interval_option(args, pipe)
+    pipe.sampling_options(args.guidance, args.steps, args.sampler, None, interval, args.spacing)  # checks them too
     clf, ref, info = _setup(args)
-    r = evaluate_ldm(pipe, clf, ref, args.n_per_class, args.guidance, args.sampler, args.steps, args.seed, args.batch_size)
+    r = evaluate_ldm(pipe, clf, ref, args.n_per_class, args.guidance, args.sampler, args.steps, args.seed, args.batch_size,
+                     guidance_interval=interval, spacing=args.spacing)
     images = r.pop("images")
     floor = real_floor(clf, args.data_dir, ref, args.n_per_class, args.seed)
-    print(f"{args.model}: guidance {r['guidance_scale']:g}, {r['sampler']}:{r['steps']}, {len(images)} samples "
-          f"in {r['generate_s']:.1f} s (+ {r['metrics_s']:.1f} s metrics)")
+    print(f"{args.model}: {setting_name(r, pipe.config.diffusion.num_timesteps)}, {r['spacing']} spacing, "
+          f"{len(images)} samples in {r['generate_s']:.1f} s (+ {r['metrics_s']:.1f} s metrics)")
     print(format_table(metric_rows(r["metrics"], floor)))
     if args.samples:
         from ..pipeline import make_grid
@@ -120,12 +130,16 @@ def cmd_sweep(args) -> dict:
 
     samplers = [parse_sampler(s) for s in args.samplers]  # fail fast on a typo, before any work
     pipe = LatentDiffusion.from_pretrained(args.model, device=args.device)
+    T = pipe.config.diffusion.num_timesteps
+    interval = _interval_option(args, pipe)
+    intervals = [parse_interval(s, T) for s in args.intervals] if args.intervals else [None]
+    pipe.sampling_options(args.sampler_guidance, None, None, None, interval, args.spacing)  # checks them too
     clf, ref, info = _setup(args)
     floor = real_floor(clf, args.data_dir, ref, args.n_per_class, args.seed)
     sweep = run_sweep(pipe, clf, ref, args.guidance, samplers, args.n_per_class, args.seed, args.batch_size,
-                      args.sampler_guidance)
+                      args.sampler_guidance, intervals=intervals, guidance_interval=interval, spacing=args.spacing)
     sweep["choice"] = choose_default(sweep, args.min_accuracy)
-    rows = [(f"g={r['guidance_scale']:g} {r['sampler']}:{r['steps']}", r["metrics"]) for r in sweep["guidance"] + sweep["sampler"]]
+    rows = [(setting_name(r, T), r["metrics"]) for r in sweep["guidance"] + sweep["sampler"]]
     header = ("setting", "acc", "worst", "FLD", "class-FLD", "precision", "recall", "gen s")
     table = [(name, _pct(m["accuracy"]), _pct(m["worst_class_accuracy"]), f"{m['fld']:.3f}", f"{m['fld_per_class_mean']:.3f}",
               f"{m['precision']:.3f}", f"{m['recall']:.3f}", "") for name, m in rows]
@@ -133,7 +147,8 @@ def cmd_sweep(args) -> dict:
     table.append(("real floor", _pct(floor["accuracy"]), _pct(floor["worst_class_accuracy"]), f"{floor['fld']:.3f}",
                   f"{floor['fld_per_class_mean']:.3f}", f"{floor['precision']:.3f}", f"{floor['recall']:.3f}", ""))
     widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
-    print(f"{args.model}: N = {args.n_per_class * pipe.num_classes} samples per setting, seed {args.seed}")
+    print(f"{args.model}: N = {args.n_per_class * pipe.num_classes} samples per setting, seed {args.seed}, "
+          f"{sweep['spacing']} spacing")
     for r in [header, tuple("-" * w for w in widths), *table]:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
     print(f"choice: {sweep['choice']}")
@@ -207,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int, default=0, help="sample i uses seed + i; also seeds the real-floor subset")
         sp.add_argument("--n-per-class", type=int, default=n_default, help=f"samples per class (default {n_default})")
 
+    def guidance_options(sp: argparse.ArgumentParser) -> None:  # passed through to LatentDiffusion.generate
+        sp.add_argument("--guidance-interval", nargs="+", metavar="BOUND",
+                        help="LO HI: guide only at timesteps LO <= t <= HI of 0..T-1; or 'all' for every step "
+                             "(default: the model's; in a sweep, the sampler part's interval)")
+        sp.add_argument("--spacing", choices=sorted(SPACINGS), help="sampler timestep spacing (default: the model's)")
+
     sp = sub.add_parser("classifier", help="train (if missing) the classifier and print the real-data floors")
     common(sp)
     sp.add_argument("--retrain", action="store_true", help="train again even if the folder exists")
@@ -218,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--guidance", type=float, help="CFG scale (default: the model's)")
     sp.add_argument("--sampler", help="dpm++ | ddim | ddpm (default: the model's)")
     sp.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
+    guidance_options(sp)
     sp.add_argument("--samples", help="also save a PNG grid of the first 10 samples of each class")
     sp.set_defaults(fn=cmd_ldm)
 
@@ -232,7 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--guidance", type=float, nargs="+", default=[1, 1.5, 2, 3, 4, 6])
     sp.add_argument("--samplers", nargs="+", default=["dpm++:5", "dpm++:10", "dpm++:20", "ddim:10", "ddim:20", "ddim:50"],
                     help="NAME:STEPS specs, e.g. dpm++:20 ddim:50 ddpm:1000")
+    sp.add_argument("--intervals", nargs="+", metavar="SPEC",
+                    help="guidance intervals to sweep with every --guidance scale: 'all' (every step) or LO:HI "
+                         "timesteps, e.g. all 100:800 200:850 (default: the --guidance-interval)")
     sp.add_argument("--sampler-guidance", type=float, help="guidance for the sampler sweep (default: the model's)")
+    guidance_options(sp)
     sp.add_argument("--min-accuracy", type=float, default=0.98, help="accuracy bar for choose_default (default 0.98)")
     sp.add_argument("--plot", help="write a PNG of the sweep here")
     sp.set_defaults(fn=cmd_sweep)

@@ -52,35 +52,49 @@ def score_images(clf: Classifier, ref: Reference, images: torch.Tensor, labels: 
 
 
 def generate_balanced(pipe, n_per_class: int, guidance: float | None = None, sampler: str | None = None,
-                      steps: int | None = None, seed: int = 0, batch_size: int = 500,
-                      progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                      steps: int | None = None, seed: int = 0, batch_size: int = 500, progress: bool = True, *,
+                      guidance_interval: Sequence[int] | None = None,
+                      spacing: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``n_per_class`` digits of every class -> (images (N, 1, 28, 28) in [0, 1] on the CPU, labels (N,)).
 
     Sample i uses seed + i whatever the batching, so runs at different guidance scales share their noise.
+    guidance_interval / spacing: as in ``LatentDiffusion.generate`` (None: the model's).
     """
     labels = torch.arange(pipe.num_classes).repeat_interleave(n_per_class)
     out = []
-    with tqdm(total=len(labels), desc=f"generate g={guidance} {sampler}:{steps}", disable=not progress,
-              unit="img", dynamic_ncols=True) as bar:
+    desc = f"generate g={guidance} {sampler}:{steps}" + ("" if guidance_interval is None else f" t{list(guidance_interval)}")
+    with tqdm(total=len(labels), desc=desc, disable=not progress, unit="img", dynamic_ncols=True) as bar:
         for start in range(0, len(labels), batch_size):
             y = labels[start:start + batch_size]
             out.append(pipe.generate(y, guidance_scale=guidance, steps=steps, sampler=sampler, seed=seed + start,
-                                     batch_size=batch_size).cpu())
+                                     batch_size=batch_size, guidance_interval=guidance_interval, spacing=spacing).cpu())
             bar.update(len(y))
     return torch.cat(out), labels
 
 
+def run_settings(pipe, guidance: float | None = None, sampler: str | None = None, steps: int | None = None,
+                 guidance_interval: Sequence[int] | None = None, spacing: str | None = None) -> dict:
+    """The sampling settings a run uses, the model's defaults filled in (and checked) by ``pipe.sampling_options``.
+
+    The interval is always explicit: the model's "every step" (None) is recorded as [0, T-1].
+    """
+    opts = pipe.sampling_options(guidance, steps, sampler, None, guidance_interval, spacing)
+    interval = opts["guidance_interval"] or (0, pipe.config.diffusion.num_timesteps - 1)
+    return {"guidance_scale": opts["guidance_scale"], "sampler": opts["sampler"], "steps": opts["steps"],
+            "guidance_interval": list(interval), "spacing": opts["spacing"], "eta": opts["eta"]}
+
+
 def evaluate_ldm(pipe, clf: Classifier, ref: Reference, n_per_class: int = 1000, guidance: float | None = None,
                  sampler: str | None = None, steps: int | None = None, seed: int = 0, batch_size: int = 500,
-                 progress: bool = True) -> dict:
-    """Generate a class-balanced set and score it; returns settings, metrics and timings."""
-    sc = pipe.config.sample
-    settings = {"guidance_scale": sc.guidance_scale if guidance is None else float(guidance),
-                "sampler": sampler or sc.sampler, "steps": sc.steps if steps is None else steps,
+                 progress: bool = True, *, guidance_interval: Sequence[int] | None = None,
+                 spacing: str | None = None) -> dict:
+    """Generate a class-balanced set and score it; returns settings (defaults resolved), metrics and timings."""
+    settings = {**run_settings(pipe, guidance, sampler, steps, guidance_interval, spacing),
                 "seed": seed, "n_per_class": n_per_class}
     t0 = time.perf_counter()
     images, labels = generate_balanced(pipe, n_per_class, settings["guidance_scale"], settings["sampler"],
-                                       settings["steps"], seed, batch_size, progress)
+                                       settings["steps"], seed, batch_size, progress,
+                                       guidance_interval=settings["guidance_interval"], spacing=settings["spacing"])
     generate_s = time.perf_counter() - t0
     return {**settings, **score_images(clf, ref, images, labels), "generate_s": generate_s, "images": images}
 
