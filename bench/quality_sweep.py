@@ -2,7 +2,7 @@
 
 Every setting draws the same class-balanced digits (sample i uses seed + i) and is scored by
 latentdiff.evaluate's classifier against the real-data floor at the same N. Prints a table, writes
-JSON (and a PNG of FLD / floor against guidance scale), and names the best setting by the issue's
+JSON (and a PNG of FLD / floor against accuracy), and names the best setting by the issue's
 targets: accuracy >= 99.5%, worst class >= 99.0%, recall >= 0.9x the floor, then lowest FLD.
 
     python bench/quality_sweep.py --model runs/ldm --data-dir ../shared/data --n-per-class 200 \\
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -102,6 +103,22 @@ def run_setting(pipe, clf, ref, floor: dict, n_per_class: int, guidance: float, 
             "recall_ratio": m["recall"] / floor["recall"], "metrics": m}
 
 
+def time_settings(pipe, results: list[dict], batch: int, repeats: int) -> None:
+    """Median digits/s of one ``batch``-digit generate() per setting, settings interleaved per round so that
+    load from other processes on a shared machine hits them alike; stored as r["batch_digits_per_s"]."""
+    labels = torch.arange(batch) % pipe.num_classes
+    times: list[list[float]] = [[] for _ in results]
+    for _ in range(repeats + 1):  # the first round warms up
+        for i, r in enumerate(results):
+            t0 = time.perf_counter()
+            pipe.generate(labels, guidance_scale=r["guidance_scale"], steps=r["steps"], sampler=r["sampler"], seed=0,
+                          batch_size=batch, guidance_interval=r["guidance_interval"], spacing=r["spacing"])
+            times[i].append(time.perf_counter() - t0)
+    for r, ts in zip(results, times):
+        r["batch_digits_per_s"] = batch / statistics.median(ts[1:])
+        r["timing"] = {"batch": batch, "repeats": repeats, "threads": torch.get_num_threads()}
+
+
 def meets_targets(r: dict) -> bool:
     m = r["metrics"]
     return (m["accuracy"] >= TARGETS["accuracy"] and m["worst_class_accuracy"] >= TARGETS["worst_class_accuracy"]
@@ -132,17 +149,16 @@ def table(results: list[dict], floor: dict) -> str:
 
 
 def plot(results: list[dict], path: str) -> None:
-    """FLD / floor against guidance scale, one line per (interval, spacing, sampler:steps)."""
+    """The frontier: FLD / floor against accuracy, one line per (interval, spacing, sampler:steps) over guidance."""
     from latentdiff.plot import line_plot
 
     lines: dict[str, list[dict]] = {}
-    for r in results:
+    for r in sorted(results, key=lambda r: r["guidance_scale"]):
         lines.setdefault(name(r).split(" ", 1)[1], []).append(r)
-    series = {k: ([r["guidance_scale"] for r in v], [r["fld_ratio"] for r in v])
-              for k, v in lines.items() if len(v) > 1}
+    series = {k: ([100 * r["metrics"]["accuracy"] for r in v], [r["fld_ratio"] for r in v]) for k, v in lines.items()}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    line_plot(series, path, title="FLD / real floor vs guidance scale", xlabel="guidance scale", logy=True,
-              size=(900, 560))
+    line_plot(series, path, title="FLD / real floor vs accuracy (%), each line over guidance scales", xlabel="accuracy %",
+              logy=True, size=(900, 600))
 
 
 def main() -> None:
@@ -161,12 +177,15 @@ def main() -> None:
     p.add_argument("--settings", nargs="+", default=[],
                    help="explicit settings G/INTERVAL/SPACING/SAMPLER:STEPS, run after the grid above (if given)")
     p.add_argument("--no-grid", action="store_true", help="run only --settings")
+    p.add_argument("--time-repeats", type=int, default=0,
+                   help="also time one --time-batch generate() per setting this many times (interleaved)")
+    p.add_argument("--time-batch", type=int, default=256)
     p.add_argument("--max-nfe", type=int, default=10, help="budget for the pick (default 10 UNet evaluations)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--cache", help="folder to keep each setting's digits in (safetensors) and reuse them from")
     p.add_argument("--generate-only", action="store_true", help="fill --cache without scoring (no classifier)")
     p.add_argument("--out", help="JSON results")
-    p.add_argument("--plot", help="PNG: FLD / floor vs guidance scale")
+    p.add_argument("--plot", help="PNG: FLD / floor vs accuracy, a line per interval and spacing")
     args = p.parse_args()
     if args.n_per_class < 2:
         raise ValueError(f"--n-per-class must be >= 2, got {args.n_per_class}")
@@ -199,6 +218,10 @@ def main() -> None:
               f"FLD x{r['fld_ratio']:.2f} R x{r['recall_ratio']:.2f} [{r['generate_s']:.0f} s]", file=sys.stderr, flush=True)
     if clf is None:
         return
+    if args.time_repeats:
+        time_settings(pipe, results, args.time_batch, args.time_repeats)
+        for r in results:
+            print(f"{name(r)}: {r['batch_digits_per_s']:.1f} digits/s at batch {args.time_batch}")
     best = pick(results, args.max_nfe)
     print(f"{args.model}: N = {args.n_per_class * pipe.num_classes} per setting, seed {args.seed}, device {args.device}")
     print(table(results, floor))
