@@ -36,7 +36,7 @@ from latentdiff import LatentDiffusion  # noqa: E402
 from latentdiff.cli import run_main  # noqa: E402
 from latentdiff.evaluate import (extract, load_or_train_classifier, parse_sampler, real_floor, reference_set,  # noqa: E402
                                  sample_metrics, write_json)
-from latentdiff.sampling import check_guidance_interval  # noqa: E402
+from latentdiff.sampling import check_guidance_interval, unet_rows  # noqa: E402
 from latentdiff.timesteps import SPACINGS, make_timesteps  # noqa: E402
 
 TARGETS = {"accuracy": 0.995, "worst_class_accuracy": 0.99, "recall_ratio": 0.9}
@@ -58,14 +58,6 @@ def parse_setting(spec: str) -> tuple:
     if len(parts) != 4 or parts[2] not in SPACINGS:
         raise ValueError(f"setting {spec!r} must look like G/INTERVAL/SPACING/SAMPLER:STEPS, e.g. 3/100:800/logsnr/dpm++:10")
     return (float(parts[0]), parse_interval(parts[1]), parts[2], *parse_sampler(parts[3]))
-
-
-def unet_rows(timesteps: torch.Tensor, guidance: float, interval: tuple[int, int] | None) -> int:
-    """Batch rows the UNet runs per digit: 2 at a guided step, 1 elsewhere (s = 1 or 0 never doubles)."""
-    if guidance in (0.0, 1.0):
-        return len(timesteps)
-    lo, hi = interval if interval is not None else (0, int(timesteps.max()))
-    return len(timesteps) + int(((timesteps >= lo) & (timesteps <= hi)).sum())
 
 
 def generate(pipe, labels: torch.Tensor, guidance: float, interval, spacing: str, sampler: str, steps: int,

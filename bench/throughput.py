@@ -28,6 +28,7 @@ from latentdiff import LatentDiffusion, PipelineConfig, UNet, VAE, load_config  
 from latentdiff.cli import resolve_config_path  # noqa: E402
 from latentdiff.config import LDMRunConfig, VAERunConfig  # noqa: E402
 from latentdiff.diffusion import diffusion_loss, make_schedule  # noqa: E402
+from latentdiff.sampling import unet_rows  # noqa: E402
 from latentdiff.timesteps import make_timesteps  # noqa: E402
 from latentdiff.vae import vae_loss  # noqa: E402
 
@@ -108,10 +109,8 @@ def main() -> None:
     dec_f = count_flops(lambda: pipe.vae._decode(torch.zeros(1, *shape, device=device)))
     # UNet rows per digit: a guided step runs the doubled batch, an unguided one (scale 0/1, or a step
     # outside the guidance interval) the single batch.
-    ts = make_timesteps(pipe.alphas_cumprod, sc.steps, sc.spacing).tolist()
-    lo, hi = sc.guidance_interval or (0, len(pipe.alphas_cumprod) - 1)
-    guided = 0 if sc.guidance_scale in (0.0, 1.0) else sum(lo <= t <= hi for t in ts)
-    evals = sc.steps + guided
+    evals = unet_rows(make_timesteps(pipe.alphas_cumprod, sc.steps, sc.spacing), sc.guidance_scale, sc.guidance_interval)
+    guided = evals - sc.steps
     per_image = evals * unet_f + dec_f
     res.update(unet_flops_per_image_step=unet_f, decode_flops_per_image=dec_f, flops_per_sample=per_image,
                unet_evaluations=evals, guided_steps=guided, spacing=sc.spacing, guidance_interval=sc.guidance_interval,

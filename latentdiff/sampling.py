@@ -144,6 +144,17 @@ def interval_label(interval, num_timesteps: int | None = None) -> str:
     return f"t in [{lo}, {hi}]"
 
 
+def unet_rows(timesteps: torch.Tensor, guidance_scale: float, guidance_interval: tuple[int, int] | None) -> int:
+    """Batch rows ``cfg_model_fn`` runs per digit over ``timesteps``: 2 at a guided step, 1 elsewhere.
+
+    Scale 1 (conditional) and 0 (unconditional) never double the batch; None guides at every step.
+    """
+    if guidance_scale in (0.0, 1.0):
+        return len(timesteps)
+    lo, hi = guidance_interval if guidance_interval is not None else (0, int(timesteps.max()))
+    return len(timesteps) + int(((timesteps >= lo) & (timesteps <= hi)).sum())
+
+
 def cfg_model_fn(model: Callable, labels: torch.Tensor, guidance_scale: float, null_label: int,
                  guidance_interval: tuple[int, int] | None = None) -> ModelFn:
     """Classifier-free guidance (Ho & Salimans 2022) as a model function of (x, t).

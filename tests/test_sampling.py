@@ -383,3 +383,12 @@ def test_guidance_interval_beyond_the_schedule_rejected():
     assert check_guidance_interval([100, 999], 1000) == (100, 999)
     with pytest.raises(ValueError, match=r"hi <= 99"):
         check_guidance_interval((10, 100), 100)
+
+
+@pytest.mark.parametrize("interval, s", [(None, 3.0), ((0, 999), 3.0), ((143, 714), 3.0), ((500, 510), 3.0),
+                                         ((143, 714), 1.0), (None, 0.0)])
+def test_unet_rows_counts_what_cfg_runs(interval, s):
+    """unet_rows (used by the benchmarks' FLOP counts) equals the rows cfg_model_fn really sends, per digit."""
+    from latentdiff.sampling import unet_rows
+    _, batches, _ = _run_with_interval(interval, s=s)
+    assert unet_rows(sampling_timesteps(1000, 8), s, interval) == sum(batches) // 3
