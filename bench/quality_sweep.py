@@ -60,6 +60,11 @@ def parse_setting(spec: str) -> tuple:
     return (float(parts[0]), parse_interval(parts[1]), parts[2], *parse_sampler(parts[3]))
 
 
+def every_step_if_none(pipe, interval):
+    """This script's "all" (None) as generate() needs it: to generate(), None means the model's default interval."""
+    return interval if interval is not None else (0, pipe.config.diffusion.num_timesteps - 1)
+
+
 def generate(pipe, labels: torch.Tensor, guidance: float, interval, spacing: str, sampler: str, steps: int,
              seed: int, batch_size: int | None, cache: str | None) -> tuple[torch.Tensor, float]:
     """The setting's digits and the seconds they took; with ``cache``, reuse (or keep) them as safetensors."""
@@ -70,7 +75,7 @@ def generate(pipe, labels: torch.Tensor, guidance: float, interval, spacing: str
             return f.get_tensor("images"), float(f.metadata()["generate_s"])
     t0 = time.perf_counter()
     images = pipe.generate(labels, guidance_scale=guidance, steps=steps, sampler=sampler, seed=seed,
-                           batch_size=batch_size, guidance_interval=interval, spacing=spacing).cpu()
+                           batch_size=batch_size, guidance_interval=every_step_if_none(pipe, interval), spacing=spacing).cpu()
     gen_s = time.perf_counter() - t0
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -104,7 +109,8 @@ def time_settings(pipe, results: list[dict], batch: int, repeats: int) -> None:
         for i, r in enumerate(results):
             t0 = time.perf_counter()
             pipe.generate(labels, guidance_scale=r["guidance_scale"], steps=r["steps"], sampler=r["sampler"], seed=0,
-                          batch_size=batch, guidance_interval=r["guidance_interval"], spacing=r["spacing"])
+                          batch_size=batch, guidance_interval=every_step_if_none(pipe, r["guidance_interval"]),
+                          spacing=r["spacing"])
             times[i].append(time.perf_counter() - t0)
     for r, ts in zip(results, times):
         r["batch_digits_per_s"] = batch / statistics.median(ts[1:])
