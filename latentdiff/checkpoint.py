@@ -28,7 +28,8 @@ CKPT_DIR = "checkpoints"
 RESUME_MAY_CHANGE = {"train.steps", "train.log_every", "train.preview_every", "train.checkpoint_every",
                      "train.keep_checkpoints", "train.mixed_precision", "train.compile", "data.root",
                      "data.download", "out_dir", "train.log_with", "sample.sampler", "sample.steps",
-                     "sample.guidance_scale", "sample.eta", "sample.guidance_interval", "sample.spacing"}
+                     "sample.guidance_scale", "sample.eta", "sample.guidance_interval", "sample.spacing",
+                     "sample.autoguidance_scale"}
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:

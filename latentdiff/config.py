@@ -116,6 +116,8 @@ class SampleConfig:
     # null = every step. Saved configs from before this option load as null: the old behaviour.
     guidance_interval: Optional[tuple[int, ...]] = None
     spacing: str = "uniform"  # which timesteps the sampler visits: uniform | trailing | logsnr | karras
+    # Autoguidance weight w (Karras et al. 2024): 1 = off; != 1 needs the folder's guide/ model (README).
+    autoguidance_scale: float = 1.0
 
     def validate(self, num_timesteps: int | None = None) -> None:
         from .sampling import SAMPLERS, check_guidance_interval
@@ -124,6 +126,7 @@ class SampleConfig:
         _require(self.sampler in SAMPLERS, f"sample.sampler must be one of {sorted(SAMPLERS)}")
         _require(self.steps >= 1, "sample.steps must be >= 1")
         _require(self.guidance_scale >= 0, "sample.guidance_scale must be >= 0")
+        _require(self.autoguidance_scale >= 0, "sample.autoguidance_scale must be >= 0")
         _require(self.spacing in SPACINGS, f"sample.spacing must be one of {sorted(SPACINGS)}")
         try:
             check_guidance_interval(self.guidance_interval, num_timesteps)
@@ -155,7 +158,9 @@ class TrainConfig:
     lr_decay: str = "cosine"  # cosine | constant (after warm-up)
     grad_clip: float = 1.0  # max gradient norm (0 = off)
     ema_decay: float = 0.999  # EMA of the weights (0 = off); the EMA weights are saved
-    mixed_precision: Optional[str] = None  # no | fp16 | bf16; null = whatever accelerate launch says
+    # no | fp16 | bf16 | auto (bf16 where the CPU/GPU has native bf16, else fp32: latentdiff/precision.py);
+    # null = whatever accelerate launch says
+    mixed_precision: Optional[str] = None
     # Experiment trackers through accelerate, e.g. "tensorboard", "tensorboard,wandb" or "all" (every
     # installed one); null = none. metrics.jsonl is always written.
     log_with: Optional[str] = None
@@ -173,8 +178,8 @@ class TrainConfig:
         _require(self.lr > 0, "train.lr must be > 0")
         _require(self.lr_decay in ("cosine", "constant"), "train.lr_decay must be cosine or constant")
         _require(0.0 <= self.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
-        _require(self.mixed_precision in (None, "no", "fp16", "bf16"),
-                 "train.mixed_precision must be no, fp16, bf16 or null")
+        _require(self.mixed_precision in (None, "no", "fp16", "bf16", "auto"),
+                 "train.mixed_precision must be no, fp16, bf16, auto or null")
         _require(self.log_every >= 1, "train.log_every must be >= 1")
         _require(self.keep_checkpoints >= 1, "train.keep_checkpoints must be >= 1")
 
@@ -196,6 +201,22 @@ class VAERunConfig:
 
 
 @dataclass(frozen=True)
+class GuideConfig:
+    """The autoguidance guide train_ldm keeps: a snapshot of the EMA weights part way through training."""
+
+    # Snapshot the EMA weights (the raw weights without EMA) after this fraction of train.steps into the
+    # run folder's guide/; 0 = keep no guide. Karras et al. 2024 guide with a shorter-trained model.
+    fraction: float = 0.0
+
+    def validate(self) -> None:
+        _require(0.0 <= self.fraction < 1.0, "guide.fraction must be in [0, 1) (0 = no guide)")
+
+    def step(self, steps: int) -> int:
+        """The step after which the snapshot is taken (>= 1), or 0 for no guide."""
+        return max(1, round(self.fraction * steps)) if self.fraction > 0 else 0
+
+
+@dataclass(frozen=True)
 class LDMRunConfig:
     """Everything train_ldm needs."""
 
@@ -206,12 +227,17 @@ class LDMRunConfig:
     sample: SampleConfig = field(default_factory=SampleConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    guide: GuideConfig = field(default_factory=GuideConfig)
 
     def validate(self) -> None:
         self.model.validate()
         self.diffusion.validate()
         self.sample.validate(self.diffusion.num_timesteps)
         self.train.validate()
+        self.guide.validate()
+        _require(self.sample.autoguidance_scale == 1.0 or self.guide.fraction > 0,
+                 f"sample.autoguidance_scale={self.sample.autoguidance_scale} needs a guide: set guide.fraction > 0 "
+                 "(e.g. 0.25) or sample.autoguidance_scale=1")
 
 
 # ----------------------------------------------------------------------------- (de)serialisation

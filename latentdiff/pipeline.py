@@ -23,6 +23,9 @@ from .unet import UNet
 from .vae import VAE
 
 
+GUIDE_DIR = "guide"  # the autoguidance guide UNet inside an LDM folder (optional)
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """What the LDM folder's top-level config.json holds: how the UNet was trained, default sampling."""
@@ -35,21 +38,30 @@ class PipelineConfig:
         self.sample.validate(self.diffusion.num_timesteps)
 
 
-def check_compatible(unet: UNet, vae: VAE) -> None:
+def check_compatible(unet: UNet, vae: VAE, name: str = "UNet") -> None:
     """Raise ModelLoadError unless the UNet works on the VAE's latent grid."""
     vc, uc = vae.config, unet.config
     if (uc.in_channels, uc.sample_size) != (vc.latent_channels, vc.latent_size):
         raise ModelLoadError(
-            f"UNet expects latents ({uc.in_channels}, {uc.sample_size}, {uc.sample_size}) but the VAE makes "
+            f"{name} expects latents ({uc.in_channels}, {uc.sample_size}, {uc.sample_size}) but the VAE makes "
             f"({vc.latent_channels}, {vc.latent_size}, {vc.latent_size}); pair the UNet with the VAE it was trained on")
 
 
 class LatentDiffusion:
-    """Class-conditioned latent diffusion. ``pipe.generate(labels=[3, 7])`` -> (2, 1, 28, 28) in [0, 1]."""
+    """Class-conditioned latent diffusion. ``pipe.generate(labels=[3, 7])`` -> (2, 1, 28, 28) in [0, 1].
 
-    def __init__(self, unet: UNet, vae: VAE, config: PipelineConfig | None = None):
+    ``guide``: an optional weaker UNet for autoguidance (saved in the folder's guide/; see ``generate``).
+    """
+
+    def __init__(self, unet: UNet, vae: VAE, config: PipelineConfig | None = None, guide: UNet | None = None):
         check_compatible(unet, vae)
+        if guide is not None:
+            check_compatible(guide, vae, "guide UNet")
+            if guide.config.num_classes != unet.config.num_classes:
+                raise ModelLoadError(f"the guide UNet has {guide.config.num_classes} classes but the UNet has "
+                                     f"{unet.config.num_classes}; a guide must be a version of the same model")
         self.unet, self.vae = unet.eval(), vae.eval()
+        self.guide = guide.eval() if guide is not None else None
         self.config = config or PipelineConfig()
         self.config.validate()
         self.alphas_cumprod = make_schedule(self.config.diffusion.schedule, self.config.diffusion.num_timesteps)
@@ -65,19 +77,23 @@ class LatentDiffusion:
     def to(self, device: str | torch.device) -> "LatentDiffusion":
         self.unet.to(device)
         self.vae.to(device)
+        if self.guide is not None:
+            self.guide.to(device)
         return self
 
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, directory: str | Path, unet_state_dict: dict | None = None) -> None:
-        """Folder with unet/, vae/ (a full copy, so the folder stands alone) and config.json."""
+        """Folder with unet/, vae/ (a full copy, so the folder stands alone), guide/ (if any) and config.json."""
         directory = Path(directory)
         self.unet.save_pretrained(directory / "unet", unet_state_dict)
         self.vae.save_pretrained(directory / "vae")
+        if self.guide is not None:
+            self.guide.save_pretrained(directory / GUIDE_DIR)
         atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(to_dict(self.config), indent=2) + "\n").encode())
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "LatentDiffusion":
-        """Load an LDM run folder (config.json, unet/, vae/)."""
+        """Load an LDM run folder (config.json, unet/, vae/, and guide/ where training kept one)."""
         directory = Path(directory)
         if not directory.is_dir():
             raise ModelLoadError(f"{directory} does not exist; pass the LDM run folder written by train_ldm.py")
@@ -87,7 +103,8 @@ class LatentDiffusion:
         config = read_config(PipelineConfig, directory)
         unet = UNet.from_pretrained(directory / "unet", device)
         vae = VAE.from_pretrained(directory / "vae", device)
-        return cls(unet, vae, config)
+        guide = UNet.from_pretrained(directory / GUIDE_DIR, device) if (directory / GUIDE_DIR).is_dir() else None
+        return cls(unet, vae, config, guide)
 
     # ------------------------------------------------------------------ inputs
     def check_labels(self, labels) -> torch.Tensor:
@@ -110,10 +127,12 @@ class LatentDiffusion:
 
     def sampling_options(self, guidance_scale: float | None = None, steps: int | None = None,
                          sampler: str | None = None, eta: float | None = None,
-                         guidance_interval: Sequence[int] | None = None, spacing: str | None = None) -> dict:
+                         guidance_interval: Sequence[int] | None = None, spacing: str | None = None,
+                         autoguidance_scale: float | None = None) -> dict:
         """Sampler settings, the model's defaults filled in and each checked: the keyword arguments of ``denoise``."""
         sc = self.config.sample
         guidance_scale = sc.guidance_scale if guidance_scale is None else guidance_scale
+        autoguidance_scale = sc.autoguidance_scale if autoguidance_scale is None else autoguidance_scale
         steps = sc.steps if steps is None else steps
         sampler = sc.sampler if sampler is None else sampler
         eta = sc.eta if eta is None else eta
@@ -131,8 +150,14 @@ class LatentDiffusion:
             raise ValueError(f"steps must be an integer in 1..{self.config.diffusion.num_timesteps}, got {steps!r}")
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
             raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+        if (isinstance(autoguidance_scale, bool) or not isinstance(autoguidance_scale, (int, float))
+                or not math.isfinite(autoguidance_scale) or autoguidance_scale < 0):
+            raise ValueError(f"autoguidance_scale must be a finite number >= 0 (1 = off), got {autoguidance_scale!r}")
+        if autoguidance_scale != 1 and self.guide is None:
+            raise ValueError(f"autoguidance_scale={autoguidance_scale} needs a guide model, and this pipeline has none "
+                             f"(no {GUIDE_DIR}/ in its folder): train with guide.fraction > 0, or use autoguidance_scale=1")
         return {"guidance_scale": float(guidance_scale), "steps": steps, "sampler": sampler, "eta": float(eta),
-                "guidance_interval": interval, "spacing": spacing}
+                "guidance_interval": interval, "spacing": spacing, "autoguidance_scale": float(autoguidance_scale)}
 
     def check_batch_size(self, batch_size: int | None) -> int:
         """``batch_size``, or the measured default: 256 on CPU (throughput peaks there), 4096 on a GPU."""
@@ -156,6 +181,8 @@ class LatentDiffusion:
         Each new batch shape compiles once (tens of seconds), so keep ``batch_size`` fixed. Returns self.
         """
         self._unet_fn = torch.compile(self.unet, mode=mode, dynamic=False)
+        if self.guide is not None:
+            self._guide_fn = torch.compile(self.guide, mode=mode, dynamic=False)
         self._decode_fn = torch.compile(self.vae._decode, mode=mode, dynamic=False)
         return self
 
@@ -186,7 +213,7 @@ class LatentDiffusion:
                 steps: int, sampler: str, eta: float = 0.0, guidance_interval: tuple[int, int] | None = None,
                 spacing: str = "uniform", timesteps: torch.Tensor | None = None,
                 callback: StepCallback | None = None, noise_fn: NoiseFn | None = None,
-                progress: bool = False) -> torch.Tensor:
+                progress: bool = False, autoguidance_scale: float = 1.0) -> torch.Tensor:
         """Run a sampler from ``latents`` (B, 4, 7, 7) to clean scaled latents, with CFG towards ``labels``.
 
         One batch, no checks (take the settings from ``sampling_options``). labels: (B,) class indices,
@@ -195,6 +222,7 @@ class LatentDiffusion:
         ``noise_fn(i)`` gives that noise. ``timesteps`` and ``callback`` are the samplers' hooks (start
         part way; inspect or replace the state after each step); without ``timesteps`` the sampler visits
         ``steps`` timesteps placed by ``spacing``. ``guidance_interval`` limits CFG to lo <= t <= hi.
+        ``autoguidance_scale`` != 1 adds autoguidance by ``self.guide`` (see ``cfg_model_fn``).
         """
         device = self.device
         x, y = latents.to(device), labels.to(device)
@@ -205,15 +233,10 @@ class LatentDiffusion:
 
             def noise_fn(i: int) -> torch.Tensor:
                 return seeded_normal(seeds, self.vae.latent_shape, stream=i + 1)
-        unet = getattr(self, "_unet_fn", self.unet)
-        if device.type == "cuda":  # bf16 for the UNet; the sampler's update maths stays in fp32
-            def unet_bf16(xx, tt, yy):
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    return unet(xx, tt, yy).float()
-            model = unet_bf16
-        else:
-            model = unet
-        model_fn = cfg_model_fn(model, y, guidance_scale, null_label=self.num_classes, guidance_interval=guidance_interval)
+        model = _bf16_on_cuda(getattr(self, "_unet_fn", self.unet), device)
+        guide = None if self.guide is None else _bf16_on_cuda(getattr(self, "_guide_fn", self.guide), device)
+        model_fn = cfg_model_fn(model, y, guidance_scale, null_label=self.num_classes, guidance_interval=guidance_interval,
+                                guide=guide, autoguidance_scale=autoguidance_scale)
         kwargs = {"eta": eta} if sampler == "ddim" else {}
         if timesteps is None:
             timesteps = make_timesteps(self.alphas_cumprod, steps, spacing)
@@ -226,7 +249,7 @@ class LatentDiffusion:
                  steps: int | None = None, sampler: str | None = None, generator: torch.Generator | None = None,
                  seed: int | None = None, eta: float | None = None, batch_size: int | None = None,
                  progress: bool = False, guidance_interval: Sequence[int] | None = None,
-                 spacing: str | None = None) -> torch.Tensor:
+                 spacing: str | None = None, autoguidance_scale: float | None = None) -> torch.Tensor:
         """Digits of the given classes, (N, 1, 28, 28) float in [0, 1] on the pipeline's device.
 
         guidance_scale: CFG scale, 1 = conditional only, 0 = unconditional (default from config.json).
@@ -236,9 +259,11 @@ class LatentDiffusion:
         guidance_interval: [lo, hi] timesteps (of 0..T-1) where guidance applies; conditional only
         elsewhere (default from config.json; pass [0, T-1] to guide at every step).
         spacing: which timesteps the sampler visits, "uniform" | "trailing" | "logsnr" | "karras".
+        autoguidance_scale: autoguidance weight w by the folder's guide model (1 = off; default from
+        config.json); combines with CFG: out = cfg + (w - 1) * (cond - guide).
         """
         y = self.check_labels(labels)
-        opts = self.sampling_options(guidance_scale, steps, sampler, eta, guidance_interval, spacing)
+        opts = self.sampling_options(guidance_scale, steps, sampler, eta, guidance_interval, spacing, autoguidance_scale)
         batch_size = self.check_batch_size(batch_size)
         seeds = self.seeds(len(y), seed, generator)
         out = []
@@ -277,6 +302,17 @@ class LatentDiffusion:
         """``generate`` keeping every step's x0 and noisy latent; see ``latentdiff.edit.trajectory``."""
         from . import edit
         return edit.trajectory(self, labels, **kwargs)
+
+
+def _bf16_on_cuda(unet, device: torch.device):
+    """The UNet call in bf16 autocast on a GPU (the sampler's update maths stays in fp32); as is elsewhere."""
+    if device.type != "cuda":
+        return unet
+
+    def unet_bf16(xx, tt, yy):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return unet(xx, tt, yy).float()
+    return unet_bf16
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -144,20 +144,24 @@ def interval_label(interval, num_timesteps: int | None = None) -> str:
     return f"t in [{lo}, {hi}]"
 
 
-def unet_rows(timesteps: torch.Tensor, guidance_scale: float, guidance_interval: tuple[int, int] | None) -> int:
-    """Batch rows ``cfg_model_fn`` runs per digit over ``timesteps``: 2 at a guided step, 1 elsewhere.
+def unet_rows(timesteps: torch.Tensor, guidance_scale: float, guidance_interval: tuple[int, int] | None,
+              autoguidance_scale: float = 1.0) -> int:
+    """Batch rows ``cfg_model_fn`` runs per digit over ``timesteps``: 2 at a guided step, 1 elsewhere,
+    plus one row of the guide network at every step when autoguidance is on (``autoguidance_scale`` != 1).
 
     Scale 1 (conditional) and 0 (unconditional) never double the batch; None guides at every step.
     """
+    guide_rows = 0 if autoguidance_scale == 1.0 else len(timesteps)
     if guidance_scale in (0.0, 1.0):
-        return len(timesteps)
+        return len(timesteps) + guide_rows
     lo, hi = guidance_interval if guidance_interval is not None else (0, int(timesteps.max()))
-    return len(timesteps) + int(((timesteps >= lo) & (timesteps <= hi)).sum())
+    return len(timesteps) + int(((timesteps >= lo) & (timesteps <= hi)).sum()) + guide_rows
 
 
 def cfg_model_fn(model: Callable, labels: torch.Tensor, guidance_scale: float, null_label: int,
-                 guidance_interval: tuple[int, int] | None = None) -> ModelFn:
-    """Classifier-free guidance (Ho & Salimans 2022) as a model function of (x, t).
+                 guidance_interval: tuple[int, int] | None = None, guide: Callable | None = None,
+                 autoguidance_scale: float = 1.0) -> ModelFn:
+    """Classifier-free guidance (Ho & Salimans 2022), optionally with autoguidance, as a model function of (x, t).
 
     out = uncond + s * (cond - uncond): s = 1 is the conditional model alone, s = 0 the
     unconditional one, s > 1 strengthens the label. One doubled batch per guided call. ``labels`` is (B,)
@@ -167,26 +171,39 @@ def cfg_model_fn(model: Callable, labels: torch.Tensor, guidance_scale: float, n
     0..T-1; Kynkaanniemi et al. 2024); elsewhere the model is conditional only (s = 1) and runs the
     single, undoubled batch. None guides at every step. The decision reads t's value on the host: free
     on a CPU; on a GPU the samplers' copy of t to the device has already waited for the stream.
+
+    Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): with a
+    ``guide`` model (same signature as ``model``: a weaker, e.g. earlier, version of it) and weight
+    w = ``autoguidance_scale`` != 1, every step adds (w - 1) * (cond - guide(x, t, labels)). With CFG off
+    (s = 1) that is the paper's guide + w * (cond - guide); w = 1 is plain CFG. The guidance interval
+    gates CFG only: the paper applies autoguidance at every noise level.
     """
     interval = check_guidance_interval(guidance_interval)
-    if guidance_scale == 1.0:
-        return lambda x, t: model(x, t, labels)
+    if autoguidance_scale != 1.0 and guide is None:
+        raise ValueError(f"autoguidance_scale={autoguidance_scale} needs a guide model; pass guide= or use 1.0")
     null = torch.full(labels.shape[:1], null_label, dtype=torch.long, device=labels.device)
     if labels.is_floating_point():  # (B, K+1) label-embedding weights: the null label is one-hot too
         null = torch.nn.functional.one_hot(null, labels.shape[1]).to(labels.dtype)
 
-    def guided(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if guidance_scale == 0.0:
-            return model(x, t, null)
+    def cfg(x: torch.Tensor, t: torch.Tensor, use_cfg: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(CFG output, the conditional output where it was computed: None for s = 0)."""
+        if not use_cfg or guidance_scale == 1.0:
+            cond = model(x, t, labels)
+            return cond, cond
+        if guidance_scale == 0.0 and autoguidance_scale == 1.0:
+            return model(x, t, null), None
         out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))  # (2B, C, H, W)
         cond, uncond = out.chunk(2)
-        return uncond + guidance_scale * (cond - uncond)
-
-    if interval is None:
-        return guided
+        return uncond + guidance_scale * (cond - uncond), cond
 
     def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t_now = int(t[0])  # one timestep per call: every sampler steps the whole batch together
-        return guided(x, t) if interval[0] <= t_now <= interval[1] else model(x, t, labels)
+        # one timestep per call: every sampler steps the whole batch together
+        use_cfg = interval is None or interval[0] <= int(t[0]) <= interval[1]
+        out, cond = cfg(x, t, use_cfg)
+        if autoguidance_scale == 1.0:
+            return out
+        return out + (autoguidance_scale - 1.0) * (cond - guide(x, t, labels))
 
+    if interval is None and autoguidance_scale == 1.0 and guidance_scale == 1.0:
+        return lambda x, t: model(x, t, labels)
     return fn

@@ -26,9 +26,11 @@ from .checkpoint import claim_run_dir, load_checkpoint, resolve_resume, save_che
 from .config import LDMRunConfig, UNetConfig, VAEConfig, VAERunConfig
 from .data import batch_indices, epoch_permutation, load_mnist, to_model_range
 from .diffusion import diffusion_loss, make_schedule
-from .errors import ConfigError, TrainingDiverged
-from .pipeline import LatentDiffusion, PipelineConfig, make_grid
+from .errors import ConfigError, RunDirError, TrainingDiverged
+from .pipeline import GUIDE_DIR, LatentDiffusion, PipelineConfig, make_grid
 from .plot import loss_plot
+from .precision import resolve_mixed_precision
+from .serialization import CONFIG_NAME
 from .tracking import finish_trackers, log_image, start_trackers, tracker_names
 from .unet import UNet
 from .vae import VAE, vae_loss
@@ -78,8 +80,11 @@ def make_accelerator(cfg) -> Accelerator:
     # cpu=True when there is no GPU: otherwise accelerate (1.x) treats a CPU-only multi-process launch
     # (torchrun) as DistributedType.NO, and every rank trains alone on the whole batch as "main process".
     cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    device = torch.device("cpu" if cpu else "cuda" if torch.cuda.is_available() else "mps")
+    main = os.environ.get("RANK", "0") == "0"  # before the Accelerator exists: say it once, on the main process
+    mixed = resolve_mixed_precision(cfg.train.mixed_precision, device, announce=main)
     # Trackers are checked here, first: a missing package fails before anything is loaded or written.
-    return Accelerator(mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum,
+    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.train.grad_accum,
                        cpu=cpu, log_with=tracker_names(cfg.train.log_with) or None, project_dir=cfg.out_dir)
 
 
@@ -99,8 +104,13 @@ def _check_batching(n_examples: int, tc, accel: Accelerator) -> None:
 
 
 def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, ema: torch.nn.Module | None,
-              n_examples: int, loss_fn: Callable, preview_fn: Callable, resume: str | None, desc: str) -> None:
-    """The shared optimisation loop: accumulate, clip, step, EMA, log, preview, checkpoint."""
+              n_examples: int, loss_fn: Callable, preview_fn: Callable, resume: str | None, desc: str,
+              on_step: Callable[[int], None] | None = None) -> None:
+    """The shared optimisation loop: accumulate, clip, step, EMA, log, preview, checkpoint.
+
+    ``on_step(s)``, on every process, whenever the weights are those after s steps: after each step (after
+    the EMA update, before the checkpoint) and once after a resume from step s.
+    """
     tc = cfg.train
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     start, last_ckpt = 0, None
@@ -112,6 +122,8 @@ def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, em
             keep = [ln for ln in metrics_path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start]
             metrics_path.write_text("".join(ln + "\n" for ln in keep))
         accel.print(f"resuming from {last_ckpt} at step {start}")
+        if on_step is not None:
+            on_step(start)
     start_trackers(accel, cfg, run_dir, start)
     train_model = torch.compile(model) if tc.compile else model
     train_model, optimizer = accel.prepare(train_model, optimizer)
@@ -151,6 +163,8 @@ def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, em
             ema_state.update(min(tc.ema_decay, (1 + step) / (10 + step)))  # decay warm-up, as in common DDPM ports
         seen, since = seen + tc.batch_size, since + 1
         done = step + 1
+        if on_step is not None:
+            on_step(done)
         ckpt_now = tc.checkpoint_every and (done % tc.checkpoint_every == 0 or done == tc.steps)  # final one: extend later
         if done % tc.log_every == 0 or done == tc.steps or ckpt_now:
             # The only host-device sync: once per log interval, never per step.
@@ -301,16 +315,29 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None, overwrite: bool = Fa
         def preview(path: Path) -> None:
             net = ema if ema is not None else model
             pipe = LatentDiffusion(net, vae, pipe_cfg)
-            images = pipe.generate([c for c in range(10) for _ in range(8)], seed=0)  # one row per class
+            images = pipe.generate([c for c in range(10) for _ in range(8)], seed=0, autoguidance_scale=1.0)  # a row per class
             net.train(net is model)
             path.parent.mkdir(parents=True, exist_ok=True)
             make_grid(images, nrow=8).save(path)
 
+        guide_step, guide_dir = cfg.guide.step(cfg.train.steps), run_dir / GUIDE_DIR
+
+        def keep_guide(done: int) -> None:
+            """Autoguidance: snapshot the (EMA) weights after ``guide_step`` steps into guide/ (main process)."""
+            if not accel.is_main_process or not guide_step:
+                return
+            if done == guide_step:
+                (ema if ema is not None else model).save_pretrained(guide_dir)  # config.json is written last
+            elif done > guide_step and not (guide_dir / CONFIG_NAME).is_file():
+                raise RunDirError(f"resuming at step {done}, past the guide snapshot at step {guide_step}, but "
+                                  f"{guide_dir} is missing; restore it, or start again with --overwrite")
+
         model.train()
-        _run_loop(cfg, accel, run_dir, model, ema, len(latents), loss_fn, preview, resume, "ldm")
+        _run_loop(cfg, accel, run_dir, model, ema, len(latents), loss_fn, preview, resume, "ldm", keep_guide)
         if accel.is_main_process:
             final = ema if ema is not None else model
-            LatentDiffusion(final, vae, pipe_cfg).save_pretrained(run_dir)
+            guide = UNet.from_pretrained(guide_dir, accel.device) if guide_step else None
+            LatentDiffusion(final, vae, pipe_cfg, guide).save_pretrained(run_dir)
             _end(accel, run_dir, preview, cfg.train.steps)
             accel.print(f"saved latent diffusion pipeline to {run_dir}")
         accel.wait_for_everyone()

@@ -1,0 +1,45 @@
+"""train.mixed_precision=auto: bf16 where the hardware has native bf16, fp32 otherwise, and a line saying which."""
+
+import pytest
+import torch
+
+from latentdiff.config import TrainConfig
+from latentdiff.errors import ConfigError
+from latentdiff.precision import cpu_flags, native_bf16, resolve_mixed_precision
+
+
+def test_cpu_flags_parsed_from_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16\nbugs\t: none\n")
+    assert {"avx512f", "avx512_bf16"} <= cpu_flags(info)
+    assert cpu_flags(tmp_path / "missing") == set()  # no /proc/cpuinfo (macOS): no flags, so fp32
+
+
+@pytest.mark.parametrize("flags, want", [({"avx512f", "avx512_bf16"}, "bf16"), ({"amx_bf16", "amx_tile"}, "bf16"),
+                                         ({"avx512f", "avx2"}, "no"), (set(), "no")])
+def test_auto_picks_bf16_only_with_native_support(flags, want, capsys):
+    assert resolve_mixed_precision("auto", torch.device("cpu"), flags) == want
+    line = capsys.readouterr().err
+    assert "mixed precision:" in line and ("bf16 autocast" if want == "bf16" else "fp32") in line
+
+
+def test_auto_is_quiet_off_the_main_process(capsys):
+    assert resolve_mixed_precision("auto", torch.device("cpu"), set(), announce=False) == "no"
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("setting", [None, "no", "bf16", "fp16"])
+def test_explicit_settings_pass_through(setting, capsys):
+    assert resolve_mixed_precision(setting, torch.device("cpu"), set()) == setting
+    assert capsys.readouterr().err == ""
+
+
+def test_other_devices_fall_back_to_fp32():
+    ok, why = native_bf16(torch.device("meta"))
+    assert not ok and "meta" in why
+
+
+def test_config_accepts_auto_and_rejects_typos():
+    TrainConfig(mixed_precision="auto").validate()
+    with pytest.raises(ConfigError, match="auto"):
+        TrainConfig(mixed_precision="bf32").validate()
