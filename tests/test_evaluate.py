@@ -254,6 +254,12 @@ def test_cli_ldm_vae_sweep_end_to_end(tiny_mnist, tmp_path, monkeypatch):
     main(["vae", "--model", str(tmp_path / "ldm"), "--out", str(tmp_path / "vae.json"), *common])  # uses ldm/vae
     res = json.loads((tmp_path / "vae.json").read_text())
     assert res["n"] == 20 and len(res["latent_mean"]) == 4 and res["psnr"] == pytest.approx(psnr(res["mse"]))
+    assert res["train_n"] == 20 and res["train_recon_fld_ratio"] == pytest.approx(res["train_recon_fld"] / res["train_real_fld"])
+    # A VAE that reconstructed perfectly would sit exactly on the real digits' floor.
+    import latentdiff.evaluate.score as score
+    monkeypatch.setattr(score, "reconstruct", lambda vae, x, batch_size=500: (x, torch.zeros(len(x), 4, 7, 7)))
+    main(["vae", "--model", str(tmp_path / "ldm"), "--out", str(tmp_path / "vae_id.json"), *common])
+    assert json.loads((tmp_path / "vae_id.json").read_text())["train_recon_fld_ratio"] == pytest.approx(1.0)
 
     main(["sweep", "--model", str(tmp_path / "ldm"), "--guidance", "1", "2", "--samplers", "ddim:2", "dpm++:3",
           "--out", str(tmp_path / "sweep.json"), "--plot", str(tmp_path / "sweep.png"), *common])

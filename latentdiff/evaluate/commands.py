@@ -90,10 +90,11 @@ def cmd_ldm(args) -> dict:
 
     pipe = LatentDiffusion.from_pretrained(args.model, device=args.device)  # fail fast, before the classifier
     interval = _interval_option(args, pipe)
-    pipe.sampling_options(args.guidance, args.steps, args.sampler, None, interval, args.spacing)  # checks them too
+    pipe.sampling_options(args.guidance, args.steps, args.sampler, None, interval, args.spacing,
+                          args.autoguidance)  # checks them too
     clf, ref, info = _setup(args)
     r = evaluate_ldm(pipe, clf, ref, args.n_per_class, args.guidance, args.sampler, args.steps, args.seed, args.batch_size,
-                     guidance_interval=interval, spacing=args.spacing)
+                     guidance_interval=interval, spacing=args.spacing, autoguidance_scale=args.autoguidance)
     images = r.pop("images")
     floor = real_floor(clf, args.data_dir, ref, args.n_per_class, args.seed)
     print(f"{args.model}: {setting_name(r, pipe.config.diffusion.num_timesteps)}, {r['spacing']} spacing, "
@@ -112,12 +113,14 @@ def cmd_vae(args) -> dict:
     model = Path(args.model)
     vae = VAE.from_pretrained(model / "vae" if (model / "vae" / CONFIG_NAME).is_file() else model, args.device)
     clf, ref, info = _setup(args)
-    r = evaluate_vae(vae, clf, ref, args.data_dir, args.batch_size)
+    r = evaluate_vae(vae, clf, ref, args.data_dir, args.batch_size, args.n_per_class, args.seed)
     rows = [("MSE ([0,1] pixels)", f"{r['mse']:.5f}"), ("PSNR (dB, of the mean MSE)", f"{r['psnr']:.2f}"),
             ("PSNR (dB, mean per image)", f"{r['psnr_mean_per_image']:.2f}"),
             ("recon accuracy", f"{_pct(r['accuracy'])} (originals {_pct(r['accuracy_originals'])})"),
             ("recon worst-class accuracy", f"{_pct(r['worst_class_accuracy'])} (class {r['worst_class']})"),
             (f"FLD recon vs test (N={r['n']})", f"{r['fld']:.3f}"), ("precision / recall", f"{r['precision']:.3f} / {r['recall']:.3f}"),
+            (f"FLD of {r['train_n']} train digits' recon vs test", f"{r['train_recon_fld']:.4f} = "
+             f"{r['train_recon_fld_ratio']:.2f}x the real digits' own {r['train_real_fld']:.4f} (the floor for any LDM)"),
             ("scaled latent mean per channel", " ".join(f"{v:+.3f}" for v in r["latent_mean"])),
             ("scaled latent std per channel", " ".join(f"{v:.3f}" for v in r["latent_std"]))]
     print(f"{args.model} on the {r['n']} test digits")
@@ -227,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="LO HI: guide only at timesteps LO <= t <= HI of 0..T-1; or 'all' for every step "
                              "(default: the model's; in a sweep, the sampler part's interval)")
         sp.add_argument("--spacing", choices=sorted(SPACINGS), help="sampler timestep spacing (default: the model's)")
+        sp.add_argument("--autoguidance", type=float, metavar="W",
+                        help="autoguidance weight by the folder's guide/ model, 1 = off (default: the model's)")
 
     sp = sub.add_parser("classifier", help="train (if missing) the classifier and print the real-data floors")
     common(sp)

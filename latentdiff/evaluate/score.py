@@ -53,12 +53,12 @@ def score_images(clf: Classifier, ref: Reference, images: torch.Tensor, labels: 
 
 def generate_balanced(pipe, n_per_class: int, guidance: float | None = None, sampler: str | None = None,
                       steps: int | None = None, seed: int = 0, batch_size: int = 500, progress: bool = True, *,
-                      guidance_interval: Sequence[int] | None = None,
-                      spacing: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      guidance_interval: Sequence[int] | None = None, spacing: str | None = None,
+                      autoguidance_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``n_per_class`` digits of every class -> (images (N, 1, 28, 28) in [0, 1] on the CPU, labels (N,)).
 
     Sample i uses seed + i whatever the batching, so runs at different guidance scales share their noise.
-    guidance_interval / spacing: as in ``LatentDiffusion.generate`` (None: the model's).
+    guidance_interval / spacing / autoguidance_scale: as in ``LatentDiffusion.generate`` (None: the model's).
     """
     labels = torch.arange(pipe.num_classes).repeat_interleave(n_per_class)
     out = []
@@ -67,56 +67,75 @@ def generate_balanced(pipe, n_per_class: int, guidance: float | None = None, sam
         for start in range(0, len(labels), batch_size):
             y = labels[start:start + batch_size]
             out.append(pipe.generate(y, guidance_scale=guidance, steps=steps, sampler=sampler, seed=seed + start,
-                                     batch_size=batch_size, guidance_interval=guidance_interval, spacing=spacing).cpu())
+                                     batch_size=batch_size, guidance_interval=guidance_interval, spacing=spacing,
+                                     autoguidance_scale=autoguidance_scale).cpu())
             bar.update(len(y))
     return torch.cat(out), labels
 
 
 def run_settings(pipe, guidance: float | None = None, sampler: str | None = None, steps: int | None = None,
-                 guidance_interval: Sequence[int] | None = None, spacing: str | None = None) -> dict:
+                 guidance_interval: Sequence[int] | None = None, spacing: str | None = None,
+                 autoguidance_scale: float | None = None) -> dict:
     """The sampling settings a run uses, the model's defaults filled in (and checked) by ``pipe.sampling_options``.
 
     The interval is always explicit: the model's "every step" (None) is recorded as [0, T-1].
     """
-    opts = pipe.sampling_options(guidance, steps, sampler, None, guidance_interval, spacing)
+    opts = pipe.sampling_options(guidance, steps, sampler, None, guidance_interval, spacing, autoguidance_scale)
     interval = opts["guidance_interval"] or (0, pipe.config.diffusion.num_timesteps - 1)
     return {"guidance_scale": opts["guidance_scale"], "sampler": opts["sampler"], "steps": opts["steps"],
-            "guidance_interval": list(interval), "spacing": opts["spacing"], "eta": opts["eta"]}
+            "guidance_interval": list(interval), "spacing": opts["spacing"], "eta": opts["eta"],
+            "autoguidance_scale": opts["autoguidance_scale"]}
 
 
 def evaluate_ldm(pipe, clf: Classifier, ref: Reference, n_per_class: int = 1000, guidance: float | None = None,
                  sampler: str | None = None, steps: int | None = None, seed: int = 0, batch_size: int = 500,
                  progress: bool = True, *, guidance_interval: Sequence[int] | None = None,
-                 spacing: str | None = None) -> dict:
+                 spacing: str | None = None, autoguidance_scale: float | None = None) -> dict:
     """Generate a class-balanced set and score it; returns settings (defaults resolved), metrics and timings."""
-    settings = {**run_settings(pipe, guidance, sampler, steps, guidance_interval, spacing),
+    settings = {**run_settings(pipe, guidance, sampler, steps, guidance_interval, spacing, autoguidance_scale),
                 "seed": seed, "n_per_class": n_per_class}
     t0 = time.perf_counter()
     images, labels = generate_balanced(pipe, n_per_class, settings["guidance_scale"], settings["sampler"],
                                        settings["steps"], seed, batch_size, progress,
-                                       guidance_interval=settings["guidance_interval"], spacing=settings["spacing"])
+                                       guidance_interval=settings["guidance_interval"], spacing=settings["spacing"],
+                                       autoguidance_scale=settings["autoguidance_scale"])
     generate_s = time.perf_counter() - t0
     return {**settings, **score_images(clf, ref, images, labels), "generate_s": generate_s, "images": images}
 
 
 @torch.no_grad()
-def evaluate_vae(vae, clf: Classifier, ref: Reference, data_root: str | Path | None, batch_size: int = 500) -> dict:
-    """Reconstruction metrics on the test split (posterior means, no sampling) and scaled-latent statistics."""
+def reconstruct(vae, x: torch.Tensor, batch_size: int = 500) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, 1, 28, 28) in [0, 1] -> (reconstructions in [0, 1], scaled latents), from posterior means."""
     device = next(vae.parameters()).device
-    images, labels = load_mnist(data_root, "test")
-    x = to_unit(images)
     recon, latents = [], []
     for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size].to(device)
-        posterior = vae.encode(xb * 2 - 1)
+        posterior = vae.encode(x[i:i + batch_size].to(device) * 2 - 1)
         latents.append(vae.scale_latents(posterior.mean).cpu())
         recon.append(((vae.decode(posterior.mean) + 1) / 2).cpu())  # [-1, 1] -> [0, 1]
-    recon, z = torch.cat(recon), torch.cat(latents)  # (N, 1, 28, 28), (N, C, h, w)
+    return torch.cat(recon), torch.cat(latents)
+
+
+@torch.no_grad()
+def evaluate_vae(vae, clf: Classifier, ref: Reference, data_root: str | Path | None, batch_size: int = 500,
+                 n_per_class: int = 1000, seed: int = 0) -> dict:
+    """Reconstruction metrics on the test split (posterior means, no sampling) and scaled-latent statistics.
+
+    Also the distribution distance a diffusion model on these latents cannot beat: the FLD of the
+    reconstructions of ``n_per_class`` train digits per class against the test reference, next to the FLD of
+    those real train digits (the floor at the same N).
+    """
+    images, labels = load_mnist(data_root, "test")
+    x = to_unit(images)
+    recon, z = reconstruct(vae, x, batch_size)  # (N, 1, 28, 28), (N, C, h, w)
     mse_per_image = (recon.double() - x.double()).square().mean((1, 2, 3))
     feats, logits = extract(clf, recon)
     acc = class_accuracy(logits.argmax(1), labels, clf.config.num_classes)
     precision, recall = precision_recall(ref.features, feats)
     zc = z.transpose(0, 1).flatten(1).double()  # (C, N*h*w)
+    train_u8, train_labels = load_mnist(data_root, "train")
+    real = to_unit(train_u8[balanced_subset(train_labels, n_per_class, seed, clf.config.num_classes)])
+    train_fld = frechet_distance_features(extract(clf, reconstruct(vae, real, batch_size)[0])[0], ref.features)
+    real_fld = frechet_distance_features(extract(clf, real)[0], ref.features)
     return {"mse": mse_per_image.mean().item(), "psnr": psnr(mse_per_image.mean()),
             "psnr_mean_per_image": sum(psnr(m) for m in mse_per_image.tolist()) / len(mse_per_image),
             "accuracy": acc["accuracy"], "worst_class_accuracy": acc["worst_class_accuracy"],
@@ -124,5 +143,6 @@ def evaluate_vae(vae, clf: Classifier, ref: Reference, data_root: str | Path | N
             "fld": frechet_distance_features(feats, ref.features), "precision": precision, "recall": recall,
             "n": len(x), "latent_mean": zc.mean(1).tolist(), "latent_std": zc.std(1).tolist(),
             "latent_mean_all": zc.mean().item(), "latent_std_all": zc.std().item(),
-            "scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.shift_factor}
-
+            "scaling_factor": vae.config.scaling_factor, "shift_factor": vae.config.shift_factor,
+            "train_recon_fld": train_fld, "train_real_fld": real_fld, "train_n": len(real),
+            "train_recon_fld_ratio": train_fld / real_fld}

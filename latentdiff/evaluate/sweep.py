@@ -98,7 +98,8 @@ def run_sweep(pipe, clf: Classifier, ref: Reference, guidances: Sequence[float],
 def setting_name(r: dict, num_timesteps: int | None = None) -> str:
     """'g=2 dpm++:20 t in [100, 800]' (no interval for runs from sweeps before intervals)."""
     name = f"g={r['guidance_scale']:g} {r['sampler']}:{r['steps']}"
-    return name + (f" {interval_label(r['guidance_interval'], num_timesteps)}" if "guidance_interval" in r else "")
+    name += f" {interval_label(r['guidance_interval'], num_timesteps)}" if "guidance_interval" in r else ""
+    return name + (f" autoguidance w={r['autoguidance_scale']:g}" if r.get("autoguidance_scale", 1.0) != 1.0 else "")
 
 
 def summary_line(r: dict, num_timesteps: int | None = None) -> str:
