@@ -166,6 +166,21 @@ class VAE(nn.Module):
         return load_model(cls, VAEConfig, directory, device)
 
 
+@torch.no_grad()
+def encode_all(vae: VAE, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Posterior means (unscaled) of float images in [-1, 1], in batches, on the VAE's device."""
+    device = next(vae.parameters()).device
+    # _encode skips the per-call input checks: callers pass whole datasets already mapped to [-1, 1].
+    return torch.cat([vae._encode(images[i:i + batch_size].to(device)).mean for i in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
+def latent_stats(vae: VAE, images: torch.Tensor, batch_size: int = 256) -> tuple[float, float]:
+    """(mean, 1/std) of the posterior means of ``images`` (float in [-1, 1]): the latent shift and scale."""
+    z = encode_all(vae, images, batch_size)
+    return z.mean().item(), 1.0 / z.std().item()
+
+
 def vae_loss(model: VAE, x: torch.Tensor, kl_weight: float, generator: torch.Generator | None = None,
              seeds: torch.Tensor | None = None):
     """Per-pixel MSE + kl_weight * per-element KL. Returns (loss, dict of parts, reconstruction)."""
