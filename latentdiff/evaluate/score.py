@@ -15,6 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import load_mnist
+from ..sampling import unet_rows
+from ..timesteps import make_timesteps
 from .classifier import Classifier, extract, to_unit
 from .metrics import (Reference, balanced_subset, class_accuracy, frechet_distance_features, precision_recall, psnr,
                       sample_metrics)
@@ -53,12 +55,12 @@ def score_images(clf: Classifier, ref: Reference, images: torch.Tensor, labels: 
 
 def generate_balanced(pipe, n_per_class: int, guidance: float | None = None, sampler: str | None = None,
                       steps: int | None = None, seed: int = 0, batch_size: int = 500, progress: bool = True, *,
-                      guidance_interval: Sequence[int] | None = None,
-                      spacing: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      guidance_interval: Sequence[int] | None = None, spacing: str | None = None,
+                      **generate_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """``n_per_class`` digits of every class -> (images (N, 1, 28, 28) in [0, 1] on the CPU, labels (N,)).
 
     Sample i uses seed + i whatever the batching, so runs at different guidance scales share their noise.
-    guidance_interval / spacing: as in ``LatentDiffusion.generate`` (None: the model's).
+    guidance_interval / spacing / any other ``generate_kwargs``: as in ``LatentDiffusion.generate``.
     """
     labels = torch.arange(pipe.num_classes).repeat_interleave(n_per_class)
     out = []
@@ -67,18 +69,20 @@ def generate_balanced(pipe, n_per_class: int, guidance: float | None = None, sam
         for start in range(0, len(labels), batch_size):
             y = labels[start:start + batch_size]
             out.append(pipe.generate(y, guidance_scale=guidance, steps=steps, sampler=sampler, seed=seed + start,
-                                     batch_size=batch_size, guidance_interval=guidance_interval, spacing=spacing).cpu())
+                                     batch_size=batch_size, guidance_interval=guidance_interval, spacing=spacing,
+                                     **generate_kwargs).cpu())
             bar.update(len(y))
     return torch.cat(out), labels
 
 
 def run_settings(pipe, guidance: float | None = None, sampler: str | None = None, steps: int | None = None,
-                 guidance_interval: Sequence[int] | None = None, spacing: str | None = None) -> dict:
+                 guidance_interval: Sequence[int] | None = None, spacing: str | None = None,
+                 eta: float | None = None) -> dict:
     """The sampling settings a run uses, the model's defaults filled in (and checked) by ``pipe.sampling_options``.
 
     The interval is always explicit: the model's "every step" (None) is recorded as [0, T-1].
     """
-    opts = pipe.sampling_options(guidance, steps, sampler, None, guidance_interval, spacing)
+    opts = pipe.sampling_options(guidance, steps, sampler, eta, guidance_interval, spacing)
     interval = opts["guidance_interval"] or (0, pipe.config.diffusion.num_timesteps - 1)
     return {"guidance_scale": opts["guidance_scale"], "sampler": opts["sampler"], "steps": opts["steps"],
             "guidance_interval": list(interval), "spacing": opts["spacing"], "eta": opts["eta"]}
@@ -87,16 +91,27 @@ def run_settings(pipe, guidance: float | None = None, sampler: str | None = None
 def evaluate_ldm(pipe, clf: Classifier, ref: Reference, n_per_class: int = 1000, guidance: float | None = None,
                  sampler: str | None = None, steps: int | None = None, seed: int = 0, batch_size: int = 500,
                  progress: bool = True, *, guidance_interval: Sequence[int] | None = None,
-                 spacing: str | None = None) -> dict:
-    """Generate a class-balanced set and score it; returns settings (defaults resolved), metrics and timings."""
-    settings = {**run_settings(pipe, guidance, sampler, steps, guidance_interval, spacing),
-                "seed": seed, "n_per_class": n_per_class}
+                 spacing: str | None = None, **generate_kwargs) -> dict:
+    """Generate a class-balanced set and score it; returns settings (defaults resolved), metrics and timings.
+
+    ``generate_kwargs`` (``eta`` and any other ``LatentDiffusion.generate`` keyword) go to generate as given;
+    the record holds them at the top level and, with the resolved settings, in ``setting``: the keyword
+    arguments that reproduce the run with ``pipe.generate``. ``unet_rows`` is the cost: UNet batch rows
+    per digit (a guided step runs two).
+    """
+    extra = dict(generate_kwargs)
+    settings = run_settings(pipe, guidance, sampler, steps, guidance_interval, spacing, extra.pop("eta", None))
+    timesteps = make_timesteps(pipe.alphas_cumprod, settings["steps"], settings["spacing"])
+    rows = unet_rows(timesteps, settings["guidance_scale"], settings["guidance_interval"])
+    record = {**settings, **extra, "setting": {**settings, **extra}, "unet_rows": rows, "seed": seed,
+              "n_per_class": n_per_class}
     t0 = time.perf_counter()
     images, labels = generate_balanced(pipe, n_per_class, settings["guidance_scale"], settings["sampler"],
                                        settings["steps"], seed, batch_size, progress,
-                                       guidance_interval=settings["guidance_interval"], spacing=settings["spacing"])
+                                       guidance_interval=settings["guidance_interval"], spacing=settings["spacing"],
+                                       eta=settings["eta"], **extra)
     generate_s = time.perf_counter() - t0
-    return {**settings, **score_images(clf, ref, images, labels), "generate_s": generate_s, "images": images}
+    return {**record, **score_images(clf, ref, images, labels), "generate_s": generate_s, "images": images}
 
 
 @torch.no_grad()
