@@ -1,4 +1,10 @@
-"""LatentDiffusion: VAE + UNet + schedule. ``generate()`` turns labels into digits."""
+"""LatentDiffusion: VAE + UNet + schedule. ``generate()`` turns labels into digits.
+
+``generate`` is ``decode(denoise(noise(seeds)))`` over batches; those three steps are public so that
+``latentdiff.edit`` (class swap, inpainting, interpolation, trajectories) can be written on top of the
+pipeline. Imports run one way: this module never imports its editors, the server, the evaluator or
+the trainer (tests/test_imports.py checks it).
+"""
 
 from __future__ import annotations
 
@@ -117,7 +123,7 @@ class LatentDiffusion:
         steps = sc.steps if steps is None else steps
         sampler = sc.sampler if sampler is None else sampler
         eta = sc.eta if eta is None else eta
-        # Guidance interval and timestep spacing (README: guidance interval, timestep spacing).
+        # Guidance interval and timestep spacing: docs/sampling-and-guidance.md.
         interval = check_guidance_interval(sc.guidance_interval if guidance_interval is None else guidance_interval,
                                            self.config.diffusion.num_timesteps)
         spacing = sc.spacing if spacing is None else spacing

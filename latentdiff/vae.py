@@ -1,4 +1,8 @@
-"""Convolutional VAE with a diagonal-Gaussian posterior: (B,1,28,28) in [-1,1] <-> (B,4,7,7)."""
+"""Convolutional VAE with a diagonal-Gaussian posterior: (B,1,28,28) in [-1,1] <-> (B,4,7,7).
+
+Also the dataset helpers that belong to it: ``encode_all`` (posterior means of many images) and
+``latent_stats`` (the latent shift and scale, stored in the VAE's config as their one source of truth).
+"""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import math
 import sys
 from typing import Any, Sequence
 
-from ..sampling import interval_label
+from ..sampling import SAMPLERS, interval_label
 from .classifier import Classifier
 from .metrics import Reference
 from .score import evaluate_ldm, run_settings
@@ -23,8 +23,6 @@ from .score import evaluate_ldm, run_settings
 
 def parse_sampler(spec: str) -> tuple[str, int]:
     """'dpm++:20' -> ('dpm++', 20)."""
-    from ..sampling import SAMPLERS
-
     name, _, steps = spec.rpartition(":")
     if name not in SAMPLERS or not steps.isdigit() or int(steps) < 1:
         raise ValueError(f"sampler spec {spec!r} must look like NAME:STEPS with NAME in {sorted(SAMPLERS)}, e.g. dpm++:20")
