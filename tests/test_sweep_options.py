@@ -151,3 +151,13 @@ def test_cli_bad_set_is_one_line_before_the_classifier(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "'stepz' is not a generate() keyword" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "none").exists()
+
+
+def test_committed_sweep_json_still_plots(tmp_path):
+    """A sweep written before --set/--vary/--settings (no 'settings' part, no labels) re-draws unchanged."""
+    from conftest import REPO
+
+    old = REPO / "bench" / "results" / "cpu" / "sweep_quick_final.json"
+    assert "settings" not in json.loads(old.read_text())
+    main(["plot", str(old), "--out", str(tmp_path / "old.png")])
+    assert (tmp_path / "old.png").stat().st_size > 10_000
