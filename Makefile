@@ -20,7 +20,7 @@ RUNS ?= runs
 LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no --mixed_precision no \
           --num_cpu_threads_per_process $(shell nproc)
 
-.PHONY: venv test demo sample clean
+.PHONY: venv test docs demo sample clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest -q tests
 
+# The documentation site into site/ (the docs extra on first use); --strict fails on a broken link or reference.
+$(VENV)/.docs-installed: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $@
+
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
 demo: venv
 	$(LAUNCH) train_vae.py --config $(PRESET) --out $(RUNS)/vae $(DATA_ARG) $(ARGS)
 	$(LAUNCH) train_ldm.py --config $(PRESET) --vae $(RUNS)/vae --out $(RUNS)/ldm $(DATA_ARG) $(ARGS)
@@ -39,4 +47,4 @@ demo: venv
 	@echo "samples: $(RUNS)/samples.png"
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache site

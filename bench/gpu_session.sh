@@ -6,7 +6,7 @@
 #   3. quick-preset training variants (fp32, as on a CPU) trained side by side: the quick model is
 #      bound by Python dispatch, so six of them share the GPU without slowing each other much;
 #      meanwhile the full model is scored (guidance x interval sweep, the default at N=10,000, VAE);
-#   4. every quick variant scored at several sampling settings (same classifier, same N);
+#   4. every quick variant scored at several sampling settings (same classifier, same N; evaluate sweep --settings);
 #   5. sampling throughput at the full model's default settings, eager then compiled, alone.
 #   DATA=/path/to/mnist bash bench/gpu_session.sh
 # Knobs for a CPU dry run: DEVICE=cpu, VARIANTS, QUICK_ARGS, FULL_VAE_ARGS/FULL_LDM_ARGS, N_* below.
@@ -24,7 +24,8 @@ now() { date +%s.%N; }
 elapsed() { $PY -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.1f}')" "$1" "$2"; }
 sets_of() { $PY -c "import json, re, sys; [print(json.dumps(json.loads(m))) for m in re.findall(r'\{[^{}]*\}', sys.argv[1])]" "$1"; }
 CLF=${CLASSIFIER:-$R/classifier}
-SCORE="$PY bench/score_settings.py --data-dir $DATA --classifier $CLF --device $DEVICE"
+# The one sweep driver; --settings points only (no guidance or sampler grid), big batches for the GPU.
+SCORE="$PY -m latentdiff.evaluate sweep --data-dir $DATA --classifier $CLF --device $DEVICE --batch-size ${SCORE_BATCH:-5000}"
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
   $PY -c "import torch, accelerate; print('torch', torch.__version__, 'accelerate', accelerate.__version__)"; } | tee "$R/res/machine.txt"
@@ -82,19 +83,19 @@ Q="--config quick --data-dir $DATA ${QUICK_ARGS:-}"  # plain python: fp32, as on
 QPID=$!
 FULL_SETTINGS=${FULL_SETTINGS:-'{} {"guidance_scale": 1.2, "steps": 20, "spacing": "uniform", "guidance_interval": [0, 999]} {"guidance_scale": 1.5, "guidance_interval": [0, 999]} {"guidance_scale": 2.0, "guidance_interval": [100, 800]} {"guidance_scale": 2.0, "guidance_interval": [150, 600]} {"guidance_scale": 3.0, "guidance_interval": [150, 600]} {"guidance_scale": 2.5, "guidance_interval": [100, 700]}'}
 mapfile -t sets < <(sets_of "$FULL_SETTINGS")
-timeout ${SCORE_TIMEOUT:-150} $SCORE --models "$R/ldm" --n-per-class ${N_SWEEP:-500} --settings "${sets[@]}" --out "$R/res/full_sweep.jsonl"
+timeout ${SCORE_TIMEOUT:-150} $SCORE --model "$R/ldm" --n-per-class ${N_SWEEP:-500} --settings "${sets[@]}" --out "$R/res/full_sweep.json"
 # The best swept point by the full preset's targets (accuracy >= 99.7%, worst class >= 99.3%, recall >= 0.95x;
 # then lowest FLD), falling back to the lowest FLD at accuracy >= 99.5%; re-scored at N=10,000.
-BEST=$($PY - "$R/res/full_sweep.jsonl" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])] if __import__("os").path.exists(sys.argv[1]) else []
+BEST=$($PY - "$R/res/full_sweep.json" <<'PY'
+import json, os, sys
+rows = json.load(open(sys.argv[1]))["settings"] if os.path.exists(sys.argv[1]) else []
 ok = lambda r, a, w, rc: r["metrics"]["accuracy"] >= a and r["metrics"]["worst_class_accuracy"] >= w and r["ratios"]["recall"] >= rc
 pick = [r for r in rows if ok(r, 0.997, 0.993, 0.95)] or [r for r in rows if ok(r, 0.995, 0.0, 0.0)] or rows
 print(json.dumps(min(pick, key=lambda r: r["ratios"]["fld"])["setting"] if pick else {}))
 PY
 )
 echo "best swept setting: $BEST"
-timeout ${SCORE_TIMEOUT:-150} $SCORE --models "$R/ldm" --n-per-class ${N_FINAL:-1000} --settings '{}' "$BEST" --out "$R/res/full_final.jsonl"
+timeout ${SCORE_TIMEOUT:-150} $SCORE --model "$R/ldm" --n-per-class ${N_FINAL:-1000} --settings '{}' "$BEST" --out "$R/res/full_final.json"
 timeout 60 $PY -m latentdiff.evaluate vae --model "$R/vae" --data-dir "$DATA" --classifier "$CLF" --device $DEVICE --out "$R/res/eval_vae.json" 2>&1 | tail -n 8
 $PY sample.py --model "$R/ldm" --out "$R/res/samples_full.png" --device $DEVICE 2>&1 | tail -n 1
 keep
@@ -105,7 +106,10 @@ step "4. score the quick variants"
 QUICK_SETTINGS=${QUICK_SETTINGS:-'{"guidance_scale": 1.5, "steps": 20, "spacing": "uniform", "guidance_interval": [0, 999]} {"guidance_scale": 1.5, "steps": 10, "spacing": "logsnr", "guidance_interval": [0, 999]} {"guidance_scale": 2.0, "steps": 10, "spacing": "logsnr", "guidance_interval": [100, 800]} {"guidance_scale": 2.5, "steps": 10, "spacing": "logsnr", "guidance_interval": [100, 700]} {"guidance_scale": 3.0, "steps": 10, "spacing": "logsnr", "guidance_interval": [100, 600]} {"guidance_scale": 3.0, "steps": 10, "spacing": "logsnr", "guidance_interval": [150, 700]} {"guidance_scale": 4.0, "steps": 10, "spacing": "logsnr", "guidance_interval": [150, 600]}'}
 mapfile -t sets < <(sets_of "$QUICK_SETTINGS")
 models=(); for d in "$R"/q_*/; do [ -f "$d/config.json" ] && [ -d "$d/unet" ] && models+=("${d%/}"); done
-timeout ${QSCORE_TIMEOUT:-200} $SCORE --models "${models[@]}" --n-per-class ${N_QUICK:-300} --settings "${sets[@]}" --out "$R/res/quick_scores.jsonl"
+for d in "${models[@]}"; do  # one JSON per variant, each with its floor
+  timeout ${QSCORE_TIMEOUT:-40} $SCORE --model "$d" --n-per-class ${N_QUICK:-300} --settings "${sets[@]}" \
+    --out "$R/res/quick_scores_$(basename $d).json"
+done
 for d in "${models[@]}"; do cp "$d/metrics.jsonl" "$R/res/$(basename $d)_metrics.jsonl"; done
 keep
 

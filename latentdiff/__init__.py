@@ -2,6 +2,10 @@
 
     pipe = LatentDiffusion.from_pretrained("runs/ldm")
     images = pipe.generate(labels=[3, 3, 7], guidance_scale=3.0, steps=20, seed=0)  # (3,1,28,28) in [0,1]
+
+This namespace is the public API. The rest lives in its modules: ``latentdiff.edit`` (editing
+digits), ``latentdiff.latents`` (whole splits as latents), ``latentdiff.train`` (the training loops),
+``latentdiff.evaluate`` (scoring and sweeps) and ``latentdiff.serve`` (web page and HTTP API).
 """
 
 from .config import (DataConfig, DiffusionConfig, LDMRunConfig, SampleConfig, TrainConfig, UNetConfig, VAEConfig,

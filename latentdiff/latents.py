@@ -16,8 +16,7 @@ from safetensors import SafetensorError, safe_open
 from .data import load_mnist, to_model_range
 from .errors import DataError
 from .serialization import atomic_save_safetensors
-from .train import encode_all
-from .vae import VAE
+from .vae import VAE, encode_all
 
 
 @dataclass(frozen=True)

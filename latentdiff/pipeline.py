@@ -1,4 +1,10 @@
-"""LatentDiffusion: VAE + UNet + schedule. ``generate()`` turns labels into digits."""
+"""LatentDiffusion: VAE + UNet + schedule. ``generate()`` turns labels into digits.
+
+``generate`` is ``decode(denoise(noise(seeds)))`` over batches; those three steps are public so that
+``latentdiff.edit`` (class swap, inpainting, interpolation, trajectories) can be written on top of the
+pipeline. Imports run one way: this module never imports its editors, the server, the evaluator or
+the trainer (tests/test_imports.py checks it).
+"""
 
 from __future__ import annotations
 
@@ -136,7 +142,7 @@ class LatentDiffusion:
         steps = sc.steps if steps is None else steps
         sampler = sc.sampler if sampler is None else sampler
         eta = sc.eta if eta is None else eta
-        # Guidance interval and timestep spacing (README: guidance interval, timestep spacing).
+        # Guidance interval and timestep spacing: docs/sampling-and-guidance.md.
         interval = check_guidance_interval(sc.guidance_interval if guidance_interval is None else guidance_interval,
                                            self.config.diffusion.num_timesteps)
         spacing = sc.spacing if spacing is None else spacing
@@ -186,7 +192,7 @@ class LatentDiffusion:
         self._decode_fn = torch.compile(self.vae._decode, mode=mode, dynamic=False)
         return self
 
-    # ------------------------------------------------------------------ building blocks (edit.py uses these)
+    # ------------------------------------------------------------------ building blocks (latentdiff.edit uses these)
     def noise(self, seeds: torch.Tensor, stream: int = 0) -> torch.Tensor:
         """(B, 4, 7, 7) standard normals on the device; row i from (seeds[i], stream) alone."""
         return seeded_normal(seeds.to(self.device), self.vae.latent_shape, stream=stream)
@@ -275,33 +281,6 @@ class LatentDiffusion:
     def _sample_batch(self, y: torch.Tensor, seeds: torch.Tensor, opts: dict, progress: bool) -> torch.Tensor:
         x = self.noise(seeds)  # (B, 4, 7, 7): stream 0 of each seed
         return self.decode(self.denoise(x, y, seeds, progress=progress, **opts))
-
-
-    # ------------------------------------------------------------------ editing: thin calls into latentdiff.edit
-    def img2img(self, images: torch.Tensor, labels, strength: float, **kwargs) -> torch.Tensor:
-        """Class swap (SDEdit); see ``latentdiff.edit.img2img``."""
-        from . import edit  # edit builds on this module
-        return edit.img2img(self, images, labels, strength, **kwargs)
-
-    def inpaint(self, images: torch.Tensor, mask: torch.Tensor, labels, **kwargs) -> torch.Tensor:
-        """Fill the mask == 0 pixels; see ``latentdiff.edit.inpaint``."""
-        from . import edit
-        return edit.inpaint(self, images, mask, labels, **kwargs)
-
-    def interpolate_seeds(self, label: int, seed_a: int, seed_b: int, frames: int, **kwargs) -> torch.Tensor:
-        """One class, slerp between two seeds' noise; see ``latentdiff.edit.interpolate_seeds``."""
-        from . import edit
-        return edit.interpolate_seeds(self, label, seed_a, seed_b, frames, **kwargs)
-
-    def interpolate_classes(self, label_a: int, label_b: int, seed: int, frames: int, **kwargs) -> torch.Tensor:
-        """One seed, label embedding blended from label_a to label_b; see ``latentdiff.edit.interpolate_classes``."""
-        from . import edit
-        return edit.interpolate_classes(self, label_a, label_b, seed, frames, **kwargs)
-
-    def trajectory(self, labels, **kwargs):
-        """``generate`` keeping every step's x0 and noisy latent; see ``latentdiff.edit.trajectory``."""
-        from . import edit
-        return edit.trajectory(self, labels, **kwargs)
 
 
 def _bf16_on_cuda(unet, device: torch.device):

@@ -152,15 +152,22 @@ def loss_plot(steps: Sequence[float], losses: Sequence[float], path: str | Path 
 
 # ------------------------------------------------------------------------------------------ sweep panels
 def interval_groups(runs: list[dict], num_timesteps: int | None = None) -> list[tuple[str | None, list[dict]]]:
-    """Guidance runs split by guidance interval, in sweep order, as (label, runs): "t in [100, 800]" or
-    "every step". A single group (label None) when the runs share one interval or carry none (older sweeps)."""
-    groups: dict[tuple | None, list[dict]] = {}
+    """Guidance runs split into lines, in sweep order, as (label, runs): one per guidance interval ("t in
+    [100, 800]", "every step") and per swept setting (a run's ``label``, from ``sweep --vary``). A single
+    group (label None) when the runs share both, or carry neither (older sweeps)."""
+    groups: dict[tuple, list[dict]] = {}
     for r in runs:
         iv = r.get("guidance_interval")
-        groups.setdefault(None if iv is None else tuple(iv), []).append(r)
+        groups.setdefault((None if iv is None else tuple(iv), r.get("label")), []).append(r)
     if len(groups) <= 1:
         return [(None, runs)]
-    return [(interval_label(iv, num_timesteps), rs) for iv, rs in groups.items()]
+    several_intervals = len({iv for iv, _ in groups}) > 1
+
+    def name(iv: tuple | None, label: str | None) -> str:
+        parts = [interval_label(iv, num_timesteps)] if several_intervals or not label else []
+        return ", ".join(parts + ([label] if label else []))
+
+    return [(name(iv, label), rs) for (iv, label), rs in groups.items()]
 
 
 def _named(metric: str, group: str | None) -> str:

@@ -33,7 +33,7 @@ from .precision import resolve_mixed_precision
 from .serialization import CONFIG_NAME
 from .tracking import finish_trackers, log_image, start_trackers, tracker_names
 from .unet import UNet
-from .vae import VAE, vae_loss
+from .vae import VAE, encode_all, latent_stats, vae_loss
 
 
 # Test hook: SIGKILL this process right after the given step (and its checkpoint), as a pre-emption would.
@@ -211,21 +211,6 @@ def _finish(run_dir: Path, preview_fn: Callable) -> None:
 
 def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)  # model initialisation; per-step randomness uses explicit generators
-
-
-# ------------------------------------------------------------------------------------------ VAE
-@torch.no_grad()
-def latent_stats(vae: VAE, images: torch.Tensor, batch_size: int = 256) -> tuple[float, float]:
-    """(mean, 1/std) of the posterior means of ``images`` (float in [-1, 1]): the latent shift and scale."""
-    z = encode_all(vae, images, batch_size)
-    return z.mean().item(), 1.0 / z.std().item()
-
-
-@torch.no_grad()
-def encode_all(vae: VAE, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Posterior means (unscaled) of float images in [-1, 1], on the VAE's device."""
-    device = next(vae.parameters()).device
-    return torch.cat([vae._encode(images[i:i + batch_size].to(device)).mean for i in range(0, len(images), batch_size)])
 
 
 def _end(accel: Accelerator, run_dir: Path, preview_fn: Callable, steps: int) -> None:

@@ -1,4 +1,8 @@
-"""Convolutional VAE with a diagonal-Gaussian posterior: (B,1,28,28) in [-1,1] <-> (B,4,7,7)."""
+"""Convolutional VAE with a diagonal-Gaussian posterior: (B,1,28,28) in [-1,1] <-> (B,4,7,7).
+
+Also the dataset helpers that belong to it: ``encode_all`` (posterior means of many images) and
+``latent_stats`` (the latent shift and scale, stored in the VAE's config as their one source of truth).
+"""
 
 from __future__ import annotations
 
@@ -164,6 +168,21 @@ class VAE(nn.Module):
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "VAE":
         """Load a VAE saved with ``save_pretrained`` (or the VAE run folder)."""
         return load_model(cls, VAEConfig, directory, device)
+
+
+@torch.no_grad()
+def encode_all(vae: VAE, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Posterior means (unscaled) of float images in [-1, 1], in batches, on the VAE's device."""
+    device = next(vae.parameters()).device
+    # _encode skips the per-call input checks: callers pass whole datasets already mapped to [-1, 1].
+    return torch.cat([vae._encode(images[i:i + batch_size].to(device)).mean for i in range(0, len(images), batch_size)])
+
+
+@torch.no_grad()
+def latent_stats(vae: VAE, images: torch.Tensor, batch_size: int = 256) -> tuple[float, float]:
+    """(mean, 1/std) of the posterior means of ``images`` (float in [-1, 1]): the latent shift and scale."""
+    z = encode_all(vae, images, batch_size)
+    return z.mean().item(), 1.0 / z.std().item()
 
 
 def vae_loss(model: VAE, x: torch.Tensor, kl_weight: float, generator: torch.Generator | None = None,

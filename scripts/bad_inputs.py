@@ -1,4 +1,4 @@
-"""Try every bad input we know of and print what each gets, as a Markdown table (README, issue 4).
+"""Try every bad input we know of and print what each gets, as a Markdown table (docs/bad_inputs.md).
 
     python scripts/bad_inputs.py > docs/bad_inputs.md
 

@@ -361,11 +361,3 @@ def test_cli_decode_bad_file(saved, tmp_path, monkeypatch, capsys):
                              "--out", tmp_path / "g.png"], monkeypatch, capsys)
     assert code == 2 and "not found" in err
 
-
-def test_pipeline_methods_delegate(tiny, digits):
-    m = edit.half_mask("top")
-    assert torch.equal(tiny.img2img(digits, 3, 0.5, seed=1), edit.img2img(tiny, digits, 3, 0.5, seed=1))
-    assert torch.equal(tiny.inpaint(digits, m, 3, seed=1), edit.inpaint(tiny, digits, m, 3, seed=1))
-    assert torch.equal(tiny.interpolate_seeds(3, 0, 1, 3), edit.interpolate_seeds(tiny, 3, 0, 1, 3))
-    assert torch.equal(tiny.interpolate_classes(3, 4, 0, 3), edit.interpolate_classes(tiny, 3, 4, 0, 3))
-    assert torch.equal(tiny.trajectory([2], seed=0).x0, edit.trajectory(tiny, [2], seed=0).x0)

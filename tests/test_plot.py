@@ -172,8 +172,9 @@ def test_one_line_per_interval_on_each_guidance_panel():
 
 
 def test_old_sweep_json_without_intervals_still_plots(tmp_path):
-    """bench/results/h100/sweep.json predates guidance intervals: same panels, one line per metric."""
-    old = Path(__file__).parents[1] / "bench/results/h100/sweep.json"
+    """A sweep from before guidance intervals (the first H100 session's, kept as a fixture): same panels,
+    one line per metric."""
+    old = Path(__file__).parent / "data" / "sweep_before_intervals.json"
     assert "guidance_interval" not in json.loads(old.read_text())["guidance"][0]
     main(["plot", str(old), "--out", str(tmp_path / "old.png")])
     assert Image.open(tmp_path / "old.png").size == (1650, 1045)

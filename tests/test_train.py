@@ -12,7 +12,8 @@ from conftest import tiny_vae
 from latentdiff import ConfigError, RunDirError
 from latentdiff.checkpoint import RUN_CONFIG, prepare_run_dir, starts_fresh
 from latentdiff.config import TrainConfig, VAERunConfig, apply_overrides
-from latentdiff.train import _micro_batches, latent_stats, lr_at, step_seed
+from latentdiff.train import _micro_batches, lr_at, step_seed
+from latentdiff.vae import latent_stats
 
 
 def test_lr_warmup_then_cosine_to_ten_percent():

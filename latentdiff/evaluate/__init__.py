@@ -4,7 +4,7 @@
     metrics.py     pure functions: accuracy, PSNR, Frechet distance, k-NN precision/recall
     score.py       the reference set, real-data floors, scoring the LDM / the VAE / any image set
     samples.py     reading another generator's samples from an .npz (validated)
-    sweep.py       guidance scale x interval and sampler x steps sweeps, choosing the default settings
+    sweep.py       the one sweep driver: guidance x interval x any generate() keyword, sampler x steps, explicit settings
     commands.py    ``python -m latentdiff.evaluate classifier|ldm|vae|sweep|samples|plot``
 Figures are drawn by latentdiff.plot.
 """
@@ -17,7 +17,8 @@ from .metrics import (Reference, balanced_subset, class_accuracy, frechet_distan
                       gaussian_stats, knn_radii, manifold_coverage, precision_recall, psnr, sample_metrics)
 from .samples import load_samples
 from .score import evaluate_ldm, evaluate_vae, generate_balanced, real_floor, reference_set, score_images
-from .sweep import choose_default, parse_interval, parse_sampler, run_sweep, setting_name, summary_line
+from .sweep import (choose_default, parse_assignment, parse_interval, parse_sampler, parse_setting, pick_best, run_sweep,
+                    setting_name, summary_line, sweep_options, sweep_table)
 
 
 def __getattr__(name: str):
@@ -35,5 +36,6 @@ __all__ = [
     "balanced_subset", "class_accuracy", "frechet_distance", "frechet_distance_features", "gaussian_stats", "knn_radii",
     "manifold_coverage", "precision_recall", "psnr", "sample_metrics", "load_samples", "evaluate_ldm", "evaluate_vae",
     "generate_balanced", "real_floor", "reference_set", "score_images", "choose_default", "parse_interval", "parse_sampler",
-    "run_sweep", "setting_name", "summary_line", "sweep_plot",
+    "run_sweep", "setting_name", "summary_line", "sweep_plot", "parse_assignment", "parse_setting", "pick_best",
+    "sweep_options", "sweep_table",
 ]

@@ -4,6 +4,8 @@
     python -m latentdiff.evaluate ldm --model runs/ldm --data-dir DIR   # accuracy, FLD, precision/recall
     python -m latentdiff.evaluate vae --model runs/vae --data-dir DIR   # MSE, PSNR, recon accuracy, latent stats
     python -m latentdiff.evaluate sweep --model runs/ldm --guidance 1 2 3 --intervals all 100:800 --samplers dpm++:10 ddim:20 --plot sweep.png
+    python -m latentdiff.evaluate sweep --model runs/ldm --guidance 2 3 --vary spacing uniform logsnr --set steps=10 --samplers
+    python -m latentdiff.evaluate sweep --model runs/ldm --settings '{}' '{"guidance_scale": 2, "guidance_interval": [100, 800]}'
     python -m latentdiff.evaluate samples other.npz --data-dir DIR      # any generator's samples, same metrics
     python -m latentdiff.evaluate plot sweep.json --out sweep.png       # re-draw a sweep (or a metrics.jsonl)
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -27,7 +30,11 @@ from .classifier import (CLASSIFIER_ENV, DEFAULT_CLASSIFIER, Classifier, classif
 from .metrics import Reference
 from .samples import load_samples
 from .score import evaluate_ldm, evaluate_vae, real_floor, reference_set, score_images
-from .sweep import choose_default, parse_interval, parse_sampler, run_sweep, setting_name
+from .sweep import (choose_default, parse_interval, parse_sampler, pick_best, run_sweep, setting_name, sweep_options,
+                    sweep_table)
+
+DEFAULT_GUIDANCE = [1, 1.5, 2, 3, 4, 6]
+DEFAULT_SAMPLERS = ["dpm++:5", "dpm++:10", "dpm++:20", "ddim:10", "ddim:20", "ddim:50"]
 
 
 # ------------------------------------------------------------------------------------------ reporting
@@ -131,37 +138,42 @@ def cmd_vae(args) -> dict:
 def cmd_sweep(args) -> dict:
     from ..pipeline import LatentDiffusion
 
-    samplers = [parse_sampler(s) for s in args.samplers]  # fail fast on a typo, before any work
+    samplers = [parse_sampler(s) for s in _or_default(args.samplers, args.settings, DEFAULT_SAMPLERS)]  # fail fast
+    guidances = _or_default(args.guidance, args.settings, DEFAULT_GUIDANCE)
     pipe = LatentDiffusion.from_pretrained(args.model, device=args.device)
     T = pipe.config.diffusion.num_timesteps
     interval = _interval_option(args, pipe)
     intervals = [parse_interval(s, T) for s in args.intervals] if args.intervals else [None]
     pipe.sampling_options(args.sampler_guidance, None, None, None, interval, args.spacing)  # checks them too
+    fixed, vary, settings = sweep_options(pipe, args.set, args.vary, args.settings, args.spacing)
     clf, ref, info = _setup(args)
     floor = real_floor(clf, args.data_dir, ref, args.n_per_class, args.seed)
-    sweep = run_sweep(pipe, clf, ref, args.guidance, samplers, args.n_per_class, args.seed, args.batch_size,
-                      args.sampler_guidance, intervals=intervals, guidance_interval=interval, spacing=args.spacing)
+    sweep = run_sweep(pipe, clf, ref, guidances, samplers, args.n_per_class, args.seed, args.batch_size,
+                      args.sampler_guidance, intervals=intervals, guidance_interval=interval, spacing=args.spacing,
+                      fixed=fixed, vary=vary, settings=settings, floor=floor)
     sweep["choice"] = choose_default(sweep, args.min_accuracy)
-    rows = [(setting_name(r, T), r["metrics"]) for r in sweep["guidance"] + sweep["sampler"]]
-    header = ("setting", "acc", "worst", "FLD", "class-FLD", "precision", "recall", "gen s")
-    table = [(name, _pct(m["accuracy"]), _pct(m["worst_class_accuracy"]), f"{m['fld']:.3f}", f"{m['fld_per_class_mean']:.3f}",
-              f"{m['precision']:.3f}", f"{m['recall']:.3f}", "") for name, m in rows]
-    table = [t[:-1] + (f"{r['generate_s']:.0f}",) for t, r in zip(table, sweep["guidance"] + sweep["sampler"])]
-    table.append(("real floor", _pct(floor["accuracy"]), _pct(floor["worst_class_accuracy"]), f"{floor['fld']:.3f}",
-                  f"{floor['fld_per_class_mean']:.3f}", f"{floor['precision']:.3f}", f"{floor['recall']:.3f}", ""))
-    widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
+    sweep["best"] = pick_best(sweep, args.min_accuracy, args.min_worst_class, args.min_recall_ratio, args.max_unet_rows)
     print(f"{args.model}: N = {args.n_per_class * pipe.num_classes} samples per setting, seed {args.seed}, "
           f"{sweep['spacing']} spacing")
-    for r in [header, tuple("-" * w for w in widths), *table]:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
+    print(sweep_table(sweep, floor, T))
     print(f"choice: {sweep['choice']}")
-    if args.plot:
+    print(f"best ({sweep['best']['rule']}): {json.dumps(sweep['best']['setting'])}")
+    if args.plot and not (sweep["guidance"] or sweep["sampler"]):
+        print(f"not writing {args.plot}: the figure draws guidance and sampler runs, and this sweep has only --settings")
+    elif args.plot:
         from ..plot import sweep_plot
 
         sweep_plot(sweep, floor, args.plot)
         print(f"wrote {args.plot}")
     return {"model": str(args.model), "n_per_class": args.n_per_class, "seed": args.seed, **sweep, "floor": floor,
             "classifier": info}
+
+
+def _or_default(values: list | None, settings: list | None, default: list) -> list:
+    """An option's values; when not given, its default, or nothing when the sweep is given explicit --settings."""
+    if values is not None:
+        return values
+    return [] if settings else default
 
 
 def cmd_samples(args) -> dict:
@@ -230,8 +242,6 @@ def build_parser() -> argparse.ArgumentParser:
                         help="LO HI: guide only at timesteps LO <= t <= HI of 0..T-1; or 'all' for every step "
                              "(default: the model's; in a sweep, the sampler part's interval)")
         sp.add_argument("--spacing", choices=sorted(SPACINGS), help="sampler timestep spacing (default: the model's)")
-        sp.add_argument("--autoguidance", type=float, metavar="W",
-                        help="autoguidance weight by the folder's guide/ model, 1 = off (default: the model's)")
 
     sp = sub.add_parser("classifier", help="train (if missing) the classifier and print the real-data floors")
     common(sp)
@@ -245,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--sampler", help="dpm++ | ddim | ddpm (default: the model's)")
     sp.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
     guidance_options(sp)
+    sp.add_argument("--autoguidance", type=float, metavar="W",
+                    help="autoguidance weight by the folder's guide/ model, 1 = off (default: the model's; in a sweep: "
+                         "--set autoguidance_scale=W or --vary autoguidance_scale W1 W2)")
     sp.add_argument("--samples", help="also save a PNG grid of the first 10 samples of each class")
     sp.set_defaults(fn=cmd_ldm)
 
@@ -253,19 +266,33 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--model", required=True, help="VAE folder (or an LDM run folder, whose vae/ is used)")
     sp.set_defaults(fn=cmd_vae)
 
-    sp = sub.add_parser("sweep", help="guidance sweep, then sampler x steps sweep")
+    sp = sub.add_parser("sweep", help="the one sweep driver: guidance x intervals x any generate() keyword, "
+                                      "sampler x steps, explicit settings")
     common(sp)
     sp.add_argument("--model", required=True, help="LDM run folder")
-    sp.add_argument("--guidance", type=float, nargs="+", default=[1, 1.5, 2, 3, 4, 6])
-    sp.add_argument("--samplers", nargs="+", default=["dpm++:5", "dpm++:10", "dpm++:20", "ddim:10", "ddim:20", "ddim:50"],
-                    help="NAME:STEPS specs, e.g. dpm++:20 ddim:50 ddpm:1000")
+    sp.add_argument("--guidance", type=float, nargs="*",
+                    help=f"guidance scales (default {' '.join(map(str, DEFAULT_GUIDANCE))}; none with --settings)")
+    sp.add_argument("--samplers", nargs="*", help=f"NAME:STEPS specs, e.g. dpm++:20 ddim:50 ddpm:1000 (default "
+                                                  f"{' '.join(DEFAULT_SAMPLERS)}; none with --settings)")
     sp.add_argument("--intervals", nargs="+", metavar="SPEC",
                     help="guidance intervals to sweep with every --guidance scale: 'all' (every step) or LO:HI "
                          "timesteps, e.g. all 100:800 200:850 (default: the --guidance-interval)")
     sp.add_argument("--sampler-guidance", type=float, help="guidance for the sampler sweep (default: the model's)")
     guidance_options(sp)
-    sp.add_argument("--min-accuracy", type=float, default=0.98, help="accuracy bar for choose_default (default 0.98)")
-    sp.add_argument("--plot", help="write a PNG of the sweep here")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="a generate() keyword for every run, VALUE as JSON or a plain string; repeatable, "
+                         "e.g. --set eta=0.5 --set spacing=logsnr --set steps=10")
+    sp.add_argument("--vary", action="append", nargs="+", metavar=("KEY", "VALUE"),
+                    help="sweep a generate() keyword over values, crossed with --guidance and --intervals; "
+                         "repeatable, e.g. --vary spacing uniform logsnr --vary steps 10 20")
+    sp.add_argument("--settings", nargs="+", metavar="JSON",
+                    help="explicit points, each a JSON object of generate() keywords ({} = the model's defaults), "
+                         "e.g. '{\"guidance_scale\": 2, \"guidance_interval\": [100, 800], \"spacing\": \"karras\"}'")
+    sp.add_argument("--min-accuracy", type=float, default=0.98, help="accuracy bar for the choice and best (default 0.98)")
+    sp.add_argument("--min-worst-class", type=float, default=0.0, help="worst-class accuracy bar for best (default 0)")
+    sp.add_argument("--min-recall-ratio", type=float, default=0.0, help="recall / real floor bar for best (default 0)")
+    sp.add_argument("--max-unet-rows", type=float, default=math.inf, help="cost bar for best: UNet rows per digit")
+    sp.add_argument("--plot", help="write a PNG of the sweep here (its guidance and sampler runs)")
     sp.set_defaults(fn=cmd_sweep)
 
     sp = sub.add_parser("samples", help="score any generator's samples saved as .npz (images + labels)")

@@ -15,6 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import load_mnist
+from ..sampling import unet_rows
+from ..timesteps import make_timesteps
 from .classifier import Classifier, extract, to_unit
 from .metrics import (Reference, balanced_subset, class_accuracy, frechet_distance_features, precision_recall, psnr,
                       sample_metrics)
@@ -54,11 +56,11 @@ def score_images(clf: Classifier, ref: Reference, images: torch.Tensor, labels: 
 def generate_balanced(pipe, n_per_class: int, guidance: float | None = None, sampler: str | None = None,
                       steps: int | None = None, seed: int = 0, batch_size: int = 500, progress: bool = True, *,
                       guidance_interval: Sequence[int] | None = None, spacing: str | None = None,
-                      autoguidance_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      **generate_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """``n_per_class`` digits of every class -> (images (N, 1, 28, 28) in [0, 1] on the CPU, labels (N,)).
 
     Sample i uses seed + i whatever the batching, so runs at different guidance scales share their noise.
-    guidance_interval / spacing / autoguidance_scale: as in ``LatentDiffusion.generate`` (None: the model's).
+    guidance_interval / spacing / any other ``generate_kwargs``: as in ``LatentDiffusion.generate``.
     """
     labels = torch.arange(pipe.num_classes).repeat_interleave(n_per_class)
     out = []
@@ -68,19 +70,19 @@ def generate_balanced(pipe, n_per_class: int, guidance: float | None = None, sam
             y = labels[start:start + batch_size]
             out.append(pipe.generate(y, guidance_scale=guidance, steps=steps, sampler=sampler, seed=seed + start,
                                      batch_size=batch_size, guidance_interval=guidance_interval, spacing=spacing,
-                                     autoguidance_scale=autoguidance_scale).cpu())
+                                     **generate_kwargs).cpu())
             bar.update(len(y))
     return torch.cat(out), labels
 
 
 def run_settings(pipe, guidance: float | None = None, sampler: str | None = None, steps: int | None = None,
                  guidance_interval: Sequence[int] | None = None, spacing: str | None = None,
-                 autoguidance_scale: float | None = None) -> dict:
+                 eta: float | None = None, autoguidance_scale: float | None = None) -> dict:
     """The sampling settings a run uses, the model's defaults filled in (and checked) by ``pipe.sampling_options``.
 
     The interval is always explicit: the model's "every step" (None) is recorded as [0, T-1].
     """
-    opts = pipe.sampling_options(guidance, steps, sampler, None, guidance_interval, spacing, autoguidance_scale)
+    opts = pipe.sampling_options(guidance, steps, sampler, eta, guidance_interval, spacing, autoguidance_scale)
     interval = opts["guidance_interval"] or (0, pipe.config.diffusion.num_timesteps - 1)
     return {"guidance_scale": opts["guidance_scale"], "sampler": opts["sampler"], "steps": opts["steps"],
             "guidance_interval": list(interval), "spacing": opts["spacing"], "eta": opts["eta"],
@@ -90,17 +92,28 @@ def run_settings(pipe, guidance: float | None = None, sampler: str | None = None
 def evaluate_ldm(pipe, clf: Classifier, ref: Reference, n_per_class: int = 1000, guidance: float | None = None,
                  sampler: str | None = None, steps: int | None = None, seed: int = 0, batch_size: int = 500,
                  progress: bool = True, *, guidance_interval: Sequence[int] | None = None,
-                 spacing: str | None = None, autoguidance_scale: float | None = None) -> dict:
-    """Generate a class-balanced set and score it; returns settings (defaults resolved), metrics and timings."""
-    settings = {**run_settings(pipe, guidance, sampler, steps, guidance_interval, spacing, autoguidance_scale),
-                "seed": seed, "n_per_class": n_per_class}
+                 spacing: str | None = None, **generate_kwargs) -> dict:
+    """Generate a class-balanced set and score it; returns settings (defaults resolved), metrics and timings.
+
+    ``generate_kwargs`` (``eta`` and any other ``LatentDiffusion.generate`` keyword) go to generate as given;
+    the record holds them at the top level and, with the resolved settings, in ``setting``: the keyword
+    arguments that reproduce the run with ``pipe.generate``. ``unet_rows`` is the cost: UNet batch rows
+    per digit (a guided step runs two).
+    """
+    extra = dict(generate_kwargs)
+    settings = run_settings(pipe, guidance, sampler, steps, guidance_interval, spacing, extra.pop("eta", None),
+                            extra.pop("autoguidance_scale", None))
+    timesteps = make_timesteps(pipe.alphas_cumprod, settings["steps"], settings["spacing"])
+    rows = unet_rows(timesteps, settings["guidance_scale"], settings["guidance_interval"], settings["autoguidance_scale"])
+    record = {**settings, **extra, "setting": {**settings, **extra}, "unet_rows": rows, "seed": seed,
+              "n_per_class": n_per_class}
     t0 = time.perf_counter()
     images, labels = generate_balanced(pipe, n_per_class, settings["guidance_scale"], settings["sampler"],
                                        settings["steps"], seed, batch_size, progress,
                                        guidance_interval=settings["guidance_interval"], spacing=settings["spacing"],
-                                       autoguidance_scale=settings["autoguidance_scale"])
+                                       eta=settings["eta"], autoguidance_scale=settings["autoguidance_scale"], **extra)
     generate_s = time.perf_counter() - t0
-    return {**settings, **score_images(clf, ref, images, labels), "generate_s": generate_s, "images": images}
+    return {**record, **score_images(clf, ref, images, labels), "generate_s": generate_s, "images": images}
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from .. import edit
 from ..pipeline import LatentDiffusion
 from ..sampling import SAMPLERS
 from . import schema
@@ -49,22 +50,13 @@ class Limits:
     max_body_bytes: int = 4 * 1024 * 1024  # request body (two 512x512 RGBA PNGs in base64 fit)
 
 
-def available_edits() -> list[str]:
-    """The editing functions this install has (latentdiff.edit may be older or missing)."""
-    try:
-        from .. import edit
-    except ImportError:
-        return []
-    return [name for name in EDITS if callable(getattr(edit, name, None))]
-
-
 class ModelService:
     """The pipeline, its lock, and the request specs that depend on the model and the limits."""
 
     def __init__(self, pipe: LatentDiffusion, model_dir: str | Path, limits: Limits):
         self.pipe, self.model_dir, self.limits = pipe, str(model_dir), limits
         self.lock = threading.Lock()
-        self.edits = available_edits()
+        self.edits = list(EDITS)
         n, lim = pipe.num_classes, limits
         self.max_steps = min(lim.max_steps, pipe.config.diffusion.num_timesteps)
         sampling = {
@@ -126,8 +118,6 @@ class ModelService:
         return images, s["per_label"]
 
     def edit(self, name: str, s: dict, image: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-        from .. import edit
-
         n = s["count"]
         kwargs = dict(guidance_scale=s["guidance_scale"], steps=s["steps"], sampler=s["sampler"], seed=s["seed"])
         images, labels = image.expand(n, -1, -1, -1), [s["label"]] * n  # variants i use seed + i
@@ -180,8 +170,6 @@ def create_app(pipe: LatentDiffusion, model_dir: str | Path, limits: Limits | No
 
     def edit_route(name: str):
         async def handler(request: Request) -> Response:
-            if name not in service.edits:
-                raise RequestError(404, f"this install has no latentdiff.edit.{name}; available edits: {service.edits}")
             req = schema.parse(await read_body(request, service.limits.max_body_bytes), service.specs[name])
             side = service.limits.max_image_side
             image = decode_image("image", req["image"], side)
