@@ -1,7 +1,7 @@
 """The ASGI app: JSON API over one LatentDiffusion pipeline, plus the static page.
 
 Routes: GET /api/health, GET /api/info, POST /api/generate, POST /api/img2img, POST /api/inpaint,
-GET / (the page) and /static/*. Model calls run in a worker thread (the event loop keeps answering)
+GET / (the page), /favicon.ico and /static/*. Model calls run in a worker thread (the event loop keeps answering)
 behind one lock (the pipeline is not re-entrant, and one call at a time is fastest on a CPU anyway).
 """
 
@@ -28,7 +28,7 @@ from starlette.staticfiles import StaticFiles
 from ..pipeline import LatentDiffusion
 from ..sampling import SAMPLERS
 from . import schema
-from .images import data_url, decode_image, png_bytes
+from .images import data_url, decode_image_sized, png_bytes
 from .schema import Field, RequestError
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -184,8 +184,14 @@ def create_app(pipe: LatentDiffusion, model_dir: str | Path, limits: Limits | No
                 raise RequestError(404, f"this install has no latentdiff.edit.{name}; available edits: {service.edits}")
             req = schema.parse(await read_body(request, service.limits.max_body_bytes), service.specs[name])
             side = service.limits.max_image_side
-            image = decode_image("image", req["image"], side)
-            mask = (decode_image("mask", req["mask"], side) >= 0.5).float() if name == "inpaint" else None  # 1 = keep
+            image, size = decode_image_sized("image", req["image"], side)
+            mask = None
+            if name == "inpaint":
+                mask, mask_size = decode_image_sized("mask", req["mask"], side)
+                if mask_size != size:  # both are scaled to 28x28, but a mask drawn for another image is a client bug
+                    raise schema.invalid("mask", f"is {mask_size[0]}x{mask_size[1]} but image is {size[0]}x{size[1]}; "
+                                                 "send a mask of the same size as the image")
+                mask = (mask >= 0.5).float()  # 1 = keep
             settings = service.settings(req)
             (images, nrow), seconds = await run_in_threadpool(
                 service.run_locked, lambda: service.edit(name, settings, image, mask))
@@ -195,7 +201,10 @@ def create_app(pipe: LatentDiffusion, model_dir: str | Path, limits: Limits | No
     async def page(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html")
 
-    routes = [Route("/", page), Route("/api/health", health), Route("/api/info", info),
+    async def favicon(request: Request) -> Response:  # browsers ask for it whatever the page links
+        return FileResponse(STATIC_DIR / "favicon.ico", media_type="image/x-icon")
+
+    routes = [Route("/", page), Route("/favicon.ico", favicon), Route("/api/health", health), Route("/api/info", info),
               Route("/api/generate", generate, methods=["POST"]),
               *[Route(f"/api/{name}", edit_route(name), methods=["POST"]) for name in EDITS],
               Mount("/static", StaticFiles(directory=STATIC_DIR), name="static")]
