@@ -112,21 +112,27 @@ def model_dir(tmp_path_factory):
     return folder
 
 
-def sample_cmd(model_dir, out, nproc=1):
+def sample_cmd(model_dir, out, nproc=1, launcher="torchrun"):
     args = [REPO / "sample.py", "--model", model_dir, "--out-dir", out, "--num-digits", "45", "--shard-size", "10",
             "--batch-size", "4", "--steps", "2", "--sampler", "ddpm", "--device", "cpu"]
     if nproc == 1:
         return [BIN / "python", *args]
+    if launcher == "accelerate":  # accelerate's multi-process launcher is --multi_gpu, also on a CPU
+        return [BIN / "accelerate", "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", *args]
     return [BIN / "torchrun", "--standalone", "--nproc_per_node", str(nproc), *args]
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_equal_one_and_a_killed_job_resumes(model_dir, tmp_path):
+def test_torchrun_and_accelerate_two_processes_equal_one_and_a_killed_job_resumes(model_dir, tmp_path):
     one = run_cmd(sample_cmd(model_dir, tmp_path / "one"), env={"CUDA_VISIBLE_DEVICES": ""})
     assert "wrote 45 digits in 5 shards" in one.stdout and "digits/s" in one.stdout, one.stdout
     two = run_cmd(sample_cmd(model_dir, tmp_path / "two", nproc=2), env={"CUDA_VISIBLE_DEVICES": ""})
     assert "on 2 process(es)" in two.stdout, two.stdout + two.stderr
     assert digest(tmp_path / "one") == digest(tmp_path / "two")
+    acc = run_cmd(sample_cmd(model_dir, tmp_path / "acc", nproc=2, launcher="accelerate"), env={"CUDA_VISIBLE_DEVICES": ""})
+    assert "on 2 process(es)" in acc.stdout, acc.stdout + acc.stderr
+    assert digest(tmp_path / "one") == digest(tmp_path / "acc")
 
     # SIGKILL after shard 2's file is in place but before its sidecar: shards 0 and 1 are kept, 2 is made again.
     killed = run_cmd(sample_cmd(model_dir, tmp_path / "killed"), env={"LATENTDIFF_TEST_KILL_AFTER_SHARD": "2"},
