@@ -3,7 +3,8 @@
     python bench/shard_formats.py --data-dir /work/shared/data --n 100000 [--shard-size 10000]
 
 Real MNIST training digits stand in for generated ones (same statistics: mostly black, 8-bit).
-Prints one line per format (safetensors, parquet+zstd, npz compressed, WebDataset tar of PNGs).
+Prints one line per format (safetensors, parquet+zstd, npz compressed, WebDataset tar of PNGs). The
+Parquet row needs pyarrow (pip install pyarrow; not a dependency of the package); without it it is skipped.
 """
 
 from __future__ import annotations
@@ -93,6 +94,12 @@ def main() -> None:
     x, y = np.concatenate([x] * reps)[: args.n], np.concatenate([y] * reps)[: args.n].astype(np.int64)
     for name in args.formats:
         write, read = FORMATS[name]
+        if name.startswith("parquet"):
+            try:
+                import pyarrow  # noqa: F401
+            except ImportError:
+                print(json.dumps({"format": name, "skipped": "pip install pyarrow"}), flush=True)
+                continue
         root = Path(tempfile.mkdtemp(prefix=f"fmt-{name}-"))
         t0 = time.perf_counter()
         for k, start in enumerate(range(0, args.n, args.shard_size)):
