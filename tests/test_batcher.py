@@ -34,6 +34,7 @@ def test_one_merged_call_gives_each_request_what_generate_gives_it():
     batches = []
     total = sum(len(labels) for labels, _ in REQUESTS)
     batcher = Batcher(pipe, max_batch=total, max_wait_ms=5000, on_batch=lambda *a: batches.append(a))
+    batcher.busy = True  # as after a merged call: the batch waits for more until it is full
     try:
         futures = [batcher.submit(generate_work(labels, seed, SETTINGS)) for labels, seed in REQUESTS]
         results = [f.result(timeout=60) for f in futures]
@@ -70,6 +71,24 @@ def test_only_equal_settings_share_a_call_and_a_big_request_goes_alone():
                 pipe.generate([5, 6, 7, 8, 9, 0], seed=4, **SETTINGS)]
     for got, want in zip(results, expected):
         assert torch.equal(to_uint8(got), to_uint8(want))
+
+
+def test_a_lone_client_never_waits_but_a_loaded_server_waits_for_stragglers():
+    batcher = Batcher(tiny_pipeline(), max_wait_ms=1500)
+    try:
+        for _ in range(2):  # no merged call yet: each lone request starts at once
+            start = time.monotonic()
+            batcher.submit(generate_work([1], 0, SETTINGS)).result(timeout=60)
+            assert time.monotonic() - start < 1.0
+        batcher.busy = True  # the previous call merged several requests
+        start = time.monotonic()
+        first = batcher.submit(generate_work([1], 0, SETTINGS))
+        time.sleep(0.3)
+        second = batcher.submit(generate_work([2], 0, SETTINGS))  # a straggler joins the waiting batch
+        first.result(timeout=60)
+        assert time.monotonic() - start >= 1.4 and second.result(timeout=60)[1] == first.result()[1]  # one call
+    finally:
+        batcher.close()
 
 
 def test_full_queue_refuses_and_a_cancelled_request_is_not_computed():

@@ -21,8 +21,8 @@ def main(argv: list[str] | None = None) -> None:
     b = p.add_argument_group("batching (docs/scale.md)")
     b.add_argument("--max-batch", type=int, default=256, help="digits per model call; generate requests with equal "
                                                                 "settings share one (default 256)")
-    b.add_argument("--max-wait-ms", type=float, default=0.0, help="start a batch this long after its oldest request "
-                   "at the latest (default 0: requests that arrive while the model runs form the next batch)")
+    b.add_argument("--max-wait-ms", type=float, default=10.0, help="under concurrent load, a batch waits up to this "
+                   "long after its oldest request for more (default 10; a lone client never waits)")
     b.add_argument("--max-queue", type=int, default=64, help="requests waiting for the model; more get 503 + Retry-After "
                                                              "(default 64)")
     b.add_argument("--request-timeout", type=float, default=60.0, help="seconds a request may wait and run before a 503 "

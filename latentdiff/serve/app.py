@@ -60,8 +60,9 @@ class Batching:
     """How the batcher merges requests, and how long a request may wait (defaults measured: docs/scale.md)."""
 
     max_batch: int = 256  # digits per model call: CPU throughput is flat from here (pipeline's default batch)
-    max_wait_ms: float = 0.0  # a batch starts this long after its oldest request; 0: requests that queue up
-    # while the model runs form the next batch, which keeps single-client latency as it was
+    # Under concurrent load (the last call merged requests), a batch waits up to this long after its oldest
+    # request for more; a lone client never waits, so its latency stays as it was without batching.
+    max_wait_ms: float = 10.0
     max_queue: int = 64  # requests waiting; more are answered 503 with Retry-After
     request_timeout_s: float = 60.0  # a request not answered by then gets a 503 (and is dropped if not started)
 
