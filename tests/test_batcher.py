@@ -34,7 +34,7 @@ def test_one_merged_call_gives_each_request_what_generate_gives_it():
     batches = []
     total = sum(len(labels) for labels, _ in REQUESTS)
     batcher = Batcher(pipe, max_batch=total, max_wait_ms=5000, on_batch=lambda *a: batches.append(a))
-    batcher.busy = True  # as after a merged call: the batch waits for more until it is full
+    batcher.last_requests = 99  # as after a big merged call: the batch waits for more until it is full
     try:
         futures = [batcher.submit(generate_work(labels, seed, SETTINGS)) for labels, seed in REQUESTS]
         results = [f.result(timeout=60) for f in futures]
@@ -80,13 +80,16 @@ def test_a_lone_client_never_waits_but_a_loaded_server_waits_for_stragglers():
             start = time.monotonic()
             batcher.submit(generate_work([1], 0, SETTINGS)).result(timeout=60)
             assert time.monotonic() - start < 1.0
-        batcher.busy = True  # the previous call merged several requests
-        start = time.monotonic()
-        first = batcher.submit(generate_work([1], 0, SETTINGS))
-        time.sleep(0.3)
-        second = batcher.submit(generate_work([2], 0, SETTINGS))  # a straggler joins the waiting batch
-        first.result(timeout=60)
-        assert time.monotonic() - start >= 1.4 and second.result(timeout=60)[1] == first.result()[1]  # one call
+        for last, waited in ((3, (1.4, 60)), (2, (0.25, 1.2))):
+            batcher.last_requests = last  # the previous call merged `last` requests
+            start = time.monotonic()
+            first = batcher.submit(generate_work([1], 0, SETTINGS))
+            time.sleep(0.3)
+            second = batcher.submit(generate_work([2], 0, SETTINGS))  # a straggler joins the waiting batch
+            first.result(timeout=60)
+            # 3 expected: waits out max_wait for a third; 2 expected: starts as soon as the second is in
+            assert waited[0] <= time.monotonic() - start < waited[1]
+            assert second.result(timeout=60)[1] == first.result()[1]  # one call, one duration
     finally:
         batcher.close()
 

@@ -21,8 +21,9 @@ def main(argv: list[str] | None = None) -> None:
     b = p.add_argument_group("batching (docs/scale.md)")
     b.add_argument("--max-batch", type=int, default=256, help="digits per model call; generate requests with equal "
                                                                 "settings share one (default 256)")
-    b.add_argument("--max-wait-ms", type=float, default=10.0, help="under concurrent load, a batch waits up to this "
-                   "long after its oldest request for more (default 10; a lone client never waits)")
+    b.add_argument("--max-wait-ms", type=float, default=50.0, help="under concurrent load, a batch waits up to this "
+                   "long after its oldest request for as many requests as the last call held (default 50; a lone "
+                   "client never waits)")
     b.add_argument("--max-queue", type=int, default=64, help="requests waiting for the model; more get 503 + Retry-After "
                                                              "(default 64)")
     b.add_argument("--request-timeout", type=float, default=60.0, help="seconds a request may wait and run before a 503 "

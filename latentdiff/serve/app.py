@@ -61,8 +61,8 @@ class Batching:
 
     max_batch: int = 256  # digits per model call: CPU throughput is flat from here (pipeline's default batch)
     # Under concurrent load (the last call merged requests), a batch waits up to this long after its oldest
-    # request for more; a lone client never waits, so its latency stays as it was without batching.
-    max_wait_ms: float = 10.0
+    # request for as many requests as the last call held; a lone client never waits (latency as unbatched).
+    max_wait_ms: float = 50.0
     max_queue: int = 64  # requests waiting; more are answered 503 with Retry-After
     request_timeout_s: float = 60.0  # a request not answered by then gets a 503 (and is dropped if not started)
 

@@ -4,8 +4,8 @@ One worker thread owns the model. Generate requests with the same sampler settin
 ``max_batch`` digits, into one call of the pipeline's building blocks (noise -> denoise -> decode) with each
 digit's own seed, so a request gets the digits ``pipe.generate(labels, seed=seed, ...)`` gives it (to the
 pipeline's batch-size rounding, < 1e-5). A batch starts when it is full or ``max_wait_ms`` after its oldest
-request arrived; that wait applies only while the server is under concurrent load (the previous model call
-merged several requests), so a lone client never waits. Other work (the editing functions, whose seeds are one per call) goes through the same
+request arrived, or as soon as it holds as many requests as the previous call. That wait applies only
+under concurrent load (the previous call merged several requests), so a lone client never waits. Other work (the editing functions, whose seeds are one per call) goes through the same
 queue and runs alone. A full queue refuses at once (QueueFull) rather than letting waits grow without bound.
 """
 
@@ -65,7 +65,7 @@ class Batcher:
         self.closed = False
         self.lock = threading.Lock()  # held during each model call
         self.seconds_per_digit = 0.01  # running estimate, for Retry-After
-        self.busy = False  # the last model call merged several requests: worth waiting for the stragglers
+        self.last_requests = 1  # requests in the previous call: > 1 means concurrent clients, worth waiting for
         self.thread = threading.Thread(target=self._loop, name="latentdiff-batcher", daemon=True)
         self.thread.start()
 
@@ -112,11 +112,11 @@ class Batcher:
                 return [self.items.popleft()]
             # Closed-loop clients answered by one call send their next requests a few ms apart: waiting a
             # little gathers them into one call instead of alternating a call of one and a call of the rest.
-            deadline = first.enqueued + (self.max_wait if self.busy else 0.0)
+            deadline = first.enqueued + (self.max_wait if self.last_requests > 1 else 0.0)
             while not self.closed:
                 same = [w for w in self.items if w.key == first.key]
                 now = time.monotonic()
-                if sum(w.size for w in same) >= self.max_batch or now >= deadline:
+                if sum(w.size for w in same) >= self.max_batch or len(same) >= self.last_requests or now >= deadline:
                     break
                 self.cond.wait(deadline - now)
             if self.closed:  # close() already failed the queued requests
@@ -148,7 +148,7 @@ class Batcher:
             digits = sum(w.size for w in live)
             if digits:
                 self.seconds_per_digit = 0.8 * self.seconds_per_digit + 0.2 * seconds / digits
-            self.busy = len(live) > 1
+            self.last_requests = len(live)
             self.on_batch(len(live), digits, seconds)
             for w, r in zip(live, results):
                 w.future.set_result((r, seconds))
