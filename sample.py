@@ -3,6 +3,7 @@
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def sharded_job(args: argparse.Namespace) -> None:
     accel.wait_for_everyone()
     mine = sum(b - a for a, b in map(job.span, range(accel.process_index, job.num_shards, accel.num_processes)))
     bar = tqdm(total=mine, unit="digit", disable=not accel.is_main_process, dynamic_ncols=True,
-               desc=f"process 0 of {accel.num_processes}")
+               desc=f"process 0 of {accel.num_processes}", mininterval=0.1 if sys.stderr.isatty() else 30)
     start = time.perf_counter()
     made, kept = shards.run_shards(pipe, job, out_dir, accel.process_index, accel.num_processes, batch_size, bar.update)
     bar.close()

@@ -109,6 +109,25 @@ def offline(pipe, args, batch: int, repeats: int = 3) -> float:
     return round(best, 1)
 
 
+def pixel_check(pipe, args, clients: int) -> dict:
+    """Pixels of ``clients`` requests merged into one batcher call vs each run alone through pipe.generate."""
+    from latentdiff.serve.batcher import Batcher, generate_work
+    from latentdiff.shards import to_uint8
+
+    labels = [i % 10 for i in range(args.digits)]
+    settings = {"guidance_scale": None, "steps": args.steps, "sampler": None, "eta": None}
+    batcher = Batcher(pipe, max_batch=clients * args.digits, max_wait_ms=60_000)
+    batcher.last_requests = clients  # start once all are queued: one merged call
+    futures = [batcher.submit(generate_work(labels, 10_000 * c, settings)) for c in range(clients)]
+    merged = [to_uint8(f.result()[0]).int() for f in futures]
+    batcher.close()
+    alone = [to_uint8(pipe.generate(labels, seed=10_000 * c, steps=args.steps)).int() for c in range(clients)]
+    diff = [(m - a).abs() for m, a in zip(merged, alone)]
+    return {"pixel_check_requests": clients, "pixels": sum(d.numel() for d in diff),
+            "pixels_differing": sum(int((d > 0).sum()) for d in diff), "max_levels": max(int(d.max()) for d in diff),
+            "requests_with_a_difference": sum(int(d.max() > 0) for d in diff)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
@@ -120,6 +139,8 @@ def main() -> None:
     p.add_argument("--server-args", default="", help="extra options for the batched server, e.g. '--max-wait-ms 5'")
     p.add_argument("--offline-seconds", type=float, default=3.0)
     p.add_argument("--out", help="also write the results here (JSON)")
+    p.add_argument("--pixel-check", type=int, metavar="REQUESTS", help="only compare REQUESTS merged requests' pixels "
+                                                                       "with generate alone, and exit")
     args = p.parse_args()
     sys.path.insert(0, str(REPO))
     import torch
@@ -127,6 +148,9 @@ def main() -> None:
     from latentdiff import LatentDiffusion
 
     pipe = LatentDiffusion.from_pretrained(args.model, device="cpu")
+    if args.pixel_check:
+        print(json.dumps(pixel_check(pipe, args, args.pixel_check)), flush=True)
+        return
     results = {"machine": f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads",
                "model": args.model, "digits_per_request": args.digits, "steps": args.steps, "format": args.format,
                "offline": {}, "served": []}
