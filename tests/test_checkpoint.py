@@ -83,3 +83,24 @@ def test_resume_latest_with_no_valid_checkpoint_says_so(tmp_path):
     (ckpt / "optimizer.safetensors").write_bytes(b"junk")
     with pytest.raises(RunDirError, match="none of the 1 checkpoint"):
         resolve_resume(tmp_path, "latest")
+
+
+@pytest.mark.slow
+def test_rerun_with_resume_latest_gets_past_a_truncated_newest_checkpoint(mnist_dir, tmp_path):
+    """What a scheduler does: rerun the same command; the run continues from the checkpoint before the bad one."""
+    import sys
+
+    from conftest import REPO, as_set_args, run_cmd
+    from test_resume import COMMON, TINY_VAE
+
+    run = tmp_path / "run"
+    args = [sys.executable, REPO / "train_vae.py", "--data-dir", mnist_dir, "--out", run,
+            *as_set_args(TINY_VAE + COMMON + ["train.steps=7", "train.checkpoint_every=3", "train.keep_checkpoints=3"])]
+    killed = run_cmd(args, env={"LATENTDIFF_TEST_KILL_AT_STEP": "6"}, check=False)
+    assert killed.returncode == -9
+    newest = run / "checkpoints" / "step_00000006" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[:100])
+    again = run_cmd([*args, "--resume", "latest"])
+    out = again.stdout + again.stderr
+    assert "skipping" in out and "step_00000006" in out and "resuming from" in out and "step_00000003" in out, out
+    assert (run / "model.safetensors").is_file()

@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import random
-import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from ..pipeline import LatentDiffusion
 from ..sampling import SAMPLERS
 from . import schema
 from .batcher import Batcher, QueueFull, Work, generate_work
-from .metrics import Metrics
+from .metrics import CountRequests, Metrics
 from .images import data_url, decode_image_sized, png_bytes
 from .schema import Field, RequestError
 
@@ -255,32 +254,6 @@ def create_app(pipe: LatentDiffusion, model_dir: str | Path, limits: Limits | No
                                         Exception: server_error})
     app.state.service = service
     return app
-
-
-class CountRequests:
-    """ASGI middleware: every HTTP answer counted by route and status, with its latency, for /metrics."""
-
-    ROUTES = ("/api/generate", "/api/img2img", "/api/inpaint", "/api/info", "/api/health", "/metrics", "/")
-
-    def __init__(self, app, metrics: Metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), [500]
-        path = scope["path"]
-        route = path if path in self.ROUTES else "/static" if path.startswith("/static/") else "other"
-
-        async def send_status(message) -> None:
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            self.metrics.request(route, status[0], time.perf_counter() - start)
 
 
 async def request_error(request: Request, exc: RequestError) -> Response:

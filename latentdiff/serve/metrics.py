@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+import time
 from typing import Callable
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -80,3 +81,29 @@ class Metrics:
                 "# HELP latentdiff_queue_digits Digits those requests ask for.", "# TYPE latentdiff_queue_digits gauge",
                 f"latentdiff_queue_digits {self.queued_digits()}"]
         return "\n".join(out) + "\n"
+
+
+class CountRequests:
+    """ASGI middleware: every HTTP answer counted by route and status, with its latency, for /metrics."""
+
+    ROUTES = ("/api/generate", "/api/img2img", "/api/inpaint", "/api/info", "/api/health", "/metrics", "/")
+
+    def __init__(self, app, metrics: Metrics):
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), [500]
+        path = scope["path"]
+        route = path if path in self.ROUTES else "/static" if path.startswith("/static/") else "other"
+
+        async def send_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.request(route, status[0], time.perf_counter() - start)
