@@ -1,10 +1,15 @@
-"""Sample digits from a trained LDM folder into a PNG grid (one row per label) and optionally an .npz."""
+"""Sample digits from a trained LDM folder: a PNG grid (one row per label) and optionally an .npz, or, with
+--out-dir, a data set of safetensors shards made by any number of processes (accelerate launch / torchrun)."""
 
 import argparse
+import json
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from latentdiff import LatentDiffusion, make_grid
 from latentdiff.cli import run_main
@@ -12,7 +17,7 @@ from latentdiff.sampling import SAMPLERS
 from latentdiff.timesteps import SPACINGS
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", required=True, help="LDM run folder written by train_ldm.py")
     p.add_argument("--labels", type=int, nargs="+", default=list(range(10)), help="classes, one grid row each (default 0..9)")
@@ -26,26 +31,92 @@ def main() -> None:
     p.add_argument("--spacing", choices=sorted(SPACINGS), default=None,
                    help="which timesteps the sampler visits (default: the model's)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="digit i uses seed + i (default 0)")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default 256 on CPU, 4096 on GPU)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="samples.png", help="output PNG grid (default samples.png)")
+    p.add_argument("--device", default=None, help="default: cuda if available; with --out-dir, each process's own device")
+    p.add_argument("--out", default=None, help="output PNG grid (default samples.png)")
     p.add_argument("--npz", help="also write images (N,28,28 uint8) and labels (N,) to this .npz")
-    args = p.parse_args()
-    if args.per_label < 1:
-        raise ValueError(f"--per-label must be >= 1, got {args.per_label}")
-    pipe = LatentDiffusion.from_pretrained(args.model, device=args.device)
+    g = p.add_argument_group("data sets (sharded, resumable; see docs/scale.md)")
+    g.add_argument("--out-dir", help="write safetensors shards + index.json here instead of a grid; rerun the same "
+                                     "command to resume a killed job")
+    g.add_argument("--num-digits", type=int, help="digits in the data set; digit i has label labels[i %% len(labels)] "
+                                                  "(default: per-label x number of labels)")
+    g.add_argument("--shard-size", type=int, default=10_000, help="digits per shard file (default 10000: 7.8 MB)")
+    return p.parse_args()
+
+
+def sampler_kwargs(args: argparse.Namespace) -> dict:
+    return dict(guidance_scale=args.guidance, steps=args.steps, sampler=args.sampler, eta=args.eta,
+                guidance_interval=args.guidance_interval, spacing=args.spacing)
+
+
+def small_job(args: argparse.Namespace) -> None:
+    """Today's grid (+ .npz): everything in memory, one process."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = LatentDiffusion.from_pretrained(args.model, device=device)
     labels = [c for c in args.labels for _ in range(args.per_label)]
-    images = pipe.generate(labels, guidance_scale=args.guidance, steps=args.steps, sampler=args.sampler,
-                           eta=args.eta, seed=args.seed, batch_size=args.batch_size, progress=True,
-                           guidance_interval=args.guidance_interval, spacing=args.spacing)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    make_grid(images, nrow=args.per_label).save(args.out)
-    print(f"wrote {len(labels)} samples to {args.out}")
+    images = pipe.generate(labels, seed=args.seed, batch_size=args.batch_size, progress=True, **sampler_kwargs(args))
+    out = args.out or "samples.png"
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    make_grid(images, nrow=args.per_label).save(out)
+    print(f"wrote {len(labels)} samples to {out}")
     if args.npz:
         u8 = (images[:, 0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
         np.savez_compressed(args.npz, images=u8, labels=np.asarray(labels, dtype=np.int64))
         print(f"wrote {args.npz}")
+
+
+def sharded_job(args: argparse.Namespace) -> None:
+    """Shards over every process accelerate (or torchrun) started; a rerun keeps verified shards."""
+    from accelerate import Accelerator
+
+    from latentdiff import shards
+
+    if args.out or args.npz:
+        raise ValueError("--out-dir writes shards; --out and --npz are for small in-memory jobs: pass one or the other")
+    # cpu=True without a GPU: otherwise accelerate treats a CPU torchrun launch as N lone main processes (see train.py)
+    cpu = args.device == "cpu" or not (torch.cuda.is_available() or torch.backends.mps.is_available())
+    accel = Accelerator(cpu=cpu)
+    pipe = LatentDiffusion.from_pretrained(args.model, device=args.device or accel.device)
+    settings = json.loads(json.dumps(pipe.sampling_options(**sampler_kwargs(args))))  # as job.json will hold them
+    job = shards.Job(model=str(Path(args.model).resolve()), labels=pipe.check_labels(args.labels).tolist(),
+                     num_digits=args.num_digits or args.per_label * len(args.labels), seed=args.seed,
+                     shard_size=args.shard_size, settings=settings)
+    batch_size = pipe.check_batch_size(args.batch_size)
+    out_dir = Path(args.out_dir)
+    shards.check_job(out_dir, job)  # every process refuses on its own: no process waits on one that failed
+    accel.wait_for_everyone()
+    if accel.is_main_process:
+        shards.start_job(out_dir, job)
+    accel.wait_for_everyone()
+    mine = sum(b - a for a, b in map(job.span, range(accel.process_index, job.num_shards, accel.num_processes)))
+    bar = tqdm(total=mine, unit="digit", disable=not accel.is_main_process, dynamic_ncols=True,
+               desc=f"process 0 of {accel.num_processes}", mininterval=0.1 if sys.stderr.isatty() else 30)
+    start = time.perf_counter()
+    made, kept = shards.run_shards(pipe, job, out_dir, accel.process_index, accel.num_processes, batch_size, bar.update)
+    bar.close()
+    totals = torch.tensor([made, kept], device=accel.device)
+    made, kept = (accel.reduce(totals, reduction="sum") if accel.num_processes > 1 else totals).tolist()
+    accel.wait_for_everyone()
+    seconds = time.perf_counter() - start
+    if accel.is_main_process:
+        shards.write_index(out_dir, job)
+        rate = made / seconds if seconds > 0 else 0.0
+        print(f"wrote {job.num_digits} digits in {job.num_shards} shards to {out_dir} ({shards.INDEX_NAME}): made {made} "
+              f"in {seconds:.1f} s on {accel.num_processes} process(es), {rate:.1f} digits/s; kept {kept} from an "
+              "earlier run", flush=True)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.per_label < 1:
+        raise ValueError(f"--per-label must be >= 1, got {args.per_label}")
+    if args.out_dir:
+        sharded_job(args)
+    elif args.num_digits is not None:
+        raise ValueError("--num-digits is for data sets written with --out-dir; for a grid use --per-label")
+    else:
+        small_job(args)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Training-step speed per stage, batch size and compile mode: where the training wall time goes.
 
     python bench/train_speed.py --preset full --batches 512 1024 2048 4096 --compile both --out speed.json
+    python bench/train_speed.py --preset quick --batches 64 128 --compile no --precision both --threads 1
 
-For each (stage, batch, compile) it builds the preset's model, runs warm-up steps (reported: that is
-where torch.compile spends its time), then times ``--steps`` optimizer steps (bf16 autocast and fused
-AdamW on a GPU, fp32 on a CPU) and prints images/s and ms/step. Random inputs: speed does not
-depend on the data.
+For each (stage, batch, compile, precision) it builds the preset's model, runs warm-up steps (reported:
+that is where torch.compile spends its time), then times ``--steps`` optimizer steps (fused AdamW on a
+GPU) and prints images/s and ms/step. Precision: bf16 autocast or fp32 (default: bf16 on a GPU, fp32 on
+a CPU; ``both`` measures the two side by side). Random inputs: speed does not depend on the data.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def measure(stage: str, cfg, batch: int, compile_: bool, steps: int, warmup: int, device: torch.device) -> dict:
+def measure(stage: str, cfg, batch: int, compile_: bool, steps: int, warmup: int, device: torch.device,
+            bf16: bool) -> dict:
     """Warm-up seconds and timed ms/step for one setting."""
     torch.manual_seed(0)
     model = (VAE(cfg.model) if stage == "vae" else UNet(cfg.model)).to(device).train()  # UNet: default VAE's latents
     fwd = torch.compile(model) if compile_ else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     if stage == "vae":
         x = torch.rand(batch, 1, 28, 28, device=device) * 2 - 1
 
@@ -69,7 +71,7 @@ def measure(stage: str, cfg, batch: int, compile_: bool, steps: int, warmup: int
         step()
     sync(device)
     dt = (time.perf_counter() - t) / steps
-    return {"stage": stage, "batch": batch, "compile": compile_, "warmup_s": warm_s, "step_ms": 1000 * dt,
+    return {"stage": stage, "batch": batch, "compile": compile_, "bf16": bf16, "warmup_s": warm_s, "step_ms": 1000 * dt,
             "images_per_s": batch / dt}
 
 
@@ -82,9 +84,15 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30, help="timed steps per setting")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=["fp32", "bf16", "both"], help="default: bf16 on a GPU, fp32 on a CPU")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    amps = {"fp32": [False], "bf16": [True], "both": [False, True]}[precision]
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     cfgs = {"vae": load_config(VAERunConfig, resolve_config_path(args.preset, "vae")),
@@ -94,12 +102,14 @@ def main() -> None:
     for stage in args.stages:
         for compile_ in modes:
             for b in args.batches:
-                r = measure(stage, cfgs[stage], b, compile_, args.steps, args.warmup, device)
-                rows.append(r)
-                print(f"{stage} batch {b:5d} compile={str(compile_):5s}: {r['images_per_s']:10,.0f} img/s "
-                      f"({r['step_ms']:.2f} ms/step; warm-up {r['warmup_s']:.1f} s)", flush=True)
+                for bf16 in amps:
+                    r = measure(stage, cfgs[stage], b, compile_, args.steps, args.warmup, device, bf16)
+                    rows.append(r)
+                    print(f"{stage} batch {b:5d} compile={str(compile_):5s} {'bf16' if bf16 else 'fp32'}: "
+                          f"{r['images_per_s']:10,.0f} img/s ({r['step_ms']:.2f} ms/step; warm-up {r['warmup_s']:.1f} s)",
+                          flush=True)
     res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "torch": torch.__version__, "preset": args.preset, "rows": rows}
+           "torch": torch.__version__, "preset": args.preset, "threads": torch.get_num_threads(), "rows": rows}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=2) + "\n")

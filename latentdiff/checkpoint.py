@@ -7,18 +7,20 @@ under a temporary name and renamed into place, so a kill mid-write leaves the pr
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import yaml
 
 from .config import to_dict
-from .errors import RunDirError, TrainingDiverged
+from .errors import LatentDiffError, ModelLoadError, RunDirError, TrainingDiverged
 from .runlock import LOCK_NAME, RunLock
 from .serialization import atomic_save_safetensors, atomic_write_bytes, nonfinite_keys, read_tensors
 
@@ -30,6 +32,40 @@ RESUME_MAY_CHANGE = {"train.steps", "train.log_every", "train.preview_every", "t
                      "data.download", "out_dir", "train.log_with", "sample.sampler", "sample.steps",
                      "sample.guidance_scale", "sample.eta", "sample.guidance_interval", "sample.spacing",
                      "sample.autoguidance_scale"}
+
+
+class DiskFullError(LatentDiffError, OSError):
+    """A write ran out of disk space; the partial files were removed."""
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC / EDQUOT, also when safetensors wraps the OS error in its own exception type."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(e)
+    return "No space left on device" in text or "Disk quota exceeded" in text or "code: 28," in text
+
+
+@contextmanager
+def disk_full_errors(folder: Path, need_bytes: int, what: str, cleanup: Callable[[], None]) -> Iterator[None]:
+    """Turn a full disk inside the block into a one-line DiskFullError naming ``folder`` and the space needed.
+
+    ``cleanup`` removes the block's partial files first, so a failed write leaves only complete ones.
+    """
+    try:
+        yield
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        cleanup()
+        free = shutil.disk_usage(folder if Path(folder).exists() else Path(folder).parent).free
+        raise DiskFullError(f"disk full while writing {what} to {folder}: it needs about {_mb(need_bytes)} and "
+                            f"{_mb(free)} is free; free some space there (or write elsewhere) and rerun the same "
+                            "command to continue") from None
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -151,14 +187,17 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, ema: torch
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp-step_{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    atomic_save_safetensors(model.state_dict(), tmp / "model.safetensors")
-    if ema is not None:
-        atomic_save_safetensors(ema.state_dict(), tmp / "ema.safetensors")
     tensors, meta = _optimizer_to_flat(optimizer)
-    atomic_save_safetensors(tensors, tmp / "optimizer.safetensors")
-    atomic_write_bytes(tmp / "optimizer.json", json.dumps(meta).encode())
-    atomic_write_bytes(tmp / "state.json", json.dumps({"step": step, **(extra or {})}).encode())
+    parts = [model.state_dict(), tensors] + ([ema.state_dict()] if ema is not None else [])
+    need = sum(t.numel() * t.element_size() for sd in parts for t in sd.values())
+    with disk_full_errors(root, need, f"checkpoint {final.name}", lambda: shutil.rmtree(tmp, ignore_errors=True)):
+        tmp.mkdir(parents=True)
+        atomic_save_safetensors(model.state_dict(), tmp / "model.safetensors")
+        if ema is not None:
+            atomic_save_safetensors(ema.state_dict(), tmp / "ema.safetensors")
+        atomic_save_safetensors(tensors, tmp / "optimizer.safetensors")
+        atomic_write_bytes(tmp / "optimizer.json", json.dumps(meta).encode())
+        atomic_write_bytes(tmp / "state.json", json.dumps({"step": step, **(extra or {})}).encode())
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -176,13 +215,35 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint folder cannot be resumed from (a missing, truncated or corrupt file), or None if it can."""
+    try:
+        for name in ("state.json", "optimizer.json"):
+            json.loads((path / name).read_text())
+        for f in sorted(path.glob("*.safetensors")):
+            read_tensors(f, "an older checkpoint is tried")
+    except (OSError, ValueError) as e:  # ModelLoadError and JSONDecodeError are ValueErrors
+        return str(e) if isinstance(e, ModelLoadError) else f"{e.__class__.__name__}: {e}"
+    if not (path / "model.safetensors").is_file():
+        return f"{path / 'model.safetensors'} is missing"
+    return None
+
+
 def resolve_resume(run_dir: Path, resume: str) -> Path:
-    """``latest`` -> newest complete checkpoint; otherwise a checkpoint folder path."""
+    """``latest`` -> newest valid checkpoint (skipping, with a message, newer ones that are corrupt);
+    otherwise a checkpoint folder path, used as given."""
     if resume == "latest":
         ckpts = list_checkpoints(run_dir)
         if not ckpts:
             raise RunDirError(f"--resume latest: no complete checkpoint in {run_dir / CKPT_DIR}; start without --resume")
-        return ckpts[-1]
+        # A scheduler reruns the same command: falling back to an older valid checkpoint beats stopping for good.
+        for path in reversed(ckpts):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            print(f"--resume latest: skipping {path}: {problem}", file=sys.stderr, flush=True)
+        raise RunDirError(f"--resume latest: none of the {len(ckpts)} checkpoint(s) in {run_dir / CKPT_DIR} is readable "
+                          "(see above); start a new run with --overwrite")
     path = Path(resume)
     if not (path / "state.json").is_file():
         raise RunDirError(f"--resume {resume}: not a checkpoint folder (no state.json); use --resume latest")

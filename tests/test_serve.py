@@ -155,7 +155,7 @@ def test_pipeline_value_errors_become_422(client, monkeypatch):
     """A check only the pipeline makes still reaches the client as a 422 with the pipeline's message."""
     def refuse(*a, **k):
         raise ValueError("steps must be an integer in 1..100, got 99999")
-    monkeypatch.setattr(LatentDiffusion, "generate", refuse)
+    monkeypatch.setattr(LatentDiffusion, "denoise", refuse)  # what the batcher's model call runs
     r = client.post("/api/generate", json={"labels": [1]})
     assert r.status_code == 422 and r.json() == {"error": "steps must be an integer in 1..100, got 99999"}
 
@@ -163,7 +163,7 @@ def test_pipeline_value_errors_become_422(client, monkeypatch):
 def test_unexpected_errors_are_a_json_500_without_a_trace(client, monkeypatch):
     def crash(*a, **k):
         raise RuntimeError("secret internals at /some/path.py line 3")
-    monkeypatch.setattr(LatentDiffusion, "generate", crash)
+    monkeypatch.setattr(LatentDiffusion, "denoise", crash)  # what the batcher's model call runs
     r = client.post("/api/generate", json={"labels": [1]})
     assert r.status_code == 500 and r.json() == {"error": "internal server error; the server log has the details"}
 
@@ -325,3 +325,56 @@ def test_cli_bad_arguments_exit_2(monkeypatch, capsys, model_dir, args, hint):
     with pytest.raises(SystemExit) as e:
         run_main(main)
     assert e.value.code == 2 and hint in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- issue 19 defects
+def bomb_png(side: int = 30000) -> str:
+    """A real PNG declaring side x side pixels of zeros: tens of kB that would decode to gigabytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    rows = zlib.compress(b"\0" * (side + 1) * 64, 9)  # only the first 64 rows: the header is what matters
+    raw = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+           + chunk(b"IDAT", rows) + chunk(b"IEND", b""))
+    return base64.b64encode(raw).decode()
+
+
+@pytest.mark.parametrize("route", ["img2img", "inpaint"])
+def test_decompression_bomb_is_refused_before_decoding(client, route, monkeypatch):
+    from PIL import Image as PILImage
+
+    def no_open(*a, **k):
+        raise AssertionError("Image.open ran on a bomb")
+
+    monkeypatch.setattr(PILImage, "open", no_open)  # refused from the header alone, before PIL sees it
+    body = {"image": bomb_png(), "label": 1, **({"mask": png_b64(digit())} if route == "inpaint" else {})}
+    r = client.post(f"/api/{route}", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == "image" and "64x64" in r.json()["error"] and "30000x30000" in r.json()["error"]
+
+
+def test_a_jpeg_bomb_is_a_4xx_too(client):
+    """PIL itself refuses > 179 Mpx at open; that exception is answered as a 4xx, not a 500."""
+    buf = io.BytesIO()
+    Image.fromarray(digit(28)).save(buf, format="JPEG")
+    raw = bytearray(buf.getvalue())
+    sof = raw.index(b"\xff\xc0")  # baseline frame header: ... height (2 bytes) width (2 bytes)
+    raw[sof + 5: sof + 9] = (60000).to_bytes(2, "big") * 2
+    r = client.post("/api/img2img", json={"image": base64.b64encode(bytes(raw)).decode(), "label": 1})
+    assert r.status_code == 422 and "over 89478485 pixels" in r.json()["error"], r.text
+
+
+def test_inpaint_mask_of_another_size_is_refused(client):
+    r = client.post("/api/inpaint", json={"image": png_b64(digit(56)), "mask": png_b64(digit(28)), "label": 1})
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == "mask" and "28x28 but image is 56x56" in r.json()["error"]
+
+
+def test_favicon_is_served(client):
+    r = client.get("/favicon.ico")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/x-icon"
+    assert Image.open(io.BytesIO(r.content)).format == "ICO"
+    assert 'rel="icon"' in client.get("/").text

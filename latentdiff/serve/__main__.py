@@ -18,12 +18,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if available")
     p.add_argument("--max-images", type=int, default=100, help="digits per request (default 100)")
     p.add_argument("--max-steps", type=int, default=200, help="sampler steps per request (default 200)")
+    b = p.add_argument_group("batching (docs/scale.md)")
+    b.add_argument("--max-batch", type=int, default=256, help="digits per model call; generate requests with equal "
+                                                                "settings share one (default 256)")
+    b.add_argument("--max-wait-ms", type=float, default=50.0, help="under concurrent load, a batch waits up to this "
+                   "long after its oldest request for as many requests as the last call held (default 50; a lone "
+                   "client never waits)")
+    b.add_argument("--max-queue", type=int, default=64, help="requests waiting for the model; more get 503 + Retry-After "
+                                                             "(default 64)")
+    b.add_argument("--request-timeout", type=float, default=60.0, help="seconds a request may wait and run before a 503 "
+                                                                      "(default 60)")
     args = p.parse_args(argv)
     require_serve_extra()
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if args.max_images < 1 or args.max_steps < 1:
         raise ValueError(f"--max-images and --max-steps must be >= 1, got {args.max_images} and {args.max_steps}")
+    if args.max_batch < 1 or args.max_queue < 1 or args.max_wait_ms < 0 or not args.request_timeout > 0:
+        raise ValueError("--max-batch and --max-queue must be >= 1, --max-wait-ms >= 0 and --request-timeout > 0; got "
+                         f"{args.max_batch}, {args.max_queue}, {args.max_wait_ms} and {args.request_timeout}")
 
     try:
         device = torch.device(args.device)
@@ -35,10 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     import uvicorn
 
     from ..pipeline import LatentDiffusion
-    from .app import Limits, create_app
+    from .app import Batching, Limits, create_app
 
     pipe = LatentDiffusion.from_pretrained(args.model, device=device)
-    app = create_app(pipe, args.model, Limits(max_images=args.max_images, max_steps=args.max_steps))
+    app = create_app(pipe, args.model, Limits(max_images=args.max_images, max_steps=args.max_steps),
+                     Batching(args.max_batch, args.max_wait_ms, args.max_queue, args.request_timeout))
     print(f"serving {args.model} on {pipe.device}: open http://{args.host}:{args.port}/", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 

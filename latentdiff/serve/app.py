@@ -1,25 +1,28 @@
 """The ASGI app: JSON API over one LatentDiffusion pipeline, plus the static page.
 
 Routes: GET /api/health, GET /api/info, POST /api/generate, POST /api/img2img, POST /api/inpaint,
-GET / (the page) and /static/*. Model calls run in a worker thread (the event loop keeps answering)
-behind one lock (the pipeline is not re-entrant, and one call at a time is fastest on a CPU anyway).
+GET / (the page), /favicon.ico, /static/* and GET /metrics (Prometheus text format). Model calls run in the
+batcher's one worker thread (the event loop keeps answering): generate requests with equal settings share a
+model call, edits run alone (see batcher.py). A full queue answers 503 with Retry-After; so does a request
+that waited longer than the request timeout.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import random
-import threading
-import time
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
@@ -29,7 +32,9 @@ from .. import edit
 from ..pipeline import LatentDiffusion
 from ..sampling import SAMPLERS
 from . import schema
-from .images import data_url, decode_image, png_bytes
+from .batcher import Batcher, QueueFull, Work, generate_work
+from .metrics import CountRequests, Metrics
+from .images import data_url, decode_image_sized, png_bytes
 from .schema import Field, RequestError
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -50,12 +55,27 @@ class Limits:
     max_body_bytes: int = 4 * 1024 * 1024  # request body (two 512x512 RGBA PNGs in base64 fit)
 
 
+@dataclass(frozen=True)
+class Batching:
+    """How the batcher merges requests, and how long a request may wait (defaults measured: docs/scale.md)."""
+
+    max_batch: int = 256  # digits per model call: CPU throughput is flat from here (pipeline's default batch)
+    # Under concurrent load (the last call merged requests), a batch waits up to this long after its oldest
+    # request for as many requests as the last call held; a lone client never waits (latency as unbatched).
+    max_wait_ms: float = 50.0
+    max_queue: int = 64  # requests waiting; more are answered 503 with Retry-After
+    request_timeout_s: float = 60.0  # a request not answered by then gets a 503 (and is dropped if not started)
+
+
 class ModelService:
     """The pipeline, its lock, and the request specs that depend on the model and the limits."""
 
-    def __init__(self, pipe: LatentDiffusion, model_dir: str | Path, limits: Limits):
-        self.pipe, self.model_dir, self.limits = pipe, str(model_dir), limits
-        self.lock = threading.Lock()
+    def __init__(self, pipe: LatentDiffusion, model_dir: str | Path, limits: Limits, batching: Batching):
+        self.pipe, self.model_dir, self.limits, self.batching = pipe, str(model_dir), limits, batching
+        self.batcher = Batcher(pipe, batching.max_batch, batching.max_wait_ms, batching.max_queue,
+                               on_batch=lambda *a: self.metrics.batch(*a))
+        self.metrics = Metrics(lambda: self.batcher.depth, self.batcher.queued_digits)
+        self.lock = self.batcher.lock  # held during each model call
         self.edits = list(EDITS)
         n, lim = pipe.num_classes, limits
         self.max_steps = min(lim.max_steps, pipe.config.diffusion.num_timesteps)
@@ -85,6 +105,7 @@ class ModelService:
             "defaults": {"sampler": sc.sampler, "steps": sc.steps, "guidance_scale": sc.guidance_scale, "eta": sc.eta,
                          "per_label": 1, "strength": DEFAULT_STRENGTH, "count": 1},
             "limits": {**asdict(self.limits), "max_steps": self.max_steps, "max_seed": schema.MAX_SEED},
+            "batching": asdict(self.batching),
         }
 
     def settings(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -99,31 +120,41 @@ class ModelService:
             out["seed"] = random.SystemRandom().randrange(2**31)
         return out
 
-    def run_locked(self, fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
-        """One model call at a time; returns the images and the seconds the call took (not the wait)."""
-        with self.lock:
-            start = time.perf_counter()
-            images = fn()
-            return images, time.perf_counter() - start
+    async def run(self, work: Work) -> tuple[torch.Tensor, float]:
+        """Queue ``work`` and wait for it: (images, seconds of its model call, not the wait)."""
+        try:
+            future = self.batcher.submit(work)
+        except QueueFull as e:
+            raise RequestError(503, str(e), headers={"Retry-After": str(e.retry_after)}) from None
+        timeout = self.batching.request_timeout_s
+        try:  # a timeout cancels the future: a request still queued is dropped, not computed for nobody
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except asyncio.TimeoutError:
+            raise RequestError(503, f"no answer within the {timeout:g} s request timeout: the server is overloaded "
+                                    f"({self.batcher.depth} requests queued); retry later",
+                               headers={"Retry-After": str(max(1, round(timeout)))}) from None
 
-    # ------------------------------------------------------------------ the model calls (worker thread)
-    def generate(self, s: dict) -> tuple[torch.Tensor, int]:
+    # ------------------------------------------------------------------ the model calls
+    def generate_work(self, s: dict) -> tuple[Work, int]:
         if len(s["labels"]) * s["per_label"] > self.limits.max_images:
             raise RequestError(422, f"labels x per_label is {len(s['labels'])} x {s['per_label']} = "
                                     f"{len(s['labels']) * s['per_label']} digits; the limit is {self.limits.max_images}",
                                "per_label")
         labels = [c for c in s["labels"] for _ in range(s["per_label"])]  # one grid row per class
-        images = self.pipe.generate(labels, guidance_scale=s["guidance_scale"], steps=s["steps"],
-                                    sampler=s["sampler"], eta=s["eta"], seed=s["seed"])
-        return images, s["per_label"]
+        self.pipe.sampling_options(s["guidance_scale"], s["steps"], s["sampler"], s["eta"])  # bad settings: 422 here
+        settings = {k: s[k] for k in ("guidance_scale", "steps", "sampler", "eta")}
+        return generate_work(labels, s["seed"], settings), s["per_label"]
 
-    def edit(self, name: str, s: dict, image: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    def edit_work(self, name: str, s: dict, image: torch.Tensor, mask: torch.Tensor | None) -> tuple[Work, int]:
+        """Edits run alone through the same queue: the editing functions take one seed per call, not one per digit."""
         n = s["count"]
         kwargs = dict(guidance_scale=s["guidance_scale"], steps=s["steps"], sampler=s["sampler"], seed=s["seed"])
         images, labels = image.expand(n, -1, -1, -1), [s["label"]] * n  # variants i use seed + i
         if name == "img2img":
-            return edit.img2img(self.pipe, images, labels, s["strength"], **kwargs), n
-        return edit.inpaint(self.pipe, images, mask, labels, **kwargs), n
+            fn = lambda: edit.img2img(self.pipe, images, labels, s["strength"], **kwargs)  # noqa: E731
+        else:
+            fn = lambda: edit.inpaint(self.pipe, images, mask, labels, **kwargs)  # noqa: E731
+        return Work(size=n, key=None, fn=fn), n
 
 
 async def read_body(request: Request, limit: int) -> Any:
@@ -152,9 +183,10 @@ def respond(images: torch.Tensor, nrow: int, seconds: float, settings: dict, fmt
                          "count": len(images), "columns": nrow, **(extra or {})})
 
 
-def create_app(pipe: LatentDiffusion, model_dir: str | Path, limits: Limits | None = None) -> Starlette:
+def create_app(pipe: LatentDiffusion, model_dir: str | Path, limits: Limits | None = None,
+               batching: Batching | None = None) -> Starlette:
     """The Starlette app serving ``pipe`` (loaded from ``model_dir``, which the server only reads)."""
-    service = ModelService(pipe, model_dir, limits or Limits())
+    service = ModelService(pipe, model_dir, limits or Limits(), batching or Batching())
 
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -165,36 +197,55 @@ def create_app(pipe: LatentDiffusion, model_dir: str | Path, limits: Limits | No
     async def generate(request: Request) -> Response:
         req = schema.parse(await read_body(request, service.limits.max_body_bytes), service.specs["generate"])
         settings = service.settings(req)
-        (images, nrow), seconds = await run_in_threadpool(service.run_locked, lambda: service.generate(settings))
-        return respond(images, nrow, seconds, settings, req["format"])
+        work, nrow = service.generate_work(settings)
+        images, seconds = await service.run(work)
+        return await run_in_threadpool(respond, images, nrow, seconds, settings, req["format"])
 
     def edit_route(name: str):
         async def handler(request: Request) -> Response:
             req = schema.parse(await read_body(request, service.limits.max_body_bytes), service.specs[name])
             side = service.limits.max_image_side
-            image = decode_image("image", req["image"], side)
-            mask = (decode_image("mask", req["mask"], side) >= 0.5).float() if name == "inpaint" else None  # 1 = keep
+            image, size = decode_image_sized("image", req["image"], side)
+            mask = None
+            if name == "inpaint":
+                mask, mask_size = decode_image_sized("mask", req["mask"], side)
+                if mask_size != size:  # both are scaled to 28x28, but a mask drawn for another image is a client bug
+                    raise schema.invalid("mask", f"is {mask_size[0]}x{mask_size[1]} but image is {size[0]}x{size[1]}; "
+                                                 "send a mask of the same size as the image")
+                mask = (mask >= 0.5).float()  # 1 = keep
             settings = service.settings(req)
-            (images, nrow), seconds = await run_in_threadpool(
-                service.run_locked, lambda: service.edit(name, settings, image, mask))
+            work, nrow = service.edit_work(name, settings, image, mask)
+            images, seconds = await service.run(work)
             return respond(images, nrow, seconds, settings, req["format"], {"input": data_url(png_bytes(image, 1))})
         return handler
 
     async def page(request: Request) -> Response:
         return FileResponse(STATIC_DIR / "index.html")
 
-    routes = [Route("/", page), Route("/api/health", health), Route("/api/info", info),
+    async def metrics(request: Request) -> Response:
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def favicon(request: Request) -> Response:  # browsers ask for it whatever the page links
+        return FileResponse(STATIC_DIR / "favicon.ico", media_type="image/x-icon")
+
+    routes = [Route("/", page), Route("/favicon.ico", favicon), Route("/api/health", health), Route("/api/info", info), Route("/metrics", metrics),
               Route("/api/generate", generate, methods=["POST"]),
               *[Route(f"/api/{name}", edit_route(name), methods=["POST"]) for name in EDITS],
               Mount("/static", StaticFiles(directory=STATIC_DIR), name="static")]
-    app = Starlette(routes=routes, exception_handlers={
-        RequestError: request_error, ValueError: value_error, HTTPException: http_error, Exception: server_error})
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await run_in_threadpool(service.batcher.close)  # finish the model call in progress, refuse the queue
+
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=[Middleware(CountRequests, metrics=service.metrics)],
+                    exception_handlers={RequestError: request_error, ValueError: value_error, HTTPException: http_error,
+                                        Exception: server_error})
     app.state.service = service
     return app
 
 
 async def request_error(request: Request, exc: RequestError) -> Response:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
 async def value_error(request: Request, exc: ValueError) -> Response:

@@ -19,9 +19,9 @@ MAX_SEED = 2**53 - 1
 class RequestError(Exception):
     """A request the server refuses: HTTP status, a message naming the problem, and the field if there is one."""
 
-    def __init__(self, status: int, message: str, field: str | None = None):
+    def __init__(self, status: int, message: str, field: str | None = None, headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.field = status, message, field
+        self.status, self.message, self.field, self.headers = status, message, field, headers
 
     def body(self) -> dict:
         return {"error": self.message, **({"field": self.field} if self.field else {})}

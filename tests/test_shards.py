@@ -1,0 +1,161 @@
+"""Sharded sampling (sample.py --out-dir): the split over processes, resume after a kill, the loader (issue 19)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import latentdiff.serialization as serialization
+from latentdiff import shards
+from latentdiff.checkpoint import DiskFullError
+from latentdiff.errors import RunDirError
+
+from conftest import BIN, REPO, run_cmd, tiny_pipeline
+
+SETTINGS = {"steps": 2}
+
+
+def job(pipe, n=21, shard_size=8, **kw) -> shards.Job:
+    settings = json.loads(json.dumps(pipe.sampling_options(**SETTINGS)))
+    return shards.Job(model="tiny", labels=kw.pop("labels", [3, 1, 4]), num_digits=n, seed=kw.pop("seed", 5),
+                      shard_size=shard_size, settings=settings)
+
+
+def run_all(pipe, j, out, world=1, batch_size=3):
+    shards.check_job(out, j)
+    shards.start_job(out, j)
+    made = kept = 0
+    for rank in range(world):
+        m, k = shards.run_shards(pipe, j, out, rank, world, batch_size)
+        made, kept = made + m, kept + k
+    shards.write_index(out, j)
+    return made, kept
+
+
+def digest(folder) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_digit_i_is_label_i_mod_L_and_seed_plus_i(tmp_path):
+    pipe = tiny_pipeline()
+    j = job(pipe)
+    assert run_all(pipe, j, tmp_path) == (21, 0)
+    images = torch.cat([load_file(str(tmp_path / s["file"]))["images"]
+                        for s in json.loads((tmp_path / "index.json").read_text())["shards"]])
+    labels = [[3, 1, 4][i % 3] for i in range(21)]
+    expected = shards.to_uint8(pipe.generate(labels, seed=5, batch_size=3, **j.settings))
+    assert torch.equal(images, expected)
+    index = json.loads((tmp_path / "index.json").read_text())
+    assert [(s["start"], s["count"]) for s in index["shards"]] == [(0, 8), (8, 8), (16, 5)]
+    ds = shards.ShardDataset(tmp_path)  # the documented loader
+    assert len(ds) == 21 and ds[17][1] == labels[17] and ds[17][0].shape == (1, 28, 28)
+    assert torch.equal((ds[17][0][0] * 255).round().to(torch.uint8), expected[17])
+    loader = torch.utils.data.DataLoader(ds, batch_size=10, shuffle=True, num_workers=0)
+    assert sum(len(y) for _, y in loader) == 21
+    with pytest.raises(IndexError):
+        ds[21]
+
+
+def test_any_process_count_gives_the_same_bytes_and_reruns_keep_verified_shards(tmp_path):
+    pipe = tiny_pipeline()
+    j = job(pipe)
+    run_all(pipe, j, tmp_path / "one")
+    run_all(pipe, j, tmp_path / "three", world=3, batch_size=5)  # batch size does not change the bytes either
+    assert digest(tmp_path / "one") == digest(tmp_path / "three")
+    # A rerun keeps checksummed shards, remakes a missing one and a corrupt one, and ends identical.
+    (tmp_path / "one" / "shard-00001.safetensors").unlink()
+    corrupt = tmp_path / "one" / "shard-00002.safetensors"
+    corrupt.write_bytes(corrupt.read_bytes()[:-1] + b"\x01")  # same size: only the checksum sees it
+    assert run_all(pipe, j, tmp_path / "one") == (13, 8)
+    assert digest(tmp_path / "one") == digest(tmp_path / "three")
+
+
+def test_a_folder_with_another_job_or_other_files_is_refused(tmp_path):
+    pipe = tiny_pipeline()
+    run_all(pipe, job(pipe), tmp_path / "a")
+    with pytest.raises(RunDirError, match="seed was 5, now 6"):
+        shards.check_job(tmp_path / "a", job(pipe, seed=6))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "mine.txt").write_text("x")
+    with pytest.raises(RunDirError, match="not empty"):
+        shards.check_job(tmp_path / "b", job(pipe))
+
+
+def test_full_disk_while_writing_a_shard(tmp_path, monkeypatch):
+    pipe = tiny_pipeline()
+    j = job(pipe)
+    real = serialization.save_file
+
+    def full(tensors, path, metadata=None):
+        if "shard-00001" in str(path):
+            open(path, "wb").write(b"\0" * 10)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(serialization, "save_file", full)
+    with pytest.raises(DiskFullError, match=f"writing shard shard-00001.safetensors to {tmp_path}: it needs about"):
+        run_all(pipe, j, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.json", "shard-00000.json", "shard-00000.safetensors"]
+
+
+# ------------------------------------------------------------------------------------- the script, as users run it
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("shards") / "ldm"
+    tiny_pipeline().save_pretrained(folder)
+    return folder
+
+
+def sample_cmd(model_dir, out, nproc=1, launcher="torchrun"):
+    args = [REPO / "sample.py", "--model", model_dir, "--out-dir", out, "--num-digits", "45", "--shard-size", "10",
+            "--batch-size", "4", "--steps", "2", "--sampler", "ddpm", "--device", "cpu"]
+    if nproc == 1:
+        return [BIN / "python", *args]
+    if launcher == "accelerate":  # accelerate's multi-process launcher is --multi_gpu, also on a CPU
+        return [BIN / "accelerate", "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", *args]
+    return [BIN / "torchrun", "--standalone", "--nproc_per_node", str(nproc), *args]
+
+
+@pytest.mark.slow
+def test_torchrun_and_accelerate_two_processes_equal_one_and_a_killed_job_resumes(model_dir, tmp_path):
+    one = run_cmd(sample_cmd(model_dir, tmp_path / "one"), env={"CUDA_VISIBLE_DEVICES": ""})
+    assert "wrote 45 digits in 5 shards" in one.stdout and "digits/s" in one.stdout, one.stdout
+    two = run_cmd(sample_cmd(model_dir, tmp_path / "two", nproc=2), env={"CUDA_VISIBLE_DEVICES": ""})
+    assert "on 2 process(es)" in two.stdout, two.stdout + two.stderr
+    assert digest(tmp_path / "one") == digest(tmp_path / "two")
+    acc = run_cmd(sample_cmd(model_dir, tmp_path / "acc", nproc=2, launcher="accelerate"), env={"CUDA_VISIBLE_DEVICES": ""})
+    assert "on 2 process(es)" in acc.stdout, acc.stdout + acc.stderr
+    assert digest(tmp_path / "one") == digest(tmp_path / "acc")
+
+    # SIGKILL after shard 2's file is in place but before its sidecar: shards 0 and 1 are kept, 2 is made again.
+    killed = run_cmd(sample_cmd(model_dir, tmp_path / "killed"), env={"LATENTDIFF_TEST_KILL_AFTER_SHARD": "2"},
+                     check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (tmp_path / "killed" / "index.json").exists()
+    again = run_cmd(sample_cmd(model_dir, tmp_path / "killed"))
+    assert "made 25" in again.stdout and "kept 20" in again.stdout, again.stdout
+    assert digest(tmp_path / "killed") == digest(tmp_path / "one")
+
+    # Changing a setting that matters is refused with one line; the folder is untouched.
+    before = digest(tmp_path / "one")
+    refused = run_cmd([*sample_cmd(model_dir, tmp_path / "one"), "--seed", "9"], check=False)
+    assert refused.returncode == 2 and "seed was 0, now 9" in refused.stderr and "Traceback" not in refused.stderr
+    assert digest(tmp_path / "one") == before
+
+
+def test_small_jobs_still_write_the_grid_and_npz(model_dir, tmp_path):
+    """--out / --npz are unchanged: grid rows per label, .npz in label-major order."""
+    run_cmd([BIN / "python", REPO / "sample.py", "--model", model_dir, "--labels", "2", "7", "--per-label", "3",
+             "--steps", "2", "--device", "cpu", "--out", tmp_path / "g.png", "--npz", tmp_path / "s.npz"])
+    data = np.load(tmp_path / "s.npz")
+    assert data["labels"].tolist() == [2, 2, 2, 7, 7, 7] and data["images"].shape == (6, 28, 28)
+    bad = run_cmd([BIN / "python", REPO / "sample.py", "--model", model_dir, "--out-dir", tmp_path / "x", "--npz",
+                   tmp_path / "y.npz"], check=False)
+    assert bad.returncode == 2 and "one or the other" in bad.stderr
