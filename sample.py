@@ -30,6 +30,8 @@ def parse_args() -> argparse.Namespace:
                         "conditional only elsewhere (default: the model's)")
     p.add_argument("--spacing", choices=sorted(SPACINGS), default=None,
                    help="which timesteps the sampler visits (default: the model's)")
+    p.add_argument("--autoguidance", type=float, default=None, metavar="W",
+                   help="autoguidance weight by the folder's guide/ model, 1 = off (default: the model's; docs/autoguidance.md)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0, help="digit i uses seed + i (default 0)")
     p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default 256 on CPU, 4096 on GPU)")
@@ -47,7 +49,7 @@ def parse_args() -> argparse.Namespace:
 
 def sampler_kwargs(args: argparse.Namespace) -> dict:
     return dict(guidance_scale=args.guidance, steps=args.steps, sampler=args.sampler, eta=args.eta,
-                guidance_interval=args.guidance_interval, spacing=args.spacing)
+                guidance_interval=args.guidance_interval, spacing=args.spacing, autoguidance_scale=args.autoguidance)
 
 
 def small_job(args: argparse.Namespace) -> None:

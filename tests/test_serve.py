@@ -90,7 +90,7 @@ def test_generate_grid_settings_and_seed_reproduce(client):
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["settings"] == {"labels": [3, 7], "per_label": 3, "guidance_scale": 2.0, "steps": 3,
-                               "sampler": "dpm++", "eta": 0.0, "seed": 11}
+                               "sampler": "dpm++", "eta": 0.0, "seed": 11, "autoguidance_scale": 1.0}
     assert out["count"] == 6 and out["columns"] == 3 and out["seconds"] > 0
     grid = decode_png(out["image"])
     assert grid.shape == (2 + 2 * 30, 2 + 3 * 30)  # 2 rows x 3 columns of 28 px + 2 px padding
@@ -100,6 +100,24 @@ def test_generate_grid_settings_and_seed_reproduce(client):
     images = pipe.generate([3, 3, 3, 7, 7, 7], guidance_scale=2.0, steps=3, seed=11)
     first = (images[0, 0] * 255).round().byte().numpy()
     assert np.array_equal(grid[2:30, 2:30], first)
+
+
+def test_autoguidance_needs_a_guide_and_matches_the_python_api(client, tmp_path):
+    r = client.post("/api/generate", json={"labels": [1], "autoguidance_scale": 2.0})
+    assert r.status_code == 422 and "needs a guide model" in r.json()["error"], r.text
+    base = tiny_pipeline()
+    guided = LatentDiffusion(base.unet, base.vae, base.config, guide=tiny_pipeline(seed=3).unet)
+    guided.save_pretrained(tmp_path / "guided")
+    with TestClient(create_app(LatentDiffusion.from_pretrained(tmp_path / "guided"), tmp_path / "guided", LIMITS)) as c:
+        assert c.get("/api/info").json()["defaults"]["has_guide"] is True
+        body = {"labels": [3], "steps": 3, "guidance_scale": 1.0, "autoguidance_scale": 2.0, "seed": 5}
+        out = c.post("/api/generate", json=body).json()
+        plain = c.post("/api/generate", json={**body, "autoguidance_scale": 1.0}).json()
+        assert out["settings"]["autoguidance_scale"] == 2.0 and out["image"] != plain["image"]
+        want = guided.generate([3], steps=3, guidance_scale=1.0, autoguidance_scale=2.0, seed=5)
+        assert np.array_equal(decode_png(out["image"])[2:30, 2:30], (want[0, 0] * 255).round().byte().numpy())
+        assert c.post("/api/img2img", json={"image": png_b64(digit()), "label": 8, "steps": 3,
+                                            "autoguidance_scale": 2.0}).status_code == 200
 
 
 def test_generate_draws_and_returns_a_seed_and_the_model_defaults(client):

@@ -81,6 +81,7 @@ class ModelService:
         self.max_steps = min(lim.max_steps, pipe.config.diffusion.num_timesteps)
         sampling = {
             "guidance_scale": Field(schema.number(0, 100)),
+            "autoguidance_scale": Field(schema.number(0, 100)),
             "steps": Field(schema.integer(1, self.max_steps)),
             "sampler": Field(schema.choice(sorted(SAMPLERS))),
             "seed": Field(schema.integer(0, schema.MAX_SEED)),
@@ -103,6 +104,7 @@ class ModelService:
             "model": self.model_dir, "device": str(self.pipe.device), "classes": list(range(self.pipe.num_classes)),
             "samplers": sorted(SAMPLERS), "edits": self.edits,
             "defaults": {"sampler": sc.sampler, "steps": sc.steps, "guidance_scale": sc.guidance_scale, "eta": sc.eta,
+                         "autoguidance_scale": sc.autoguidance_scale, "has_guide": self.pipe.guide is not None,
                          "per_label": 1, "strength": DEFAULT_STRENGTH, "count": 1},
             "limits": {**asdict(self.limits), "max_steps": self.max_steps, "max_seed": schema.MAX_SEED},
             "batching": asdict(self.batching),
@@ -112,7 +114,7 @@ class ModelService:
         """The request with the model's defaults and a drawn seed filled in: sending it back reproduces the result."""
         sc = self.pipe.config.sample
         out = {k: v for k, v in req.items() if k not in ("image", "mask", "format")}
-        for key in ("guidance_scale", "steps", "sampler"):
+        for key in ("guidance_scale", "steps", "sampler", "autoguidance_scale"):
             out[key] = getattr(sc, key) if out[key] is None else out[key]
         if "eta" in out and out["eta"] is None:
             out["eta"] = sc.eta
@@ -141,14 +143,16 @@ class ModelService:
                                     f"{len(s['labels']) * s['per_label']} digits; the limit is {self.limits.max_images}",
                                "per_label")
         labels = [c for c in s["labels"] for _ in range(s["per_label"])]  # one grid row per class
-        self.pipe.sampling_options(s["guidance_scale"], s["steps"], s["sampler"], s["eta"])  # bad settings: 422 here
-        settings = {k: s[k] for k in ("guidance_scale", "steps", "sampler", "eta")}
+        settings = {k: s[k] for k in ("guidance_scale", "steps", "sampler", "eta", "autoguidance_scale")}
+        self.pipe.sampling_options(**settings)  # bad settings (e.g. autoguidance without a guide): 422 here
         return generate_work(labels, s["seed"], settings), s["per_label"]
 
     def edit_work(self, name: str, s: dict, image: torch.Tensor, mask: torch.Tensor | None) -> tuple[Work, int]:
         """Edits run alone through the same queue: the editing functions take one seed per call, not one per digit."""
         n = s["count"]
-        kwargs = dict(guidance_scale=s["guidance_scale"], steps=s["steps"], sampler=s["sampler"], seed=s["seed"])
+        kwargs = dict(guidance_scale=s["guidance_scale"], steps=s["steps"], sampler=s["sampler"], seed=s["seed"],
+                      autoguidance_scale=s["autoguidance_scale"])
+        self.pipe.sampling_options(**{k: v for k, v in kwargs.items() if k != "seed"})  # bad settings: 422 here
         images, labels = image.expand(n, -1, -1, -1), [s["label"]] * n  # variants i use seed + i
         if name == "img2img":
             fn = lambda: edit.img2img(self.pipe, images, labels, s["strength"], **kwargs)  # noqa: E731

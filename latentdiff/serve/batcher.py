@@ -44,7 +44,7 @@ class Work:
 
 
 def generate_work(labels: list[int], seed: int, settings: dict) -> Work:
-    """Digit i of the request gets seed + i, as in pipe.generate; settings: guidance_scale, steps, sampler, eta."""
+    """Digit i of the request gets seed + i, as in pipe.generate; settings: sampling_options keywords."""
     key = tuple(sorted(settings.items()))
     return Work(size=len(labels), key=key, labels=list(labels), seeds=[seed + i for i in range(len(labels))],
                 settings=dict(settings))
