@@ -170,3 +170,22 @@ def test_trainer_keeps_a_snapshot_guide_and_resumes_exactly(mnist_dir, tmp_path)
     shutil.rmtree(tmp_path / "m" / "guide")
     proc = _train([*common, "--out", str(tmp_path / "m"), *guided, "--resume", "latest"], check=False)
     assert proc.returncode == 2 and "guide" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_evaluator_guide_option_loads_a_unet_folder_or_a_checkpoint(tmp_path):
+    """evaluate ldm/sweep --guide: sweep guides from other snapshots of a run without retraining."""
+    from safetensors.torch import save_file
+
+    from latentdiff import ModelLoadError
+    from latentdiff.evaluate.commands import load_guide
+
+    pipe = tiny_pipeline()
+    other = tiny_unet(seed=7)
+    other.save_pretrained(tmp_path / "unet_folder")
+    (tmp_path / "ckpt").mkdir()
+    save_file(other.state_dict(), str(tmp_path / "ckpt" / "ema.safetensors"))
+    for path in ("unet_folder", "ckpt"):
+        guide = load_guide(tmp_path / path, pipe)
+        assert all(torch.equal(guide.state_dict()[k], v) for k, v in other.state_dict().items())
+    with pytest.raises(ModelLoadError, match="not a UNet folder"):
+        load_guide(tmp_path, pipe)

@@ -92,10 +92,37 @@ def _interval_option(args, pipe) -> tuple[int, int] | None:
     return None if values is None else parse_interval(" ".join(values), pipe.config.diffusion.num_timesteps)
 
 
-def cmd_ldm(args) -> dict:
+def load_pipe(args):
+    """The LDM folder, with ``--guide`` (a UNet folder, or a training checkpoint's EMA) as its autoguidance guide."""
     from ..pipeline import LatentDiffusion
 
-    pipe = LatentDiffusion.from_pretrained(args.model, device=args.device)  # fail fast, before the classifier
+    pipe = LatentDiffusion.from_pretrained(args.model, device=args.device)
+    if getattr(args, "guide", None):
+        pipe.guide = load_guide(args.guide, pipe)
+    return pipe
+
+
+def load_guide(path: str | Path, pipe):
+    """A guide UNet from a UNet folder (config.json + model.safetensors) or a checkpoint folder (its EMA weights)."""
+    from ..errors import ModelLoadError
+    from ..pipeline import check_compatible
+    from ..serialization import read_tensors
+    from ..unet import UNet
+
+    path = Path(path)
+    if (path / CONFIG_NAME).is_file():
+        guide = UNet.from_pretrained(path, pipe.device)
+    elif (path / "ema.safetensors").is_file():  # checkpoints/step_N/ of the same run: the EMA weights at step N
+        guide = UNet(pipe.unet.config).to(pipe.device)
+        guide.load_state_dict(read_tensors(path / "ema.safetensors"))
+    else:
+        raise ModelLoadError(f"--guide {path}: not a UNet folder (no {CONFIG_NAME}) nor a checkpoint (no ema.safetensors)")
+    check_compatible(guide, pipe.vae, "guide UNet")
+    return guide.eval()
+
+
+def cmd_ldm(args) -> dict:
+    pipe = load_pipe(args)  # fail fast, before the classifier
     interval = _interval_option(args, pipe)
     pipe.sampling_options(args.guidance, args.steps, args.sampler, None, interval, args.spacing,
                           args.autoguidance)  # checks them too
@@ -136,11 +163,9 @@ def cmd_vae(args) -> dict:
 
 
 def cmd_sweep(args) -> dict:
-    from ..pipeline import LatentDiffusion
-
     samplers = [parse_sampler(s) for s in _or_default(args.samplers, args.settings, DEFAULT_SAMPLERS)]  # fail fast
     guidances = _or_default(args.guidance, args.settings, DEFAULT_GUIDANCE)
-    pipe = LatentDiffusion.from_pretrained(args.model, device=args.device)
+    pipe = load_pipe(args)
     T = pipe.config.diffusion.num_timesteps
     interval = _interval_option(args, pipe)
     intervals = [parse_interval(s, T) for s in args.intervals] if args.intervals else [None]
@@ -238,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--n-per-class", type=int, default=n_default, help=f"samples per class (default {n_default})")
 
     def guidance_options(sp: argparse.ArgumentParser) -> None:  # passed through to LatentDiffusion.generate
+        sp.add_argument("--guide", help="autoguidance guide instead of the folder's guide/: a UNet folder, or a "
+                                        "checkpoint folder of the same run (checkpoints/step_N: its EMA weights)")
         sp.add_argument("--guidance-interval", nargs="+", metavar="BOUND",
                         help="LO HI: guide only at timesteps LO <= t <= HI of 0..T-1; or 'all' for every step "
                              "(default: the model's; in a sweep, the sampler part's interval)")
