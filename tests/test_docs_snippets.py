@@ -12,7 +12,9 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import REPO, tiny_pipeline, write_mnist
+from conftest import REPO, tiny_pipeline, tiny_unet, write_mnist
+
+from latentdiff import LatentDiffusion, shards
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
@@ -34,12 +36,20 @@ def snippets(page: Path) -> list[tuple[int, str, str | None]]:
 
 @pytest.fixture(scope="module")
 def user_folder(tmp_path_factory) -> Path:
-    """A folder like a user's after `make demo`: runs/vae, runs/ldm (tiny, same VAE) and data/ (tiny MNIST)."""
+    """A folder like a user's after `make demo`: runs/vae, runs/ldm (tiny, same VAE, with a guide/) and data/ (tiny MNIST)."""
     root = tmp_path_factory.mktemp("reader")
-    pipe = tiny_pipeline()
+    base = tiny_pipeline()
+    pipe = LatentDiffusion(base.unet, base.vae, base.config, guide=tiny_unet(seed=3))  # the quick preset keeps a guide
     pipe.save_pretrained(root / "runs" / "ldm")
     pipe.vae.save_pretrained(root / "runs" / "vae")
     write_mnist(root / "data")
+    # data/mnist_synth: what docs/scale.md's `sample.py --out-dir data/mnist_synth` makes, here 20 digits
+    job = shards.Job(model=str(root / "runs" / "ldm"), labels=list(range(10)), num_digits=20, seed=0, shard_size=10,
+                     settings=pipe.sampling_options(steps=2))
+    out = root / "data" / "mnist_synth"
+    shards.start_job(out, job)
+    shards.run_shards(pipe, job, out, 0, 1, 10, lambda n: None)
+    shards.write_index(out, job)
     return root
 
 
