@@ -37,7 +37,8 @@ TRAIN_SET = ["train.steps=6", "train.batch_size=16", "train.warmup_steps=2", "tr
              "data.download=false"]
 VAE_SET = ["model.channels=[8,16,16]", "model.groups=8"] + TRAIN_SET
 LDM_SET = ["model.channels=[16,32]", "model.num_heads=2", "model.num_res_blocks=1", "model.attention_levels=[false,true]",
-           "sample.steps=4", "diffusion.num_timesteps=100"] + TRAIN_SET
+           "sample.steps=4", "diffusion.num_timesteps=100",
+           "sample.guidance_interval=[10,80]"] + TRAIN_SET
 
 
 def as_set_args(overrides: list[str]) -> list[str]:
