@@ -44,6 +44,16 @@ def check_compatible(unet: UNet, vae: VAE) -> None:
             f"({vc.latent_channels}, {vc.latent_size}, {vc.latent_size}); pair the UNet with the VAE it was trained on")
 
 
+def check_student_options(sampler: str, guidance_interval) -> None:
+    """A distilled student samples with "lcm" at every step's scale; ValueError naming why otherwise."""
+    if sampler != "lcm":
+        raise ValueError(f"sampler {sampler!r} needs the teacher: this model is a few-step student (distill_ldm.py) "
+                         "whose UNet predicts the end of the teacher's guided trajectory; sample it with sampler='lcm'")
+    if guidance_interval is not None:
+        raise ValueError("guidance_interval needs the teacher: this model is a distilled student that takes the "
+                         "guidance scale as an input at every step; pass guidance_scale only")
+
+
 class LatentDiffusion:
     """Class-conditioned latent diffusion. ``pipe.generate(labels=[3, 7])`` -> (2, 1, 28, 28) in [0, 1]."""
 
@@ -131,6 +141,8 @@ class LatentDiffusion:
             raise ValueError(f"steps must be an integer in 1..{self.config.diffusion.num_timesteps}, got {steps!r}")
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
             raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+        if self.unet.config.guidance_input:  # a distilled student (distill.py): see check_student_options
+            check_student_options(sampler, interval)
         return {"guidance_scale": float(guidance_scale), "steps": steps, "sampler": sampler, "eta": float(eta),
                 "guidance_interval": interval, "spacing": spacing}
 
@@ -207,13 +219,17 @@ class LatentDiffusion:
                 return seeded_normal(seeds, self.vae.latent_shape, stream=i + 1)
         unet = getattr(self, "_unet_fn", self.unet)
         if device.type == "cuda":  # bf16 for the UNet; the sampler's update maths stays in fp32
-            def unet_bf16(xx, tt, yy):
+            def unet_bf16(xx, tt, yy, *w):
                 with torch.autocast("cuda", dtype=torch.bfloat16):
-                    return unet(xx, tt, yy).float()
+                    return unet(xx, tt, yy, *w).float()
             model = unet_bf16
         else:
             model = unet
-        model_fn = cfg_model_fn(model, y, guidance_scale, null_label=self.num_classes, guidance_interval=guidance_interval)
+        if self.unet.config.guidance_input:  # a student takes the scale as an input: one undoubled batch per step
+            w = torch.full((x.shape[0],), float(guidance_scale), device=device)
+            model_fn = lambda xx, tt: model(xx, tt, y, w)  # noqa: E731
+        else:
+            model_fn = cfg_model_fn(model, y, guidance_scale, null_label=self.num_classes, guidance_interval=guidance_interval)
         kwargs = {"eta": eta} if sampler == "ddim" else {}
         if timesteps is None:
             timesteps = make_timesteps(self.alphas_cumprod, steps, spacing)
