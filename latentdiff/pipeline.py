@@ -44,12 +44,12 @@ def check_compatible(unet: UNet, vae: VAE) -> None:
             f"({vc.latent_channels}, {vc.latent_size}, {vc.latent_size}); pair the UNet with the VAE it was trained on")
 
 
-def check_student_options(sampler: str, guidance_interval) -> None:
-    """A distilled student samples with "lcm" at every step's scale; ValueError naming why otherwise."""
+def check_student_options(sampler: str, guidance_interval, num_timesteps: int | None = None) -> None:
+    """A distilled student samples with "lcm", guided at every step; ValueError naming why otherwise."""
     if sampler != "lcm":
         raise ValueError(f"sampler {sampler!r} needs the teacher: this model is a few-step student (distill_ldm.py) "
                          "whose UNet predicts the end of the teacher's guided trajectory; sample it with sampler='lcm'")
-    if guidance_interval is not None:
+    if guidance_interval is not None and (num_timesteps is None or tuple(guidance_interval) != (0, num_timesteps - 1)):
         raise ValueError("guidance_interval needs the teacher: this model is a distilled student that takes the "
                          "guidance scale as an input at every step; pass guidance_scale only")
 
@@ -142,7 +142,7 @@ class LatentDiffusion:
         if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
             raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
         if self.unet.config.guidance_input:  # a distilled student (distill.py): see check_student_options
-            check_student_options(sampler, interval)
+            check_student_options(sampler, interval, self.config.diffusion.num_timesteps)
         return {"guidance_scale": float(guidance_scale), "steps": steps, "sampler": sampler, "eta": float(eta),
                 "guidance_interval": interval, "spacing": spacing}
 
