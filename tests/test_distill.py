@@ -136,6 +136,12 @@ def test_student_refuses_teacher_only_options(kwargs, word):
         _student_pipe().generate([1], seed=0, **kwargs)
 
 
+def test_student_accepts_the_every_step_interval():
+    """[0, T-1] is "every step" (what evaluate records for the default), which is how a student is guided."""
+    pipe = _student_pipe()
+    assert torch.equal(pipe.generate([1, 7], seed=0), pipe.generate([1, 7], seed=0, guidance_interval=[0, T - 1]))
+
+
 # ------------------------------------------------------------------------------------------ the run folder
 def _distill(teacher: Path, out: Path, *extra, env: dict | None = None, check: bool = True):
     return run_cmd([sys.executable, REPO / "distill_ldm.py", "--teacher", teacher, "--out", out,
