@@ -58,10 +58,10 @@ class DistillRunConfig:
     out_dir: str = "runs/ldm_fast"
     teacher: str = "runs/ldm"  # a finished LDM run folder (train_ldm.py)
     distill: DistillConfig = field(default_factory=DistillConfig)
-    sample: SampleConfig = field(default_factory=lambda: SampleConfig(sampler="lcm", steps=4, spacing="trailing",
-                                                                      guidance_scale=1.5))
+    sample: SampleConfig = field(default_factory=lambda: SampleConfig(sampler="lcm", steps=2, spacing="trailing",
+                                                                      guidance_scale=1.75))
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-4, ema_decay=0.95))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-4, ema_decay=0.95))
 
     def validate(self) -> None:
         self.distill.validate()
