@@ -20,7 +20,7 @@ RUNS ?= runs
 LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no --mixed_precision no \
           --num_cpu_threads_per_process $(shell nproc)
 
-.PHONY: venv test docs demo sample clean
+.PHONY: venv test docs demo distill sample clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,13 @@ demo: venv
 	$(LAUNCH) train_ldm.py --config $(PRESET) --vae $(RUNS)/vae --out $(RUNS)/ldm $(DATA_ARG) $(ARGS)
 	$(PY) sample.py --model $(RUNS)/ldm --labels 0 1 2 3 4 5 6 7 8 9 --per-label 8 --guidance $(GUIDANCE) --out $(RUNS)/samples.png
 	@echo "samples: $(RUNS)/samples.png"
+	$(if $(DISTILL),$(MAKE) distill)
+
+# Few-step student of $(RUNS)/ldm (docs/distillation.md); `make demo DISTILL=1` runs it after the demo.
+distill: venv
+	$(LAUNCH) distill_ldm.py --config $(PRESET) --teacher $(RUNS)/ldm --out $(RUNS)/ldm_fast $(DATA_ARG) $(ARGS)
+	$(PY) sample.py --model $(RUNS)/ldm_fast --labels 0 1 2 3 4 5 6 7 8 9 --per-label 8 --out $(RUNS)/samples_fast.png
+	@echo "samples of the student: $(RUNS)/samples_fast.png"
 
 clean:
 	rm -rf $(VENV) .pytest_cache site

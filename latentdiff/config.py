@@ -67,6 +67,9 @@ class UNetConfig:
     num_classes: int = 10  # label index num_classes is the "no label" (unconditional) token
     groups: int = 8
     dropout: float = 0.0
+    # A distilled student (distill.py) takes the guidance scale as an input: unet(x, t, y, w), one batch
+    # per step instead of CFG's doubled one. False (the default, and every older config) = a plain UNet.
+    guidance_input: bool = False
 
     def validate(self) -> None:
         _require(all(v is None or v >= 1 for v in (self.in_channels, self.sample_size)),

@@ -53,6 +53,16 @@ def check_compatible(unet: UNet, vae: VAE, name: str = "UNet") -> None:
             f"({vc.latent_channels}, {vc.latent_size}, {vc.latent_size}); pair the UNet with the VAE it was trained on")
 
 
+def check_student_options(sampler: str, guidance_interval, num_timesteps: int | None = None) -> None:
+    """A distilled student samples with "lcm", guided at every step; ValueError naming why otherwise."""
+    if sampler != "lcm":
+        raise ValueError(f"sampler {sampler!r} needs the teacher: this model is a few-step student (distill_ldm.py) "
+                         "whose UNet predicts the end of the teacher's guided trajectory; sample it with sampler='lcm'")
+    if guidance_interval is not None and (num_timesteps is None or tuple(guidance_interval) != (0, num_timesteps - 1)):
+        raise ValueError("guidance_interval needs the teacher: this model is a distilled student that takes the "
+                         "guidance scale as an input at every step; pass guidance_scale only")
+
+
 class LatentDiffusion:
     """Class-conditioned latent diffusion. ``pipe.generate(labels=[3, 7])`` -> (2, 1, 28, 28) in [0, 1].
 
@@ -162,6 +172,8 @@ class LatentDiffusion:
         if autoguidance_scale != 1 and self.guide is None:
             raise ValueError(f"autoguidance_scale={autoguidance_scale} needs a guide model, and this pipeline has none "
                              f"(no {GUIDE_DIR}/ in its folder): train with guide.fraction > 0, or use autoguidance_scale=1")
+        if self.unet.config.guidance_input:  # a distilled student (distill.py): see check_student_options
+            check_student_options(sampler, interval, self.config.diffusion.num_timesteps)
         return {"guidance_scale": float(guidance_scale), "steps": steps, "sampler": sampler, "eta": float(eta),
                 "guidance_interval": interval, "spacing": spacing, "autoguidance_scale": float(autoguidance_scale)}
 
@@ -240,9 +252,13 @@ class LatentDiffusion:
             def noise_fn(i: int) -> torch.Tensor:
                 return seeded_normal(seeds, self.vae.latent_shape, stream=i + 1)
         model = _bf16_on_cuda(getattr(self, "_unet_fn", self.unet), device)
-        guide = None if self.guide is None else _bf16_on_cuda(getattr(self, "_guide_fn", self.guide), device)
-        model_fn = cfg_model_fn(model, y, guidance_scale, null_label=self.num_classes, guidance_interval=guidance_interval,
-                                guide=guide, autoguidance_scale=autoguidance_scale)
+        if self.unet.config.guidance_input:  # a student takes the scale as an input: one undoubled batch per step
+            w = torch.full((x.shape[0],), float(guidance_scale), device=device)
+            model_fn = lambda xx, tt: model(xx, tt, y, w)  # noqa: E731
+        else:
+            guide = None if self.guide is None else _bf16_on_cuda(getattr(self, "_guide_fn", self.guide), device)
+            model_fn = cfg_model_fn(model, y, guidance_scale, null_label=self.num_classes,
+                                    guidance_interval=guidance_interval, guide=guide, autoguidance_scale=autoguidance_scale)
         kwargs = {"eta": eta} if sampler == "ddim" else {}
         if timesteps is None:
             timesteps = make_timesteps(self.alphas_cumprod, steps, spacing)
@@ -288,9 +304,9 @@ def _bf16_on_cuda(unet, device: torch.device):
     if device.type != "cuda":
         return unet
 
-    def unet_bf16(xx, tt, yy):
+    def unet_bf16(xx, tt, yy, *w):  # *w: a distilled student's guidance-scale input
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            return unet(xx, tt, yy).float()
+            return unet(xx, tt, yy, *w).float()
     return unet_bf16
 
 

@@ -118,7 +118,47 @@ def dpm_solver_pp_2m(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.T
     return x  # pragma: no cover (the loop always returns)
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": ddpm, "ddim": ddim, "dpm++": dpm_solver_pp_2m}
+def consistency_scalings(t: torch.Tensor, sigma_data: float = 0.5, timestep_scaling: float = 10.0):
+    """(c_skip, c_out) of a consistency model at timesteps t (LCM, Luo et al. 2023, sec. 4.1): c_skip(0) = 1, c_out(0) = 0.
+
+    f(x, t) = c_skip x + c_out x0_hat(x, t), so f(x, 0) = x exactly (the boundary condition); above t ~ 20
+    c_skip is < 1e-3 and f is the network's x0 estimate. Scaling t by 10 as the LCM code does.
+    """
+    st = t.to(torch.float64) * timestep_scaling
+    return sigma_data**2 / (st**2 + sigma_data**2), st / (st**2 + sigma_data**2).sqrt()
+
+
+def consistency_x0(out: torch.Tensor, x: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+                   prediction: str) -> torch.Tensor:
+    """A consistency model's output f(x, t) from a network output ``out`` (eps or v) at x (B, C, H, W), t (B,)."""
+    x0, _ = predict_x0_eps(out, x, alphas_cumprod.to(x.device)[t].to(x.dtype), prediction)
+    c_skip, c_out = (c.to(x.device, x.dtype).view(-1, *([1] * (x.ndim - 1))) for c in consistency_scalings(t))
+    return c_skip * x + c_out * x0
+
+
+@torch.no_grad()
+def lcm(model_fn: ModelFn, x: torch.Tensor, alphas_cumprod: torch.Tensor, steps: int | None, prediction: str = "v",
+        noise_fn: NoiseFn | None = None, generator: torch.Generator | None = None, progress: bool = False,
+        timesteps: torch.Tensor | None = None, callback: StepCallback | None = None) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1; LCM): f(x, t) -> x0, re-noise to the next t, repeat.
+
+    Made for distilled students (distill.py), one model call per step; step i's fresh noise is noise_fn(i).
+    """
+    ts = _resolve(alphas_cumprod, steps, timesteps)
+    abar = alphas_cumprod.to(torch.float64)
+    noise_fn = noise_fn or _default_noise(x, generator)
+    for i in tqdm(range(len(ts)), disable=not progress, desc="lcm", leave=False):
+        t = _tbatch(ts[i], x)
+        x0 = consistency_x0(model_fn(x, t), x, t, alphas_cumprod, prediction)
+        if i + 1 == len(ts):
+            return _after_step(callback, i, -1, x0, x0)
+        a = abar[ts[i + 1]]
+        x = a.sqrt().item() * x0 + (1 - a).sqrt().item() * noise_fn(i)  # q(x_s | x0): DDPM eq. 4
+        x = _after_step(callback, i, int(ts[i + 1]), x, x0)
+    return x  # pragma: no cover (the loop always returns)
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": ddpm, "ddim": ddim, "dpm++": dpm_solver_pp_2m, "lcm": lcm}
 
 
 def check_guidance_interval(interval, num_timesteps: int | None = None) -> tuple[int, int] | None:

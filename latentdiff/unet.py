@@ -13,6 +13,8 @@ from .config import UNetConfig, VAEConfig
 from .nn import Attention, Downsample, ResBlock, Upsample, timestep_embedding
 from .serialization import load_model, save_model
 
+GUIDANCE_EMBED_SCALE = 1000.0  # w -> sinusoidal features as t is (LCM's w_embedding uses the same x1000)
+
 
 class UNet(nn.Module):
     """``unet(z_t, t, y)``: z_t (B,C,H,W), t (B,) timesteps, y (B,) labels in [0, num_classes] (or soft, see forward)."""
@@ -28,6 +30,10 @@ class UNet(nn.Module):
         emb_dim = 4 * ch[0]
         self.time_embed = nn.Sequential(nn.Linear(ch[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embed = nn.Embedding(config.num_classes + 1, emb_dim)  # +1: the null label for CFG
+        if config.guidance_input:  # the scale w, embedded like t; zero output at init, so a fresh student = its teacher
+            self.guidance_embed = nn.Sequential(nn.Linear(ch[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            nn.init.zeros_(self.guidance_embed[-1].weight)
+            nn.init.zeros_(self.guidance_embed[-1].bias)
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
 
         def res(i: int, o: int) -> ResBlock:
@@ -58,7 +64,8 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].weight)  # predicts 0 at init
         nn.init.zeros_(self.out[-1].bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        # w: (B,) guidance scales, for a guidance_input UNet (a distilled student) only.
         # y: (B,) labels, or (B, num_classes + 1) float weights blending the label embeddings (interpolation);
         # a weighted sum, not a matmul, so autocast keeps it fp32 and a one-hot row is exactly the lookup.
         if y.is_floating_point():
@@ -66,6 +73,12 @@ class UNet(nn.Module):
         else:
             label_emb = self.class_embed(y)
         emb = self.time_embed(timestep_embedding(t, self.config.channels[0])) + label_emb  # (B, E)
+        if self.config.guidance_input:
+            if w is None:
+                raise ValueError("this UNet is a distilled student: pass its guidance scale w (B,) as well")
+            emb = emb + self.guidance_embed(timestep_embedding(w * GUIDANCE_EMBED_SCALE, self.config.channels[0]))
+        elif w is not None:
+            raise ValueError("this UNet does not take a guidance scale input; guide it with cfg_model_fn")
         h = self.conv_in(x)
         skips = [h]
         for blocks in self.down:

@@ -123,7 +123,9 @@ def test_to_dict_from_dict_round_trip():
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_yaml_loads(path):
-    cls = {"vae": VAERunConfig, "ldm": LDMRunConfig}[path.name.split("_")[0]]
+    from latentdiff.distill import DistillRunConfig
+
+    cls = {"vae": VAERunConfig, "ldm": LDMRunConfig, "distill": DistillRunConfig}[path.name.split("_")[0]]
     cfg = load_config(cls, path)
     assert isinstance(cfg, cls)
     # The YAML files are the dataclasses written out: every key in the file is a field.

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, tiny_pipeline, tiny_unet, write_mnist
 
-from latentdiff import LatentDiffusion, shards
+from latentdiff import LatentDiffusion, PipelineConfig, shards
+from latentdiff.distill import DistillRunConfig, make_student
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
@@ -50,6 +51,9 @@ def user_folder(tmp_path_factory) -> Path:
     shards.start_job(out, job)
     shards.run_shards(pipe, job, out, 0, 1, 10, lambda n: None)
     shards.write_index(out, job)
+    # runs/ldm_fast: what docs/distillation.md's `distill_ldm.py` makes (a student: untrained here, it samples all the same)
+    student_cfg = PipelineConfig(diffusion=pipe.config.diffusion, sample=DistillRunConfig().sample)
+    LatentDiffusion(make_student(pipe.unet), pipe.vae, student_cfg).save_pretrained(root / "runs" / "ldm_fast")
     return root
 
 

@@ -43,3 +43,15 @@ def test_config_accepts_auto_and_rejects_typos():
     TrainConfig(mixed_precision="auto").validate()
     with pytest.raises(ConfigError, match="auto"):
         TrainConfig(mixed_precision="bf32").validate()
+
+
+@pytest.mark.slow
+def test_a_training_run_with_auto_says_which_precision_it_uses(mnist_dir, tmp_path):
+    import sys
+
+    from conftest import REPO, as_set_args, run_cmd
+
+    proc = run_cmd([sys.executable, REPO / "train_vae.py", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "vae"),
+                    *as_set_args(["model.channels=[8,16,16]", "train.steps=2", "train.batch_size=8", "train.warmup_steps=1",
+                                  "train.preview_every=0", "train.mixed_precision=auto", "data.download=false"])])
+    assert proc.stderr.count("mixed precision:") == 1 and (tmp_path / "vae" / "model.safetensors").is_file()

@@ -71,7 +71,7 @@ def test_health_and_info(client, model_dir):
     info = client.get("/api/info").json()
     assert info["model"] == str(model_dir) and info["device"] == "cpu" and info["classes"] == list(range(10))
     assert info["defaults"]["steps"] == 4 and info["defaults"]["sampler"] == "dpm++"
-    assert info["samplers"] == ["ddim", "ddpm", "dpm++"] and info["edits"] == ["img2img", "inpaint"]
+    assert info["samplers"] == ["ddim", "ddpm", "dpm++", "lcm"] and info["edits"] == ["img2img", "inpaint"]
     assert info["limits"]["max_images"] == 12 and info["limits"]["max_steps"] == 50
 
 

@@ -1,0 +1,179 @@
+"""Few-step students by latent consistency distillation (LCD; Luo et al. 2023, "Latent consistency models").
+
+The student is a copy of the teacher's UNet that also takes the guidance scale w as an input (a
+zero-initialised embedding, so at step 0 it is exactly the teacher). For a training latent x0 at a random
+point t of a coarse grid of ``solver_steps`` timesteps, the frozen teacher takes one guided DDIM step
+from x_t to the grid's next point s; the student's consistency output f(x_t, t) is pulled towards the
+target network's f(x_s, s) (an EMA of the student). f = c_skip x + c_out x0_hat, with f(x, 0) = x
+(``sampling.consistency_x0``). The result samples with ``sampler="lcm"`` in 1-4 UNet calls, no CFG batch.
+
+The loop, checkpoints, exact resume, run lock, logging and previews are train.py's (``_run_loop``).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import RUN_CONFIG, claim_run_dir
+from .config import DataConfig, SampleConfig, TrainConfig, _require
+from .data import load_mnist, to_model_range
+from .diffusion import predict_x0_eps, q_sample
+from .errors import ConfigError, ModelLoadError
+from .noise import seeded_normal, uniform_bits
+from .pipeline import LatentDiffusion, PipelineConfig, check_student_options, make_grid
+from .sampling import consistency_x0
+from .serialization import CONFIG_NAME
+from .timesteps import make_timesteps
+from .train import _check_batching, _end, _run_loop, _seed_all, encode_all, make_accelerator
+from .unet import UNet
+
+
+# ------------------------------------------------------------------------------------------ config
+@dataclass(frozen=True)
+class DistillConfig:
+    """What the student learns: the teacher's guided ODE on a coarse grid, for a range of guidance scales."""
+
+    # Teacher solver grid: this many trailing timesteps (T-1, T-1-T/N, ...); each training pair is one guided
+    # DDIM step between neighbours (the skipping step k = T/N of the LCM paper).
+    solver_steps: int = 20
+    guidance_min: float = 1.0  # w is drawn uniformly from [guidance_min, guidance_max] per example;
+    guidance_max: float = 3.0  # the student's guidance knob is trained on this range (1 = conditional only)
+    huber_c: float = 0.0  # pseudo-Huber loss sqrt(d^2 + c^2) - c (LCM); 0 = plain MSE
+
+    def validate(self) -> None:
+        _require(self.solver_steps >= 1, "distill.solver_steps must be >= 1")
+        _require(0 <= self.guidance_min <= self.guidance_max, "distill needs 0 <= guidance_min <= guidance_max")
+        _require(self.huber_c >= 0, "distill.huber_c must be >= 0")
+
+
+@dataclass(frozen=True)
+class DistillRunConfig:
+    """Everything distill_ldm needs; ``sample`` is the student's default sampling (saved in its config.json)."""
+
+    out_dir: str = "runs/ldm_fast"
+    teacher: str = "runs/ldm"  # a finished LDM run folder (train_ldm.py)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    sample: SampleConfig = field(default_factory=lambda: SampleConfig(sampler="lcm", steps=2, spacing="trailing",
+                                                                      guidance_scale=1.75))
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-4, ema_decay=0.95))
+
+    def validate(self) -> None:
+        self.distill.validate()
+        self.sample.validate()
+        self.train.validate()
+        try:
+            check_student_options(self.sample.sampler, self.sample.guidance_interval)
+        except ValueError as e:
+            raise ConfigError(f"sample: {e}") from None
+        _require(self.train.ema_decay > 0, "train.ema_decay must be > 0: its EMA is the consistency target network")
+
+
+# ------------------------------------------------------------------------------------------ teacher and student
+def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> LatentDiffusion:
+    """The teacher pipeline, or one ModelLoadError line naming what the folder is instead."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"teacher {path} does not exist; pass --teacher, a finished run folder of train_ldm.py")
+    if (path / RUN_CONFIG).is_file() and not (path / CONFIG_NAME).is_file():
+        raise ModelLoadError(f"teacher {path} is an unfinished training run (no final model yet); finish it with "
+                             f"train_ldm.py --out {path} --resume latest, or pass a finished run")
+    if (path / CONFIG_NAME).is_file() and not (path / "unet").is_dir():
+        raise ModelLoadError(f"teacher {path} is not an LDM run folder (no unet/; a VAE folder?); pass the folder "
+                             "written by train_ldm.py")
+    teacher = LatentDiffusion.from_pretrained(path, device)
+    if teacher.unet.config.guidance_input:
+        raise ModelLoadError(f"teacher {path} is already a distilled student; distil from its teacher instead")
+    return teacher
+
+
+def make_student(teacher: UNet) -> UNet:
+    """The teacher's UNet plus a zero-initialised guidance-scale input: unet(x, t, y, w) == teacher(x, t, y) for every w."""
+    student = UNet(replace(teacher.config, guidance_input=True)).to(next(teacher.parameters()).device)
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("guidance_embed.") for k in missing), (missing, unexpected)
+    return student
+
+
+def solver_grid(alphas_cumprod: torch.Tensor, solver_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, s): the grid's timesteps (N,), noisiest first, and each one's next point (the last goes to 0)."""
+    t = make_timesteps(alphas_cumprod, solver_steps, "trailing")
+    return t, torch.cat([t[1:], t.new_zeros(1)])
+
+
+def lcd_loss(student, target, teacher, x0: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor,
+             alphas_cumprod: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor], dc: DistillConfig,
+             prediction: str, null_label: int) -> tuple[torch.Tensor, dict]:
+    """The LCD loss of one batch (LCM Alg. 1): d(f_student(x_t, t, w), f_target(DDIM_w(x_t, t -> s), s, w)).
+
+    x0 (B, C, H, W) scaled latents, y (B,) labels; each example's grid point, w and noise come from its seed.
+    student / target: unet(x, t, y, w); teacher: unet(x, t, y), label ``null_label`` = unconditional.
+    """
+    u = uniform_bits(seeds, 2, stream=0)  # (B, 2): grid point, guidance scale
+    n = (u[:, 0] * len(grid[0])).long().clamp(max=len(grid[0]) - 1).cpu()
+    t, s = grid[0][n].to(x0.device), grid[1][n].to(x0.device)
+    w = (dc.guidance_min + (dc.guidance_max - dc.guidance_min) * u[:, 1]).to(x0.dtype)
+    noise = seeded_normal(seeds, tuple(x0.shape[1:]), stream=1, dtype=x0.dtype)
+    x_t = q_sample(x0, t, noise, alphas_cumprod)
+    with torch.no_grad():
+        null = torch.full_like(y, null_label)
+        cond, uncond = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)  # (2B, ...) -> 2 x (B, ...)
+        guided = uncond + w.view(-1, 1, 1, 1) * (cond - uncond)  # CFG; eps and v are linear, so x0 and eps follow
+        x0_w, eps_w = predict_x0_eps(guided, x_t, alphas_cumprod[t], prediction)
+        a_s = alphas_cumprod[s].view(-1, 1, 1, 1)
+        x_s = a_s.sqrt() * x0_w + (1 - a_s).sqrt() * eps_w  # DDIM eq. 12, eta = 0
+        f_target = consistency_x0(target(x_s, s, y, w), x_s, s, alphas_cumprod, prediction)
+    f = consistency_x0(student(x_t, t, y, w), x_t, t, alphas_cumprod, prediction)
+    if dc.huber_c > 0:
+        d = ((f.float() - f_target.float()).square().flatten(1).mean(1) + dc.huber_c**2).sqrt() - dc.huber_c
+        return d.mean(), {}
+    return F.mse_loss(f.float(), f_target.float()), {}
+
+
+# ------------------------------------------------------------------------------------------ the run
+def distill_ldm(cfg: DistillRunConfig, resume: str | None = None, overwrite: bool = False) -> Path:
+    """Distil cfg.teacher into a few-step student; writes an ordinary LatentDiffusion folder into cfg.out_dir."""
+    if Path(cfg.out_dir).resolve() == Path(cfg.teacher).resolve():
+        raise ConfigError(f"--out {cfg.out_dir} is the teacher's folder; write the student to another folder")
+    accel = make_accelerator(cfg)
+    teacher = load_teacher(cfg.teacher, accel.device)  # fails fast on a bad teacher, before touching out_dir
+    diffusion = teacher.config.diffusion
+    if cfg.distill.solver_steps > diffusion.num_timesteps:
+        raise ConfigError(f"distill.solver_steps={cfg.distill.solver_steps} exceeds the teacher's "
+                          f"{diffusion.num_timesteps} timesteps")
+    images_u8, labels = load_mnist(cfg.data.root, "train", cfg.data.download)
+    _check_batching(len(images_u8), cfg.train, accel)
+    with claim_run_dir(cfg, resume, overwrite, accel) as (run_dir, resume):  # one run per folder (a lock)
+        _seed_all(cfg.train.seed)
+        teacher_unet, vae = teacher.unet.requires_grad_(False), teacher.vae
+        model = make_student(teacher_unet)
+        target = copy.deepcopy(model).requires_grad_(False)  # the EMA target network; also the saved student
+        latents = vae.scale_latents(encode_all(vae, to_model_range(images_u8)))  # (N, C, h, w), on the device
+        labels = labels.to(accel.device)
+        alphas_cumprod = teacher.alphas_cumprod.float().to(accel.device)
+        grid = solver_grid(teacher.alphas_cumprod, cfg.distill.solver_steps)
+
+        def loss_fn(m, idx, seeds):
+            return lcd_loss(m, target, teacher_unet, latents[idx], labels[idx], seeds, alphas_cumprod, grid,
+                            cfg.distill, diffusion.prediction, teacher.num_classes)
+
+        pipe_cfg = PipelineConfig(diffusion=diffusion, sample=cfg.sample)
+
+        def preview(path: Path) -> None:
+            images = LatentDiffusion(target, vae, pipe_cfg).generate([c for c in range(10) for _ in range(8)], seed=0)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            make_grid(images, nrow=8).save(path)
+
+        model.train()
+        _run_loop(cfg, accel, run_dir, model, target, len(latents), loss_fn, preview, resume, "distill")
+        if accel.is_main_process:
+            LatentDiffusion(target, vae, pipe_cfg).save_pretrained(run_dir)
+            _end(accel, run_dir, preview, cfg.train.steps)
+            accel.print(f"saved the {cfg.sample.steps}-step student to {run_dir}")
+        accel.wait_for_everyone()
+    return run_dir

@@ -1,0 +1,205 @@
+"""Few-step students (distill.py, issue 16): the student starts as its teacher, the LCD loss, the lcm sampler,
+the student's pipeline and its run folder (resume, lock, bad teachers)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, accelerate_launch, as_set_args, run_cmd, tiny_pipeline, tiny_unet
+from safetensors.torch import load_file
+
+from latentdiff import LatentDiffusion, UNet
+from latentdiff.diffusion import make_schedule, q_sample, target
+from latentdiff.distill import DistillConfig, lcd_loss, make_student, solver_grid
+from latentdiff.sampling import consistency_x0, lcm
+from latentdiff.serialization import CONFIG_NAME
+from latentdiff.timesteps import make_timesteps
+
+T = 100
+# A tiny distillation run of the conftest's tiny LDM (T = 100): checkpoints at steps 2, 4 and the final 5.
+DISTILL_SET = ["train.steps=5", "train.batch_size=16", "train.warmup_steps=1", "train.log_every=1",
+               "train.preview_every=0", "train.checkpoint_every=2", "train.keep_checkpoints=3", "distill.solver_steps=10",
+               "sample.steps=2", "data.download=false"]
+
+
+def _student_pipe(seed: int = 0) -> LatentDiffusion:
+    """A tiny pipeline whose UNet is a student with a non-zero guidance embedding."""
+    pipe = tiny_pipeline(seed)
+    student = make_student(pipe.unet)
+    torch.manual_seed(seed)
+    for p in student.guidance_embed.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    sample = replace(pipe.config.sample, sampler="lcm", spacing="trailing", steps=2)
+    return LatentDiffusion(student, pipe.vae, replace(pipe.config, sample=sample))
+
+
+# ------------------------------------------------------------------------------------------ the method
+def test_fresh_student_equals_its_teacher_at_every_guidance_scale():
+    teacher = tiny_unet(3)
+    student = make_student(teacher).eval()
+    x, t, y = torch.randn(4, 4, 7, 7), torch.tensor([0, 10, 50, 99]), torch.tensor([0, 3, 9, 10])
+    want = teacher(x, t, y)
+    for w in (0.0, 1.0, 2.5, 7.0):
+        assert torch.equal(student(x, t, y, torch.full((4,), w)), want)
+    assert student.config.guidance_input and not teacher.config.guidance_input
+
+
+def test_guidance_input_is_required_by_a_student_only():
+    teacher = tiny_unet(0)
+    x, t, y = torch.randn(2, 4, 7, 7), torch.tensor([5, 6]), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="distilled student: pass its guidance scale"):
+        make_student(teacher)(x, t, y)
+    with pytest.raises(ValueError, match="does not take a guidance scale"):
+        teacher(x, t, y, torch.ones(2))
+
+
+def test_unet_config_without_guidance_input_loads(tmp_path):
+    """Folders saved before the option existed load as plain UNets."""
+    tiny_unet(0).save_pretrained(tmp_path)
+    data = json.loads((tmp_path / CONFIG_NAME).read_text())
+    del data["guidance_input"]
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(data))
+    assert UNet.from_pretrained(tmp_path).config.guidance_input is False
+
+
+def _oracle(x0: torch.Tensor, abar: torch.Tensor):
+    """The exact v-prediction when the data is the single point x0 (per row; a doubled CFG batch repeats it)."""
+    def fn(x, t, *_):
+        x0_rows = x0.repeat(len(x) // len(x0), 1, 1, 1)
+        a, s = abar[t].sqrt().view(-1, 1, 1, 1), (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
+        return target(x0_rows, (x - a * x0_rows) / s, abar[t], "v")
+    return fn
+
+
+def test_consistency_boundary_and_lcm_sampler_with_an_oracle():
+    abar = make_schedule("cosine", T).float()
+    x0, noise = torch.randn(3, 4, 7, 7), torch.randn(3, 4, 7, 7)
+    zero = torch.zeros(3, dtype=torch.long)
+    assert torch.equal(consistency_x0(torch.randn(3, 4, 7, 7), x0, zero, abar, "v"), x0)  # f(x, 0) = x
+    for steps in (1, 2, 4):  # trailing: a last step at t = 0 would return its noisy input (the boundary condition)
+        out = lcm(_oracle(x0, abar), q_sample(x0, torch.full((3,), T - 1), noise, abar), abar, None,
+                  noise_fn=lambda i: torch.randn(3, 4, 7, 7), timesteps=make_timesteps(abar, steps, "trailing"))
+        torch.testing.assert_close(out, x0, atol=1e-4, rtol=1e-4)
+
+
+def test_lcd_loss_vanishes_for_an_exact_student_of_an_exact_teacher():
+    abar = make_schedule("cosine", T).float()
+    x0, y, seeds = torch.randn(8, 4, 7, 7), torch.randint(0, 10, (8,)), torch.arange(8)
+    grid = solver_grid(abar, 10)
+    assert grid[0][0] == T - 1 and grid[1][-1] == 0 and torch.equal(grid[1][:-1], grid[0][1:])
+    oracle = _oracle(x0, abar)
+    dc = DistillConfig(solver_steps=10)
+    exact, _ = lcd_loss(oracle, oracle, oracle, x0, y, seeds, abar, grid, dc, "v", 10)
+    assert exact < 1e-3  # not 0: a pair ending at s = 0 keeps the sqrt(1 - abar_0) noise there (f(x, 0) = x)
+    wrong, _ = lcd_loss(lambda *a: torch.zeros_like(a[0]), oracle, oracle, x0, y, seeds, abar, grid, dc, "v", 10)
+    assert wrong > 0.1
+
+
+def test_lcd_loss_has_gradients_only_through_the_student():
+    abar = make_schedule("cosine", T).float()
+    teacher = tiny_unet(1)
+    student, target_net = make_student(teacher), make_student(teacher).requires_grad_(False)
+    x0, y = torch.randn(4, 4, 7, 7), torch.randint(0, 10, (4,))
+    loss, _ = lcd_loss(student, target_net, teacher.requires_grad_(False), x0, y, torch.arange(4), abar,
+                       solver_grid(abar, 10), DistillConfig(), "v", 10)
+    loss.backward()
+    assert student.guidance_embed[-1].weight.grad.abs().sum() > 0  # the zero-initialised w path learns
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+# ------------------------------------------------------------------------------------------ the student's pipeline
+def test_student_pipeline_samples_with_its_guidance_knob(tmp_path):
+    pipe = _student_pipe()
+    pipe.save_pretrained(tmp_path / "student")
+    loaded = LatentDiffusion.from_pretrained(tmp_path / "student")
+    a = loaded.generate([1, 2, 3, 4], seed=5)
+    assert a.shape == (4, 1, 28, 28) and torch.isfinite(a).all()
+    torch.testing.assert_close(a[2:], loaded.generate([3, 4], seed=7, batch_size=1))  # sample i uses seed + i
+    assert not torch.equal(a, loaded.generate([1, 2, 3, 4], seed=5, guidance_scale=1.0))  # w is an input (default 3)
+    calls = []
+    loaded.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    loaded.generate([1, 2, 3], seed=0)
+    assert calls == [3, 3]  # 2 steps, one undoubled batch each
+
+
+@pytest.mark.parametrize("kwargs, word", [({"sampler": "dpm++"}, "needs the teacher"),
+                                          ({"guidance_interval": [10, 50]}, "guidance_interval needs the teacher")])
+def test_student_refuses_teacher_only_options(kwargs, word):
+    with pytest.raises(ValueError, match=word):
+        _student_pipe().generate([1], seed=0, **kwargs)
+
+
+def test_student_accepts_the_every_step_interval():
+    """[0, T-1] is "every step" (what evaluate records for the default), which is how a student is guided."""
+    pipe = _student_pipe()
+    assert torch.equal(pipe.generate([1, 7], seed=0), pipe.generate([1, 7], seed=0, guidance_interval=[0, T - 1]))
+
+
+# ------------------------------------------------------------------------------------------ the run folder
+def _distill(teacher: Path, out: Path, *extra, env: dict | None = None, check: bool = True):
+    return run_cmd([sys.executable, REPO / "distill_ldm.py", "--teacher", teacher, "--out", out,
+                    *as_set_args(DISTILL_SET), *extra], env=env, check=check)
+
+
+@pytest.mark.slow
+def test_distill_script_writes_a_student_folder(trained_runs, mnist_dir, tmp_path):
+    out = tmp_path / "fast"
+    run_cmd(accelerate_launch("distill_ldm.py", "--teacher", trained_runs["ldm"], "--out", out, "--data-dir", mnist_dir,
+                              *as_set_args(DISTILL_SET)))
+    pipe = LatentDiffusion.from_pretrained(out)
+    assert pipe.unet.config.guidance_input and pipe.config.sample.sampler == "lcm" and pipe.config.sample.steps == 2
+    assert pipe.generate([0, 5], seed=0).shape == (2, 1, 28, 28)
+    assert (out / "previews" / "final.png").is_file() and (out / "loss.png").is_file()
+    proc = run_cmd([sys.executable, REPO / "sample.py", "--model", out, "--labels", "1", "2", "--per-label", "2",
+                    "--out", tmp_path / "s.png"])
+    assert "wrote 4 samples" in proc.stdout
+    bad = run_cmd([sys.executable, REPO / "sample.py", "--model", out, "--sampler", "ddim", "--out", tmp_path / "x.png"],
+                  check=False)
+    assert bad.returncode == 2 and "needs the teacher" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_distill_sigkill_then_resume_is_exact(trained_runs, mnist_dir, tmp_path):
+    args = ["--data-dir", str(mnist_dir)]
+    _distill(trained_runs["ldm"], tmp_path / "straight", *args)
+    killed = _distill(trained_runs["ldm"], tmp_path / "killed", *args, env={"LATENTDIFF_TEST_KILL_AT_STEP": "3"},
+                      check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (tmp_path / "killed" / CONFIG_NAME).exists()
+    resumed = _distill(trained_runs["ldm"], tmp_path / "killed", *args, "--resume", "latest")
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    for sub in ("checkpoints/step_00000005/model.safetensors", "checkpoints/step_00000005/ema.safetensors",
+                "checkpoints/step_00000005/optimizer.safetensors", "unet/model.safetensors"):
+        a, b = load_file(str(tmp_path / "straight" / sub)), load_file(str(tmp_path / "killed" / sub))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), sub
+
+
+@pytest.mark.slow
+def test_bad_teachers_and_a_held_folder_get_one_line_errors(trained_runs, mnist_dir, tmp_path):
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    shutil.copy(trained_runs["ldm"] / "run.yaml", unfinished / "run.yaml")
+    cases = [(trained_runs["vae"], "not an LDM run folder"), (tmp_path / "nope", "does not exist"),
+             (unfinished, "unfinished training run"), (tmp_path / "out", "is the teacher's folder")]
+    for teacher, word in cases:
+        proc = _distill(teacher, tmp_path / "out", "--data-dir", mnist_dir, check=False)
+        assert proc.returncode == 2 and word in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing was written for a refused teacher
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from latentdiff.runlock import RunLock; "
+                               "RunLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(120)",
+                               str(tmp_path / "held")], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = _distill(trained_runs["ldm"], tmp_path / "held", "--data-dir", mnist_dir, check=False)
+        assert proc.returncode == 2 and "in use by another training run" in proc.stderr
+    finally:
+        holder.kill()
+        holder.wait()
