@@ -32,7 +32,7 @@ TINY_VAE = VAEConfig(channels=(8, 16, 16), groups=8, num_res_blocks=1)
 TINY_UNET = UNetConfig(channels=(16, 32), num_heads=2, groups=8, num_res_blocks=1, attention_levels=(False, True))
 
 # The same architectures as --set overrides for the scripts (plus small, fast training settings).
-TRAIN_SET = ["train.mixed_precision=no", "train.steps=6", "train.batch_size=16", "train.warmup_steps=2", "train.log_every=2",
+TRAIN_SET = ["train.mixed_precision=null", "train.steps=6", "train.batch_size=16", "train.warmup_steps=2", "train.log_every=2",
              "train.preview_every=3", "train.checkpoint_every=3", "train.keep_checkpoints=2", "train.seed=0",
              "data.download=false"]
 VAE_SET = ["model.channels=[8,16,16]", "model.groups=8"] + TRAIN_SET

@@ -132,7 +132,7 @@ def test_config_checks():
 
 
 # ---------------------------------------------------------------------------------------------- training
-TINY = ["train.mixed_precision=no", "model.channels=[16,32]", "model.num_heads=2", "model.num_res_blocks=1", "diffusion.num_timesteps=100", "sample.guidance_interval=[10,80]",
+TINY = ["train.mixed_precision=null", "model.channels=[16,32]", "model.num_heads=2", "model.num_res_blocks=1", "diffusion.num_timesteps=100", "sample.guidance_interval=[10,80]",
         "sample.steps=4", "train.batch_size=8", "train.warmup_steps=2", "train.lr_decay=constant", "train.log_every=2",
         "train.checkpoint_every=3", "train.preview_every=0", "data.download=false"]
 

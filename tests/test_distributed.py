@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 
 HELPER = REPO / "tests" / "dist_helper.py"
 STEPS = 4
-COMMON = ["train.mixed_precision=no", f"train.steps={STEPS}", "train.batch_size=16", "train.warmup_steps=1", "train.log_every=2",
+COMMON = ["train.mixed_precision=null", f"train.steps={STEPS}", "train.batch_size=16", "train.warmup_steps=1", "train.log_every=2",
           "train.preview_every=0", "train.checkpoint_every=0", "train.seed=3", "data.download=false"]
 VAE_ARGS = ["model.channels=[8,16,16]", "model.groups=8", "train.lr=0.1", "train.grad_clip=0"] + COMMON
 LDM_ARGS = ["model.channels=[16,32]", "model.num_heads=2", "model.num_res_blocks=1", "diffusion.num_timesteps=100", "sample.guidance_interval=[10,80]",

@@ -16,7 +16,7 @@ from conftest import REPO, as_set_args, run_cmd
 TINY_VAE = ["model.channels=[8,16,16]", "model.num_res_blocks=1"]
 TINY_UNET = ["model.channels=[16,32]", "model.num_heads=2", "model.num_res_blocks=1", "diffusion.num_timesteps=100", "sample.guidance_interval=[10,80]",
              "sample.steps=4"]
-COMMON = ["train.mixed_precision=no", "train.batch_size=8", "train.grad_accum=2", "train.warmup_steps=2", "train.log_every=2",
+COMMON = ["train.mixed_precision=null", "train.batch_size=8", "train.grad_accum=2", "train.warmup_steps=2", "train.log_every=2",
           "train.checkpoint_every=3", "train.preview_every=0", "train.keep_checkpoints=2", "data.download=false"]
 
 

@@ -18,7 +18,7 @@ from latentdiff.config import VAERunConfig, apply_overrides
 from latentdiff.runlock import LOCK_NAME, RunLock
 from latentdiff.train import train_vae
 
-TINY = ["train.mixed_precision=no", "model.channels=[8,16,16]", "train.batch_size=8", "train.warmup_steps=1", "train.log_every=2",
+TINY = ["train.mixed_precision=null", "model.channels=[8,16,16]", "train.batch_size=8", "train.warmup_steps=1", "train.log_every=2",
         "train.preview_every=0", "train.checkpoint_every=2", "data.download=false"]
 # Another run holding the folder, as RunLock does it (plain fcntl: no torch import, so it starts at once).
 HOLD = ("import fcntl, json, os, socket, sys, time; os.makedirs(sys.argv[1]); "

@@ -16,7 +16,7 @@ from latentdiff import ConfigError
 from latentdiff.config import VAERunConfig, apply_overrides
 from latentdiff.train import train_vae
 
-TINY = ["train.mixed_precision=no", "model.channels=[8,16,16]", "train.batch_size=8", "train.warmup_steps=1", "data.download=false"]
+TINY = ["train.mixed_precision=null", "model.channels=[8,16,16]", "train.batch_size=8", "train.warmup_steps=1", "data.download=false"]
 
 
 def test_tracker_names():
