@@ -18,7 +18,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from .config import DiffusionConfig, SampleConfig, from_dict, to_dict
+from .config import DiffusionConfig, SampleConfig, to_dict
 from .diffusion import make_schedule
 from .errors import ModelLoadError
 from .noise import seeded_normal
