@@ -306,16 +306,20 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None, overwrite: bool = Fa
             make_grid(images, nrow=8).save(path)
 
         guide_step, guide_dir = cfg.guide.step(cfg.train.steps), run_dir / GUIDE_DIR
+        guide_checked = [False]  # past the snapshot, guide/ is checked once (a resume), not stat'ed every step
 
         def keep_guide(done: int) -> None:
             """Autoguidance: snapshot the (EMA) weights after ``guide_step`` steps into guide/ (main process)."""
-            if not accel.is_main_process or not guide_step:
+            if not accel.is_main_process or not guide_step or guide_checked[0]:
                 return
             if done == guide_step:
                 (ema if ema is not None else model).save_pretrained(guide_dir)  # config.json is written last
-            elif done > guide_step and not (guide_dir / CONFIG_NAME).is_file():
-                raise RunDirError(f"resuming at step {done}, past the guide snapshot at step {guide_step}, but "
-                                  f"{guide_dir} is missing; restore it, or start again with --overwrite")
+                guide_checked[0] = True
+            elif done > guide_step:
+                guide_checked[0] = True
+                if not (guide_dir / CONFIG_NAME).is_file():
+                        raise RunDirError(f"resuming at step {done}, past the guide snapshot at step {guide_step}, but "
+                                      f"{guide_dir} is missing; restore it, or start again with --overwrite")
 
         model.train()
         _run_loop(cfg, accel, run_dir, model, ema, len(latents), loss_fn, preview, resume, "ldm", keep_guide)
