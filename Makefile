@@ -22,14 +22,21 @@ LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --dyn
 
 .PHONY: venv test docs demo distill sample clean
 
+# What `make demo` needs: the package and the serve extra (the web page after the demo). --no-compile skips
+# byte-compiling all of torch up front (~30 s of a fresh `make demo`); Python compiles what it imports.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[test,serve,tensorboard]'
+	$(PY) -m pip install -q --no-compile -e '.[serve]'
+	touch $@
+
+# What `make test` adds: pytest and friends, and tensorboard (the tracker tests).
+$(VENV)/.test-installed: $(VENV)/.installed
+	$(PY) -m pip install -q --no-compile -e '.[test,serve,tensorboard]'
 	touch $@
 
 venv: $(VENV)/.installed
 
-test: venv
+test: $(VENV)/.test-installed
 	$(PY) -m pytest -q tests
 
 # The documentation site into site/ (the docs extra on first use); --strict fails on a broken link or reference.

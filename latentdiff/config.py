@@ -95,9 +95,14 @@ class DiffusionConfig:
     # Loss weight across noise levels: none (plain MSE) | min_snr (Hang et al. 2023, gamma below).
     loss_weighting: str = "none"
     min_snr_gamma: float = 5.0
+    # Which noise levels training visits: uniform (t uniform on 0..T-1) | lognormal (log-SNR ~ N(mean, std^2),
+    # EDM's log-normal noise levels; latentdiff.diffusion.sample_timesteps).
+    timestep_sampling: str = "uniform"
+    logsnr_mean: float = 1.0
+    logsnr_std: float = 2.4
 
     def validate(self) -> None:
-        from .diffusion import LOSS_WEIGHTINGS, PREDICTIONS, SCHEDULES
+        from .diffusion import LOSS_WEIGHTINGS, PREDICTIONS, SCHEDULES, TIMESTEP_SAMPLINGS
 
         _require(self.schedule in SCHEDULES, f"diffusion.schedule must be one of {sorted(SCHEDULES)}")
         _require(self.prediction in PREDICTIONS, f"diffusion.prediction must be one of {PREDICTIONS}")
@@ -105,6 +110,9 @@ class DiffusionConfig:
         _require(0.0 <= self.label_dropout < 1.0, "diffusion.label_dropout must be in [0, 1)")
         _require(self.loss_weighting in LOSS_WEIGHTINGS, f"diffusion.loss_weighting must be one of {LOSS_WEIGHTINGS}")
         _require(self.min_snr_gamma > 0, "diffusion.min_snr_gamma must be > 0")
+        _require(self.timestep_sampling in TIMESTEP_SAMPLINGS,
+                 f"diffusion.timestep_sampling must be one of {TIMESTEP_SAMPLINGS}")
+        _require(self.logsnr_std > 0, "diffusion.logsnr_std must be > 0")
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,8 @@ import math
 import pytest
 import torch
 
-from latentdiff.diffusion import (SCHEDULES, cosine_schedule, diffusion_loss, drop_labels, linear_schedule,
-                                  min_snr_weight,
-                                  make_schedule, predict_x0_eps, q_sample, target)
+from latentdiff.diffusion import (SCHEDULES, cosine_schedule, diffusion_loss, drop_labels, linear_schedule, log_snr,
+                                  make_schedule, min_snr_weight, predict_x0_eps, q_sample, sample_timesteps, target)
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
@@ -201,3 +200,57 @@ def test_loss_weighting_none_is_the_plain_mse_and_min_snr_reweights(prediction):
     assert weighted.item() < plain.item()  # every weight is <= 1 for eps and v
     with pytest.raises(ValueError, match="loss_weighting"):
         _recorded_loss_terms(prediction, loss_weighting="p2")
+
+
+# ---------------------------------------------------------------------------------------------- noise-level sampling
+def test_uniform_timestep_sampling_is_the_old_draw():
+    """"uniform" maps u to floor(u * T): what training did before the option existed (same t for the same seeds)."""
+    abar = cosine_schedule(1000)
+    u = torch.tensor([1e-9, 0.25, 0.5, 0.9999999], dtype=torch.float64)
+    assert sample_timesteps(u, abar, "uniform").tolist() == [0, 250, 500, 999]
+
+
+def test_lognormal_timestep_sampling_matches_its_log_snr_distribution():
+    abar = cosine_schedule(1000)
+    u = (torch.arange(20_000, dtype=torch.float64) + 0.5) / 20_000  # an even grid of quantiles
+    t = sample_timesteps(u, abar, "lognormal", logsnr_mean=0.5, logsnr_std=1.5)
+    lam = log_snr(abar)[t]
+    assert lam.mean().item() == pytest.approx(0.5, abs=0.05)
+    assert lam.std().item() == pytest.approx(1.5, abs=0.05)
+    # monotone: a larger u is a larger log-SNR, hence an earlier (less noisy) timestep
+    assert (t[1:] <= t[:-1]).all()
+    # the nearest timestep: the snapped log-SNR is within half a step of the drawn one, inside the schedule's range
+    target = 0.5 + 1.5 * math.sqrt(2) * torch.erfinv(2 * u[::997] - 1)
+    gaps = (log_snr(abar)[1:] - log_snr(abar)[:-1]).abs()
+    assert ((lam[::997] - target).abs() <= gaps[t[::997].clamp(max=998)] + 1e-9).all()
+    with pytest.raises(ValueError, match="timestep sampling"):
+        sample_timesteps(u, abar, "beta")
+
+
+def test_diffusion_loss_draws_lognormal_timesteps_per_example():
+    """With seeds, each example's t comes from its own seed under either sampling, and lognormal changes only t."""
+    abar = cosine_schedule(1000).float()
+    x0 = torch.randn(64, 4, 7, 7, generator=torch.Generator().manual_seed(0))
+    seen = []
+    model = lambda x_t, t, y: seen.append(t) or 0 * x_t  # noqa: E731
+    seeds = torch.arange(64) + 11
+    diffusion_loss(model, x0, torch.arange(64) % 10, abar, "v", seeds=seeds)
+    diffusion_loss(model, x0, torch.arange(64) % 10, abar, "v", seeds=seeds, timestep_sampling="lognormal",
+                   logsnr_mean=1.0, logsnr_std=2.4)
+    diffusion_loss(model, x0[:8], torch.arange(8) % 10, abar, "v", seeds=seeds[:8], timestep_sampling="lognormal")
+    uniform, lognormal, first8 = seen
+    assert not torch.equal(uniform, lognormal)
+    assert torch.equal(lognormal[:8], first8)  # batch split does not change an example's draw
+    lam = log_snr(abar)[lognormal]
+    assert abs(lam.mean().item() - 1.0) < 0.8  # 64 draws of N(1, 2.4^2)
+
+
+def test_diffusion_config_checks_timestep_sampling():
+    from latentdiff.config import DiffusionConfig
+    from latentdiff.errors import ConfigError
+
+    DiffusionConfig(timestep_sampling="lognormal").validate()
+    with pytest.raises(ConfigError, match="timestep_sampling"):
+        DiffusionConfig(timestep_sampling="edm").validate()
+    with pytest.raises(ConfigError, match="logsnr_std"):
+        DiffusionConfig(timestep_sampling="lognormal", logsnr_std=0).validate()

@@ -55,3 +55,25 @@ def test_a_training_run_with_auto_says_which_precision_it_uses(mnist_dir, tmp_pa
                     *as_set_args(["model.channels=[8,16,16]", "train.steps=2", "train.batch_size=8", "train.warmup_steps=1",
                                   "train.preview_every=0", "train.mixed_precision=auto", "data.download=false"])])
     assert proc.stderr.count("mixed precision:") == 1 and (tmp_path / "vae" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_ldm_run_under_bf16_encodes_and_trains_with_lognormal_noise_levels(mnist_dir, tmp_path):
+    """train_ldm under bf16 autocast (the dataset's latents are encoded under it too) with EDM-style noise
+    levels set from the command line: it trains, and the saved pipeline carries the setting."""
+    import json
+    import sys
+
+    from conftest import REPO, as_set_args, run_cmd
+
+    common = ["train.steps=2", "train.batch_size=8", "train.warmup_steps=1", "train.preview_every=0",
+              "train.mixed_precision=bf16", "data.download=false"]
+    run_cmd([sys.executable, REPO / "train_vae.py", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "vae"),
+             *as_set_args(["model.channels=[8,16,16]", *common])])
+    run_cmd([sys.executable, REPO / "train_ldm.py", "--data-dir", str(mnist_dir), "--vae", str(tmp_path / "vae"),
+             "--out", str(tmp_path / "ldm"),
+             *as_set_args(["model.channels=[16,32]", "model.num_heads=2", "guide.fraction=0", "sample.steps=2",
+                           "diffusion.timestep_sampling=lognormal", "diffusion.logsnr_mean=0.5", *common])])
+    saved = json.loads((tmp_path / "ldm" / "config.json").read_text())
+    assert saved["diffusion"]["timestep_sampling"] == "lognormal" and saved["diffusion"]["logsnr_mean"] == 0.5
+    assert (tmp_path / "ldm" / "unet" / "model.safetensors").is_file()
