@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .checkpoint import RUN_CONFIG, claim_run_dir
 from .config import DataConfig, SampleConfig, TrainConfig, _require
-from .data import load_mnist, to_model_range
+from .data import load_mnist
 from .diffusion import predict_x0_eps, q_sample
 from .errors import ConfigError, ModelLoadError
 from .noise import seeded_normal, uniform_bits
@@ -29,7 +29,7 @@ from .pipeline import LatentDiffusion, PipelineConfig, check_student_options, ma
 from .sampling import consistency_x0
 from .serialization import CONFIG_NAME
 from .timesteps import make_timesteps
-from .train import _check_batching, _end, _run_loop, _seed_all, encode_all, make_accelerator
+from .train import _check_batching, _end, _run_loop, _seed_all, encode_dataset, make_accelerator
 from .unet import UNet
 
 
@@ -153,7 +153,7 @@ def distill_ldm(cfg: DistillRunConfig, resume: str | None = None, overwrite: boo
         teacher_unet, vae = teacher.unet.requires_grad_(False), teacher.vae
         model = make_student(teacher_unet)
         target = copy.deepcopy(model).requires_grad_(False)  # the EMA target network; also the saved student
-        latents = vae.scale_latents(encode_all(vae, to_model_range(images_u8)))  # (N, C, h, w), on the device
+        latents = encode_dataset(vae, images_u8, accel)  # (N, C, h, w), on the device, under the run's autocast
         labels = labels.to(accel.device)
         alphas_cumprod = teacher.alphas_cumprod.float().to(accel.device)
         grid = solver_grid(teacher.alphas_cumprod, cfg.distill.solver_steps)
