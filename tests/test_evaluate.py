@@ -280,3 +280,19 @@ def test_generate_balanced_does_not_depend_on_batch_size():
     b, lb = generate_balanced(pipe, 2, 2.0, "ddim", 2, seed=5, batch_size=20, progress=False)
     assert la.tolist() == [c for c in range(10) for _ in range(2)] and torch.equal(la, lb)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_second_judge_script_trains_a_differently_shaped_classifier(mnist_dir, tmp_path):
+    """bench/second_judge.py writes a classifier folder that `evaluate --classifier` loads, with its own shape."""
+    import sys
+
+    from conftest import REPO, run_cmd
+
+    from latentdiff.evaluate.classifier import load_or_train_classifier
+
+    out = tmp_path / "judge2"
+    proc = run_cmd([sys.executable, REPO / "bench" / "second_judge.py", "--data-dir", str(mnist_dir), "--out", str(out),
+                    "--max-steps", "2"])
+    assert "second judge in" in proc.stdout
+    clf = load_or_train_classifier(out)
+    assert clf.config.feature_dim == 64 and tuple(clf.config.channels) == (24, 48, 96)
