@@ -305,6 +305,10 @@ def _check_value(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no/yes/off/on as a boolean
+            key = where.split(".", 1)[-1]
+            raise ConfigError(f"{where}: expected a string, got {value!r} (YAML reads a bare no, yes, off or on as a "
+                              f"boolean: quote the value, e.g. --set '{key}=\"no\"')")
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value

@@ -192,3 +192,10 @@ def test_loss_weighting_is_checked():
     for bad in ("diffusion.loss_weighting=snr", "diffusion.min_snr_gamma=0"):
         with pytest.raises(ConfigError, match="diffusion"):
             apply_overrides(LDMRunConfig(), [bad]).validate()
+
+
+def test_a_bare_yaml_boolean_for_a_string_key_says_how_to_quote_it():
+    """`--set train.mixed_precision=no`: YAML reads `no` as False; the error says so and how to quote it."""
+    with pytest.raises(ConfigError, match=r"train\.mixed_precision: expected a string, got False .*quote"):
+        apply_overrides(LDMRunConfig(), ["train.mixed_precision=no"])
+    assert apply_overrides(LDMRunConfig(), ['train.mixed_precision="no"']).train.mixed_precision == "no"
