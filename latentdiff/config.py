@@ -168,7 +168,11 @@ class TrainConfig:
     warmup_steps: int = 100  # linear LR warm-up
     lr_decay: str = "cosine"  # cosine | constant (after warm-up)
     grad_clip: float = 1.0  # max gradient norm (0 = off)
-    ema_decay: float = 0.999  # EMA of the weights (0 = off); the EMA weights are saved
+    # EMA of the weights (0 = off); the EMA weights are saved. Warmed up: the decay after step t is
+    # min(ema_decay, (1 + t) / (10 + t)), so 0.999 only binds after ~9,000 steps (latentdiff/ema.py).
+    ema_decay: float = 0.999
+    # Set: EDM2's power-function EMA with this relative width (0.05-0.2) replaces the schedule above.
+    ema_std: Optional[float] = None
     # no | fp16 | bf16 | auto (bf16 where the CPU/GPU has native bf16, else fp32: latentdiff/precision.py);
     # null = whatever accelerate launch says
     mixed_precision: Optional[str] = None
@@ -189,6 +193,9 @@ class TrainConfig:
         _require(self.lr > 0, "train.lr must be > 0")
         _require(self.lr_decay in ("cosine", "constant"), "train.lr_decay must be cosine or constant")
         _require(0.0 <= self.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
+        if self.ema_std is not None:
+            _require(0.0 < self.ema_std < 0.28, "train.ema_std must be in (0, 0.28) or null (EDM2 uses 0.05-0.2)")
+            _require(self.ema_decay > 0, "train.ema_decay=0 turns the EMA off; drop train.ema_std or set ema_decay > 0")
         _require(self.mixed_precision in (None, "no", "fp16", "bf16", "auto"),
                  "train.mixed_precision must be no, fp16, bf16, auto or null")
         _require(self.log_every >= 1, "train.log_every must be >= 1")

@@ -26,6 +26,7 @@ from .checkpoint import claim_run_dir, load_checkpoint, resolve_resume, save_che
 from .config import LDMRunConfig, UNetConfig, VAEConfig, VAERunConfig
 from .data import batch_indices, epoch_permutation, load_mnist, to_model_range
 from .diffusion import diffusion_loss, make_schedule
+from .ema import EMA, ema_decay_at
 from .errors import ConfigError, RunDirError, TrainingDiverged
 from .pipeline import GUIDE_DIR, LatentDiffusion, PipelineConfig, make_grid
 from .plot import loss_plot
@@ -60,18 +61,6 @@ def example_seeds(seed: int, step: int, positions: torch.Tensor) -> torch.Tensor
     batch) only, so 1 or N processes and any grad_accum draw the same t / noise / dropout per example."""
     key = ((seed * 1_000_003 + step) << 24) & ((1 << 62) - 1)  # global batches stay below 2^24; fits int64
     return positions.to(torch.int64) + key
-
-
-class EMA:
-    """ema <- decay * ema + (1 - decay) * model over all float tensors, one fused call per step."""
-
-    def __init__(self, ema: torch.nn.Module, model: torch.nn.Module):
-        self.e = [p for p in ema.state_dict().values() if p.is_floating_point()]
-        self.m = [p for p in model.state_dict().values() if p.is_floating_point()]
-
-    @torch.no_grad()
-    def update(self, decay: float) -> None:
-        torch._foreach_lerp_(self.e, self.m, 1.0 - decay)
 
 
 def make_accelerator(cfg) -> Accelerator:
@@ -160,7 +149,7 @@ def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, em
             loss_sum += loss / tc.grad_accum
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss), torch.full_like(first_bad, step), first_bad)
         if ema is not None:
-            ema_state.update(min(tc.ema_decay, (1 + step) / (10 + step)))  # decay warm-up, as in common DDPM ports
+            ema_state.update(ema_decay_at(step, tc.ema_decay, tc.ema_std))  # latentdiff/ema.py
         seen, since = seen + tc.batch_size, since + 1
         done = step + 1
         if on_step is not None:
