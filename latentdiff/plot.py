@@ -243,14 +243,25 @@ def steps_panel(ax: Axes, runs: list[dict], floor: dict, key: str, label: str) -
 
 
 # ------------------------------------------------------------------------------------------ sweep figure
+def guidance_like_settings(sweep: dict) -> list[dict]:
+    """A --settings sweep's rows when they differ only in guidance scale and interval (so the guidance panels
+    draw them as guidance runs); [] when they vary anything else, which these panels cannot show."""
+    rows = sweep.get("settings", [])
+    rest = [{k: v for k, v in r["setting"].items() if k not in ("guidance_scale", "guidance_interval")} for r in rows]
+    if not rows or any(r != rest[0] for r in rest):
+        return []
+    return [{k: v for k, v in r.items() if k != "label"} for r in rows]  # one line per interval, not per setting
+
+
 def sweep_plot(sweep: dict, floor: dict, path: str | Path | None = None) -> Figure:
     """The sweep as one 2x3 figure: four panels against guidance scale, then two against sampler steps.
 
     ``sweep`` is what ``python -m latentdiff.evaluate sweep --out`` writes (its "guidance" and "sampler"
     run lists); ``floor`` the real-data metrics at the same N. Guidance runs at several guidance
-    intervals draw one line per interval on each guidance panel.
+    intervals draw one line per interval on each guidance panel. A sweep of ``--settings`` alone is drawn
+    when its settings differ only in guidance scale and interval (``guidance_like_settings``).
     """
-    g, s = sweep.get("guidance", []), sweep.get("sampler", [])
+    g, s = sweep.get("guidance", []) or guidance_like_settings(sweep), sweep.get("sampler", [])
     T = sweep.get("num_timesteps")
     n = (g or s)[0]["metrics"].get("n") if (g or s) else None
     fig = Figure(figsize=(15, 9.5), layout="constrained")

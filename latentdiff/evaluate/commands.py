@@ -183,13 +183,15 @@ def cmd_sweep(args) -> dict:
     print(sweep_table(sweep, floor, T))
     print(f"choice: {sweep['choice']}")
     print(f"best ({sweep['best']['rule']}): {json.dumps(sweep['best']['setting'])}")
-    if args.plot and not (sweep["guidance"] or sweep["sampler"]):
-        print(f"not writing {args.plot}: the figure draws guidance and sampler runs, and this sweep has only --settings")
-    elif args.plot:
-        from ..plot import sweep_plot
+    if args.plot:
+        from ..plot import guidance_like_settings, sweep_plot
 
-        sweep_plot(sweep, floor, args.plot)
-        print(f"wrote {args.plot}")
+        if sweep["guidance"] or sweep["sampler"] or guidance_like_settings(sweep):
+            sweep_plot(sweep, floor, args.plot)
+            print(f"wrote {args.plot}")
+        else:
+            print(f"not writing {args.plot}: the figure draws guidance and sampler runs, and these --settings vary "
+                  "more than the guidance scale and interval")
     return {"model": str(args.model), "n_per_class": args.n_per_class, "seed": args.seed, **sweep, "floor": floor,
             "classifier": info}
 
@@ -219,7 +221,7 @@ def cmd_samples(args) -> dict:
 
 def cmd_plot(args) -> None:
     """Re-draw a figure from saved results: a sweep JSON (``sweep --out``) or a run's metrics.jsonl."""
-    from ..plot import loss_plot, sweep_plot
+    from ..plot import guidance_like_settings, loss_plot, sweep_plot
 
     path = Path(args.file)
     if not path.is_file():
@@ -236,8 +238,10 @@ def cmd_plot(args) -> None:
         loss_plot([r["step"] for r in rows], [r["loss"] for r in rows], args.png, title=f"training loss ({path.parent.name})")
     else:
         sweep = records[0]
-        if not isinstance(sweep, dict) or not (sweep.get("guidance") or sweep.get("sampler")) or "floor" not in sweep:
-            raise ValueError(f"{path} is not a sweep result (needs 'guidance' or 'sampler' runs and a 'floor'); "
+        if (not isinstance(sweep, dict) or "floor" not in sweep
+                or not (sweep.get("guidance") or sweep.get("sampler") or guidance_like_settings(sweep))):
+            raise ValueError(f"{path} is not a sweep result (needs 'guidance' or 'sampler' runs, or --settings that "
+                             "vary only the guidance, and a 'floor'); "
                              f"write one with `python -m latentdiff.evaluate sweep --out FILE`")
         sweep_plot(sweep, sweep["floor"], args.png)
     print(f"wrote {args.png}")
