@@ -180,3 +180,29 @@ def test_old_sweep_json_without_intervals_still_plots(tmp_path):
     assert Image.open(tmp_path / "old.png").size == (1650, 1045)
     ax = _drawn(sweep_plot(json.loads(old.read_text()), FLOOR))["FLD vs guidance (lower is better)"]
     assert [ln.get_label() for ln in ax.get_lines() if ln.get_linestyle() == "-"] == ["FLD"]
+
+
+# ------------------------------------------------------------------------------------------ --settings sweeps
+def _setting(g, sampler="dpm++", interval=(0, 999)):
+    setting = {"guidance_scale": g, "sampler": sampler, "steps": 10, "guidance_interval": list(interval)}
+    return {**_iv(g, list(interval), 0.99 + g / 1000, g / 10), "setting": setting, "label": json.dumps(setting)}
+
+
+def test_cli_plot_draws_settings_that_vary_only_the_guidance(tmp_path):
+    """`sweep --settings` rows that differ in guidance scale (and interval) plot as one line per interval."""
+    rows = [_setting(g) for g in (1, 1.5, 2)] + [_setting(g, interval=(100, 800)) for g in (1.5, 2)]
+    (tmp_path / "s.json").write_text(json.dumps({"guidance": [], "sampler": [], "settings": rows, "floor": FLOOR,
+                                                 "num_timesteps": 1000}))
+    main(["plot", str(tmp_path / "s.json"), "--out", str(tmp_path / "s.png")])
+    fig = sweep_plot({"settings": rows, "num_timesteps": 1000}, FLOOR)
+    lines = [ln for ln in _drawn(fig)["FLD vs guidance (lower is better)"].get_lines() if ln.get_linestyle() == "-"]
+    assert [len(ln.get_xdata()) for ln in lines] == [3, 2]
+    assert Image.open(tmp_path / "s.png").size == (1650, 1045)
+
+
+def test_cli_plot_refuses_settings_that_vary_the_sampler(tmp_path):
+    rows = [_setting(1.5), _setting(1.5, sampler="ddim")]
+    (tmp_path / "s.json").write_text(json.dumps({"guidance": [], "sampler": [], "settings": rows, "floor": FLOOR}))
+    with pytest.raises(ValueError, match="vary only the guidance"):
+        main(["plot", str(tmp_path / "s.json"), "--out", str(tmp_path / "x.png")])
+    assert not (tmp_path / "x.png").exists()
