@@ -244,12 +244,12 @@ def steps_panel(ax: Axes, runs: list[dict], floor: dict, key: str, label: str) -
 
 # ------------------------------------------------------------------------------------------ sweep figure
 def guidance_like_settings(sweep: dict) -> list[dict]:
-    """A --settings sweep's rows when they differ only in guidance scale and interval (so the guidance panels
-    draw them as guidance runs); [] when they vary anything else, which these panels cannot show."""
+    """A --settings sweep's rows when they differ only in guidance scale and interval, over at least two scales
+    (so the guidance panels draw them as guidance runs); [] otherwise, which these panels cannot show."""
     rows = sweep.get("settings", [])
     rest = [{k: v for k, v in r["setting"].items() if k not in ("guidance_scale", "guidance_interval")} for r in rows]
-    if not rows or any(r != rest[0] for r in rest):
-        return []
+    if len({r["setting"].get("guidance_scale") for r in rows}) < 2 or any(r != rest[0] for r in rest):
+        return []  # a single guidance scale is no curve
     return [{k: v for k, v in r.items() if k != "label"} for r in rows]  # one line per interval, not per setting
 
 
