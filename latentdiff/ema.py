@@ -14,10 +14,12 @@ length of the run; its width relative to the run's length is ``sigma_rel`` (sigm
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
 
+@lru_cache(maxsize=16)  # called once per training step with the same width
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """The power-function exponent gamma whose weight profile tau^gamma on [0, t] has std sigma_rel * t.
 

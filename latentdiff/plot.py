@@ -246,7 +246,9 @@ def steps_panel(ax: Axes, runs: list[dict], floor: dict, key: str, label: str) -
 def guidance_like_settings(sweep: dict) -> list[dict]:
     """A --settings sweep's rows when they differ only in guidance scale and interval, over at least two scales
     (so the guidance panels draw them as guidance runs); [] otherwise, which these panels cannot show."""
-    rows = sweep.get("settings", [])
+    rows = sweep.get("settings") or []
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and isinstance(r.get("setting"), dict) for r in rows):
+        return []  # not what `sweep --settings` writes
     rest = [{k: v for k, v in r["setting"].items() if k not in ("guidance_scale", "guidance_interval")} for r in rows]
     if len({r["setting"].get("guidance_scale") for r in rows}) < 2 or any(r != rest[0] for r in rest):
         return []  # a single guidance scale is no curve
