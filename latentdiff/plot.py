@@ -255,6 +255,11 @@ def guidance_like_settings(sweep: dict) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "label"} for r in rows]  # one line per interval, not per setting
 
 
+def sweep_has_curves(sweep: dict) -> bool:
+    """Whether ``sweep_plot`` has anything to draw: guidance or sampler runs, or guidance-like --settings."""
+    return bool(sweep.get("guidance") or sweep.get("sampler") or guidance_like_settings(sweep))
+
+
 def sweep_plot(sweep: dict, floor: dict, path: str | Path | None = None) -> Figure:
     """The sweep as one 2x3 figure: four panels against guidance scale, then two against sampler steps.
 

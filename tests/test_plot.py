@@ -201,7 +201,7 @@ def test_cli_plot_draws_settings_that_vary_only_the_guidance(tmp_path):
 
 
 def test_cli_plot_refuses_settings_that_vary_the_sampler(tmp_path):
-    rows = [_setting(1.5), _setting(1.5, sampler="ddim")]
+    rows = [_setting(1.5), _setting(2, sampler="ddim")]  # two scales: refused for the sampler alone
     (tmp_path / "s.json").write_text(json.dumps({"guidance": [], "sampler": [], "settings": rows, "floor": FLOOR}))
     with pytest.raises(ValueError, match="vary only the guidance"):
         main(["plot", str(tmp_path / "s.json"), "--out", str(tmp_path / "x.png")])

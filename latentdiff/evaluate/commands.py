@@ -184,9 +184,9 @@ def cmd_sweep(args) -> dict:
     print(f"choice: {sweep['choice']}")
     print(f"best ({sweep['best']['rule']}): {json.dumps(sweep['best']['setting'])}")
     if args.plot:
-        from ..plot import guidance_like_settings, sweep_plot
+        from ..plot import sweep_has_curves, sweep_plot
 
-        if sweep["guidance"] or sweep["sampler"] or guidance_like_settings(sweep):
+        if sweep_has_curves(sweep):
             sweep_plot(sweep, floor, args.plot)
             print(f"wrote {args.plot}")
         else:
@@ -221,7 +221,7 @@ def cmd_samples(args) -> dict:
 
 def cmd_plot(args) -> None:
     """Re-draw a figure from saved results: a sweep JSON (``sweep --out``) or a run's metrics.jsonl."""
-    from ..plot import guidance_like_settings, loss_plot, sweep_plot
+    from ..plot import loss_plot, sweep_has_curves, sweep_plot
 
     path = Path(args.file)
     if not path.is_file():
@@ -238,8 +238,7 @@ def cmd_plot(args) -> None:
         loss_plot([r["step"] for r in rows], [r["loss"] for r in rows], args.png, title=f"training loss ({path.parent.name})")
     else:
         sweep = records[0]
-        if (not isinstance(sweep, dict) or "floor" not in sweep
-                or not (sweep.get("guidance") or sweep.get("sampler") or guidance_like_settings(sweep))):
+        if not isinstance(sweep, dict) or "floor" not in sweep or not sweep_has_curves(sweep):
             raise ValueError(f"{path} is not a sweep result (needs 'guidance' or 'sampler' runs, or --settings that "
                              "vary only the guidance, and a 'floor'); "
                              f"write one with `python -m latentdiff.evaluate sweep --out FILE`")
