@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torchvision
+from einops import rearrange
 from PIL import Image
 
 from .config import DiffusionConfig, SampleConfig, to_dict
@@ -317,13 +317,14 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 def make_grid(images: torch.Tensor, nrow: int, padding: int = 2) -> Image.Image:
-    """(N, 1, H, W) in [0, 1] -> one PIL grid image, ``nrow`` images per row (torchvision's layout, black padding)."""
-    x = images.detach().float().cpu().clamp(0, 1)
-    # Blank tiles up to a full first row: the grid is always nrow tiles wide, and torchvision returns a
-    # lone image without its padding.
-    x = torch.cat([x, x.new_zeros(max(nrow - len(x), 0), *x.shape[1:])])
-    if len(x) == 1:
-        grid = torch.nn.functional.pad(x[0, 0], [padding] * 4)
-    else:
-        grid = torchvision.utils.make_grid(x, nrow=nrow, padding=padding, pad_value=0.0)[0]  # (3, H', W') -> (H', W')
+    """(N, 1, H, W) in [0, 1] -> one PIL grid image, ``nrow`` images per row, always ``nrow`` tiles wide.
+
+    torchvision.utils.make_grid's layout (black padding around and between the tiles), written here so that
+    the pipeline does not import torchvision: its import pulls in torch._dynamo, ~5 s of every start-up.
+    """
+    x = images.detach().float().cpu().clamp(0, 1)[:, 0]
+    x = torch.nn.functional.pad(x, (padding, 0, padding, 0))  # each tile with its top and left border
+    blank = -len(x) % nrow if len(x) else nrow  # blank tiles up to full rows (a lone row of blanks for no images)
+    x = torch.cat([x, x.new_zeros(blank, *x.shape[1:])])
+    grid = torch.nn.functional.pad(rearrange(x, "(r c) h w -> (r h) (c w)", c=nrow), (0, padding, 0, padding))
     return Image.fromarray((grid * 255).round().to(torch.uint8).numpy())
