@@ -5,7 +5,7 @@
 
 For each (stage, batch, compile, precision) it builds the preset's model, runs warm-up steps (reported:
 that is where torch.compile spends its time), then times ``--steps`` optimizer steps (fused AdamW on a
-GPU) and prints images/s and ms/step. Precision: bf16 autocast or fp32 (default: bf16 on a GPU, fp32 on
+CPU or GPU, as train.py) and prints images/s and ms/step. Precision: bf16 autocast or fp32 (default: bf16 on a GPU, fp32 on
 a CPU; ``both`` measures the two side by side). Random inputs: speed does not depend on the data.
 """
 
@@ -38,7 +38,7 @@ def measure(stage: str, cfg, batch: int, compile_: bool, steps: int, warmup: int
     torch.manual_seed(0)
     model = (VAE(cfg.model) if stage == "vae" else UNet(cfg.model)).to(device).train()  # UNet: default VAE's latents
     fwd = torch.compile(model) if compile_ else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))  # as train.py
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     if stage == "vae":
         x = torch.rand(batch, 1, 28, 28, device=device) * 2 - 1

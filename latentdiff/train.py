@@ -101,7 +101,10 @@ def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, em
     the EMA update, before the checkpoint) and once after a resume from step s.
     """
     tc = cfg.train
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    # Fused AdamW: one kernel over all parameters instead of a loop of small ops per tensor (on a CPU 2.1 ms a step
+    # against 7.7 for the quick UNet's 129 tensors: ~5% of its step; docs/training.md). Same maths, other rounding.
+    fused = accel.device.type in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=fused or None)
     start, last_ckpt = 0, None
     metrics_path = run_dir / "metrics.jsonl"
     if resume:
