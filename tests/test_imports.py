@@ -112,3 +112,15 @@ def test_pipeline_does_not_import_its_users(user):
 
 def test_latents_does_not_import_training():
     assert "latentdiff.train" not in reachable(import_graph(), "latentdiff.latents")
+
+
+def test_start_up_does_not_import_torchvision():
+    """torchvision's import pulls in torch._dynamo (~5 s on a 2-core CPU): the package and its scripts' start-up
+    must not pay it. Only the MNIST download (data.py) imports it, lazily, when it runs."""
+    import subprocess
+    import sys
+
+    code = ("import sys, latentdiff, latentdiff.train, latentdiff.distill, latentdiff.edit, latentdiff.evaluate; "
+            "print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
