@@ -42,7 +42,7 @@ def main() -> None:
         DiagonalGaussian.sample = lambda self, generator=None, seeds=None: self.mean  # an autoencoder: no sampling noise
 
     if own.sgd:
-        train.torch.optim.AdamW = lambda params, lr, weight_decay=0.0: torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
+        train.torch.optim.AdamW = lambda params, lr, weight_decay=0.0, fused=None: torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
 
     original_loop = train._run_loop
 
