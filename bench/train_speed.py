@@ -24,6 +24,7 @@ from latentdiff import UNet, VAE, load_config  # noqa: E402
 from latentdiff.cli import resolve_config_path  # noqa: E402
 from latentdiff.config import LDMRunConfig, VAERunConfig  # noqa: E402
 from latentdiff.diffusion import diffusion_loss, make_schedule  # noqa: E402
+from latentdiff.train import make_optimizer  # noqa: E402
 from latentdiff.vae import vae_loss  # noqa: E402
 
 
@@ -38,7 +39,7 @@ def measure(stage: str, cfg, batch: int, compile_: bool, steps: int, warmup: int
     torch.manual_seed(0)
     model = (VAE(cfg.model) if stage == "vae" else UNet(cfg.model)).to(device).train()  # UNet: default VAE's latents
     fwd = torch.compile(model) if compile_ else model
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type in ("cpu", "cuda"))  # as train.py
+    opt = make_optimizer(model.parameters(), 1e-4, 1e-2, device)  # the training loop's optimizer (AdamW's default decay)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     if stage == "vae":
         x = torch.rand(batch, 1, 28, 28, device=device) * 2 - 1
