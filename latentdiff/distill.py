@@ -68,7 +68,7 @@ class DistillRunConfig:
         self.sample.validate()
         self.train.validate()
         try:
-            check_student_options(self.sample.sampler, self.sample.guidance_interval)
+            check_student_options(self.sample.sampler, self.sample.guidance_interval, eta=self.sample.eta)
         except ValueError as e:
             raise ConfigError(f"sample: {e}") from None
         _require(self.train.ema_decay > 0, "train.ema_decay must be > 0: its EMA is the consistency target network")

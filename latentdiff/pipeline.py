@@ -53,11 +53,13 @@ def check_compatible(unet: UNet, vae: VAE, name: str = "UNet") -> None:
             f"({vc.latent_channels}, {vc.latent_size}, {vc.latent_size}); pair the UNet with the VAE it was trained on")
 
 
-def check_student_options(sampler: str, guidance_interval, num_timesteps: int | None = None) -> None:
-    """A distilled student samples with "lcm", guided at every step; ValueError naming why otherwise."""
-    if sampler != "lcm":
-        raise ValueError(f"sampler {sampler!r} needs the teacher: this model is a few-step student (distill_ldm.py) "
-                         "whose UNet predicts the end of the teacher's guided trajectory; sample it with sampler='lcm'")
+def check_student_options(sampler: str, guidance_interval, num_timesteps: int | None = None, eta: float = 0.0) -> None:
+    """A distilled student samples with "lcm" (a consistency student, distill.py) or deterministic "ddim" (a
+    progressive student, bench/progressive_distill.py), guided at every step; ValueError naming why otherwise."""
+    if sampler not in ("lcm", "ddim") or (sampler == "ddim" and eta != 0):
+        raise ValueError(f"sampler {sampler!r}{' with eta > 0' if sampler == 'ddim' else ''} needs the teacher: this model "
+                         "is a few-step student whose UNet predicts the end of the teacher's guided trajectory; sample it "
+                         "with sampler='lcm' (consistency students) or 'ddim' with eta=0 (progressive students)")
     if guidance_interval is not None and (num_timesteps is None or tuple(guidance_interval) != (0, num_timesteps - 1)):
         raise ValueError("guidance_interval needs the teacher: this model is a distilled student that takes the "
                          "guidance scale as an input at every step; pass guidance_scale only")
@@ -173,7 +175,7 @@ class LatentDiffusion:
             raise ValueError(f"autoguidance_scale={autoguidance_scale} needs a guide model, and this pipeline has none "
                              f"(no {GUIDE_DIR}/ in its folder): train with guide.fraction > 0, or use autoguidance_scale=1")
         if self.unet.config.guidance_input:  # a distilled student (distill.py): see check_student_options
-            check_student_options(sampler, interval, self.config.diffusion.num_timesteps)
+            check_student_options(sampler, interval, self.config.diffusion.num_timesteps, eta)
         return {"guidance_scale": float(guidance_scale), "steps": steps, "sampler": sampler, "eta": float(eta),
                 "guidance_interval": interval, "spacing": spacing, "autoguidance_scale": float(autoguidance_scale)}
 

@@ -102,6 +102,20 @@ def test_lcd_loss_vanishes_for_an_exact_student_of_an_exact_teacher():
     assert wrong > 0.1
 
 
+def test_pseudo_huber_loss_is_per_example_and_tends_to_half_mse_over_c():
+    """huber_c > 0: mean over examples of sqrt(mse_i + c^2) - c (the preset's c = 0.001, LCM's); large c -> mse / 2c."""
+    abar = make_schedule("cosine", T).float()
+    x0, y, seeds = torch.randn(8, 4, 7, 7), torch.randint(0, 10, (8,)), torch.arange(8)
+    grid, oracle = solver_grid(abar, 10), _oracle(x0, abar)
+    zero = lambda *a: torch.zeros_like(a[0])  # noqa: E731
+    mse, _ = lcd_loss(zero, oracle, oracle, x0, y, seeds, abar, grid, DistillConfig(solver_steps=10), "v", 10)
+    big = 30.0
+    huge, _ = lcd_loss(zero, oracle, oracle, x0, y, seeds, abar, grid, DistillConfig(solver_steps=10, huber_c=big), "v", 10)
+    torch.testing.assert_close(huge * 2 * big, mse, rtol=1e-2, atol=0)
+    small, _ = lcd_loss(zero, oracle, oracle, x0, y, seeds, abar, grid, DistillConfig(solver_steps=10, huber_c=1e-3), "v", 10)
+    assert small > mse.sqrt() * 0.5  # about the mean per-example RMS: far larger than the MSE of O(0.1) errors
+
+
 def test_lcd_loss_has_gradients_only_through_the_student():
     abar = make_schedule("cosine", T).float()
     teacher = tiny_unet(1)
@@ -130,10 +144,22 @@ def test_student_pipeline_samples_with_its_guidance_knob(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, word", [({"sampler": "dpm++"}, "needs the teacher"),
+                                          ({"sampler": "ddim", "eta": 0.5}, "eta > 0 needs the teacher"),
                                           ({"guidance_interval": [10, 50]}, "guidance_interval needs the teacher")])
 def test_student_refuses_teacher_only_options(kwargs, word):
     with pytest.raises(ValueError, match=word):
         _student_pipe().generate([1], seed=0, **kwargs)
+
+
+def test_student_samples_with_deterministic_ddim():
+    """A progressive student (bench/progressive_distill.py) samples with DDIM, eta 0: one undoubled batch per step."""
+    pipe = _student_pipe()
+    calls = []
+    pipe.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    a = pipe.generate([1, 7], seed=0, sampler="ddim", steps=4)
+    assert calls == [2] * 4 and torch.isfinite(a).all()
+    torch.testing.assert_close(a[1:], pipe.generate([7], seed=1, sampler="ddim", steps=4))  # sample i: seed + i
+    assert not torch.equal(a, pipe.generate([1, 7], seed=0, sampler="lcm", steps=4))
 
 
 def test_student_accepts_the_every_step_interval():
