@@ -186,7 +186,7 @@ def test_distill_script_writes_a_student_folder(trained_runs, mnist_dir, tmp_pat
     proc = run_cmd([sys.executable, REPO / "sample.py", "--model", out, "--labels", "1", "2", "--per-label", "2",
                     "--out", tmp_path / "s.png"])
     assert "wrote 4 samples" in proc.stdout
-    bad = run_cmd([sys.executable, REPO / "sample.py", "--model", out, "--sampler", "ddim", "--out", tmp_path / "x.png"],
+    bad = run_cmd([sys.executable, REPO / "sample.py", "--model", out, "--sampler", "dpm++", "--out", tmp_path / "x.png"],
                   check=False)
     assert bad.returncode == 2 and "needs the teacher" in bad.stderr and "Traceback" not in bad.stderr
 
