@@ -30,6 +30,7 @@ from latentdiff.config import SampleConfig  # noqa: E402
 from latentdiff.data import load_mnist, to_model_range  # noqa: E402
 from latentdiff.diffusion import predict_x0_eps, q_sample  # noqa: E402
 from latentdiff.distill import load_teacher, make_student  # noqa: E402
+from latentdiff.ema import EMA  # noqa: E402
 from latentdiff.pipeline import LatentDiffusion, PipelineConfig  # noqa: E402
 from latentdiff.precision import resolve_mixed_precision  # noqa: E402
 from latentdiff.timesteps import make_timesteps  # noqa: E402
@@ -106,6 +107,7 @@ def main() -> None:
         g_teacher, g_student = stage_grid(teacher.alphas_cumprod, a.n0 // 2 ** (k - 1)), stage_grid(teacher.alphas_cumprod, a.n0 // 2 ** k)
         assert torch.equal(g_teacher[::2], g_student), "trailing grids must nest"
         ema = copy.deepcopy(student).requires_grad_(False)
+        ema_state = EMA(ema, student)
         opt = make_optimizer(student.parameters(), a.lr, 0.0, torch.device("cpu"))
         t0 = time.perf_counter()
         for step in range(a.steps):
@@ -127,9 +129,7 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            with torch.no_grad():
-                for pe, ps in zip(ema.parameters(), student.parameters()):
-                    pe.lerp_(ps, 1 - a.ema)
+            ema_state.update(a.ema)
             if step % 100 == 0 or step == a.steps - 1:
                 print(f"stage {k} ({len(g_student) - 1} steps) step {step} loss {loss.item():.5f} "
                       f"{time.perf_counter() - t0:.0f} s", flush=True)
