@@ -55,8 +55,10 @@ demo: venv
 	$(if $(DISTILL),$(MAKE) distill)
 
 # Few-step student of $(RUNS)/ldm (docs/distillation.md); `make demo DISTILL=1` runs it after the demo.
+# DISTILL_CONFIG=progressive: guided progressive distillation instead of LCD (configs/distill_progressive.yaml).
+DISTILL_CONFIG ?= $(PRESET)
 distill: venv
-	$(LAUNCH) distill_ldm.py --config $(PRESET) --teacher $(RUNS)/ldm --out $(RUNS)/ldm_fast $(DATA_ARG) $(ARGS)
+	$(LAUNCH) distill_ldm.py --config $(DISTILL_CONFIG) --teacher $(RUNS)/ldm --out $(RUNS)/ldm_fast $(DATA_ARG) $(ARGS)
 	$(PY) sample.py --model $(RUNS)/ldm_fast --labels 0 1 2 3 4 5 6 7 8 9 --per-label 8 --out $(RUNS)/samples_fast.png
 	@echo "samples of the student: $(RUNS)/samples_fast.png"
 

@@ -1,11 +1,15 @@
-"""Few-step students by latent consistency distillation (LCD; Luo et al. 2023, "Latent consistency models").
+"""Few-step students of a trained LDM: latent consistency distillation (LCD, the default) or guided progressive
+distillation (``distill.method: progressive``, progressive.py).
 
-The student is a copy of the teacher's UNet that also takes the guidance scale w as an input (a
-zero-initialised embedding, so at step 0 it is exactly the teacher). For a training latent x0 at a random
+LCD (Luo et al. 2023, "Latent consistency models"): the student is a copy of the teacher's UNet that also
+takes the guidance scale w as an input (a zero-initialised embedding, so at step 0 it is exactly the teacher). For a training latent x0 at a random
 point t of a coarse grid of ``solver_steps`` timesteps, the frozen teacher takes one guided DDIM step
 from x_t to the grid's next point s; the student's consistency output f(x_t, t) is pulled towards the
 target network's f(x_s, s) (an EMA of the student). f = c_skip x + c_out x0_hat, with f(x, 0) = x
 (``sampling.consistency_x0``). The result samples with ``sampler="lcm"`` in 1-4 UNet calls, no CFG batch.
+
+Progressive: the same w-input student learns, stage by stage, one DDIM step per two of its teacher; every
+finished stage is saved as a student folder of its own under ``stages/`` (and teaches the next stage).
 
 The loop, checkpoints, exact resume, run lock, logging and previews are train.py's (``_run_loop``).
 """
@@ -18,19 +22,23 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from .checkpoint import RUN_CONFIG, claim_run_dir
 from .config import DataConfig, SampleConfig, TrainConfig, _require
 from .data import load_mnist
 from .diffusion import predict_x0_eps, q_sample
-from .errors import ConfigError, ModelLoadError
+from .errors import ConfigError, ModelLoadError, RunDirError
 from .noise import seeded_normal, uniform_bits
 from .pipeline import LatentDiffusion, PipelineConfig, check_student_options, make_grid
+from .progressive import progressive_loss, stage_grids
 from .sampling import consistency_x0
 from .serialization import CONFIG_NAME
 from .timesteps import make_timesteps
-from .train import _check_batching, _end, _run_loop, _seed_all, encode_dataset, make_accelerator
+from .train import _check_batching, _end, _run_loop, _seed_all, encode_dataset, lr_at, make_accelerator
 from .unet import UNet
+
+STAGES_DIR = "stages"  # progressive: stages/<n>_steps/, the student after each stage but the last (the run itself)
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -38,15 +46,29 @@ from .unet import UNet
 class DistillConfig:
     """What the student learns: the teacher's guided ODE on a coarse grid, for a range of guidance scales."""
 
-    # Teacher solver grid: this many trailing timesteps (T-1, T-1-T/N, ...); each training pair is one guided
-    # DDIM step between neighbours (the skipping step k = T/N of the LCM paper).
+    method: str = "lcd"  # lcd | progressive
+    # Teacher solver grid: this many trailing timesteps (T-1, T-1-T/N, ...). lcd: each training pair is one guided
+    # DDIM step between neighbours (the skipping step k = T/N of the LCM paper). progressive: the stage-1
+    # teacher's DDIM steps n0; stage k's student takes n0 / 2^k.
     solver_steps: int = 20
+    stages: int = 4  # progressive only: halvings of the step count, train.steps / stages steps each
     guidance_min: float = 1.0  # w is drawn uniformly from [guidance_min, guidance_max] per example;
     guidance_max: float = 3.0  # the student's guidance knob is trained on this range (1 = conditional only)
-    huber_c: float = 0.0  # pseudo-Huber loss sqrt(d^2 + c^2) - c (LCM); 0 = plain MSE
+    huber_c: float = 0.0  # lcd only: pseudo-Huber loss sqrt(d^2 + c^2) - c (LCM); 0 = plain MSE
+
+    @property
+    def student_steps(self) -> int | None:
+        """The progressive student's DDIM steps, n0 / 2^stages (None for lcd: any step count)."""
+        return self.solver_steps // 2 ** self.stages if self.method == "progressive" else None
 
     def validate(self) -> None:
+        _require(self.method in ("lcd", "progressive"), "distill.method must be lcd or progressive")
         _require(self.solver_steps >= 1, "distill.solver_steps must be >= 1")
+        if self.method == "progressive":
+            _require(self.stages >= 1, "distill.stages must be >= 1")
+            _require(self.solver_steps % 2 ** self.stages == 0,
+                     f"distill.solver_steps={self.solver_steps} must be divisible by 2^stages = {2 ** self.stages} "
+                     "(each stage halves the steps); e.g. 32 with 4 stages")
         _require(0 <= self.guidance_min <= self.guidance_max, "distill needs 0 <= guidance_min <= guidance_max")
         _require(self.huber_c >= 0, "distill.huber_c must be >= 0")
 
@@ -71,7 +93,16 @@ class DistillRunConfig:
             check_student_options(self.sample.sampler, self.sample.guidance_interval, eta=self.sample.eta)
         except ValueError as e:
             raise ConfigError(f"sample: {e}") from None
-        _require(self.train.ema_decay > 0, "train.ema_decay must be > 0: its EMA is the consistency target network")
+        _require(self.train.ema_decay > 0, "train.ema_decay must be > 0: its EMA is the consistency target network "
+                 "(lcd) or the next stage's teacher (progressive), and the saved student")
+        n = self.distill.student_steps
+        if n is not None:
+            _require(self.sample.sampler == "ddim" and self.sample.spacing == "trailing", "distill.method=progressive "
+                     "trains a DDIM student on trailing timesteps: set sample.sampler=ddim and sample.spacing=trailing")
+            _require(self.sample.steps == n, f"distill.method=progressive with solver_steps={self.distill.solver_steps} "
+                     f"and {self.distill.stages} stages trains a {n}-step student: set sample.steps={n}")
+            _require(self.train.steps % self.distill.stages == 0, f"train.steps={self.train.steps} must be divisible "
+                     f"by distill.stages={self.distill.stages} (each stage trains train.steps / stages steps)")
 
 
 # ------------------------------------------------------------------------------------------ teacher and student
@@ -146,6 +177,11 @@ def distill_ldm(cfg: DistillRunConfig, resume: str | None = None, overwrite: boo
     if cfg.distill.solver_steps > diffusion.num_timesteps:
         raise ConfigError(f"distill.solver_steps={cfg.distill.solver_steps} exceeds the teacher's "
                           f"{diffusion.num_timesteps} timesteps")
+    if cfg.distill.method == "progressive" and resume and (Path(cfg.out_dir) / RUN_CONFIG).is_file():
+        saved = (yaml.safe_load((Path(cfg.out_dir) / RUN_CONFIG).read_text()) or {}).get("train", {}).get("steps")
+        if saved is not None and saved != cfg.train.steps:
+            raise ConfigError(f"cannot resume {cfg.out_dir} with train.steps={cfg.train.steps}: a progressive run's "
+                              f"stages are train.steps / stages long; resume with train.steps={saved}")
     images_u8, labels = load_mnist(cfg.data.root, "train", cfg.data.download)
     _check_batching(len(images_u8), cfg.train, accel)
     with claim_run_dir(cfg, resume, overwrite, accel) as (run_dir, resume):  # one run per folder (a lock)
@@ -156,24 +192,77 @@ def distill_ldm(cfg: DistillRunConfig, resume: str | None = None, overwrite: boo
         latents = encode_dataset(vae, images_u8, accel)  # (N, C, h, w), on the device, under the run's autocast
         labels = labels.to(accel.device)
         alphas_cumprod = teacher.alphas_cumprod.float().to(accel.device)
-        grid = solver_grid(teacher.alphas_cumprod, cfg.distill.solver_steps)
 
-        def loss_fn(m, idx, seeds):
-            return lcd_loss(m, target, teacher_unet, latents[idx], labels[idx], seeds, alphas_cumprod, grid,
-                            cfg.distill, diffusion.prediction, teacher.num_classes)
+        def pipeline(unet: UNet, steps: int | None = None) -> LatentDiffusion:
+            sample = replace(cfg.sample, steps=steps) if steps else cfg.sample
+            return LatentDiffusion(unet, vae, PipelineConfig(diffusion=diffusion, sample=sample))
 
-        pipe_cfg = PipelineConfig(diffusion=diffusion, sample=cfg.sample)
+        if cfg.distill.method == "progressive":
+            loss_fn, on_step, lr_fn = _progressive(cfg, accel, run_dir, resume, teacher, model, target, latents, labels,
+                                                   alphas_cumprod, pipeline)
+        else:
+            grid = solver_grid(teacher.alphas_cumprod, cfg.distill.solver_steps)
+            on_step = lr_fn = None
+
+            def loss_fn(m, idx, seeds):
+                return lcd_loss(m, target, teacher_unet, latents[idx], labels[idx], seeds, alphas_cumprod, grid,
+                                cfg.distill, diffusion.prediction, teacher.num_classes)
 
         def preview(path: Path) -> None:
-            images = LatentDiffusion(target, vae, pipe_cfg).generate([c for c in range(10) for _ in range(8)], seed=0)
+            images = pipeline(target).generate([c for c in range(10) for _ in range(8)], seed=0)
             path.parent.mkdir(parents=True, exist_ok=True)
             make_grid(images, nrow=8).save(path)
 
         model.train()
-        _run_loop(cfg, accel, run_dir, model, target, len(latents), loss_fn, preview, resume, "distill")
+        _run_loop(cfg, accel, run_dir, model, target, len(latents), loss_fn, preview, resume, "distill", on_step, lr_fn)
         if accel.is_main_process:
-            LatentDiffusion(target, vae, pipe_cfg).save_pretrained(run_dir)
+            pipeline(target).save_pretrained(run_dir)
             _end(accel, run_dir, preview, cfg.train.steps)
             accel.print(f"saved the {cfg.sample.steps}-step student to {run_dir}")
         accel.wait_for_everyone()
     return run_dir
+
+
+def _progressive(cfg: DistillRunConfig, accel, run_dir: Path, resume, teacher: LatentDiffusion, model: UNet, ema: UNet,
+                 latents, labels, alphas_cumprod, pipeline):
+    """Loss, stage switch (``on_step``) and per-stage learning rate of a progressive run.
+
+    Stage k (1-based) trains steps [(k-1) S, k S), S = train.steps / stages, with its own warm-up and decay.
+    After step k S the EMA (stage k's student) is saved as stages/<n>_steps/, becomes the teacher, and the
+    student restarts from it with a fresh optimizer state; a resume inside stage k reloads its teacher from there.
+    """
+    dc, tc = cfg.distill, cfg.train
+    per_stage = tc.steps // dc.stages
+    stage_tc = replace(tc, steps=per_stage)
+    prediction, null = teacher.config.diffusion.prediction, teacher.num_classes
+    grids = [stage_grids(teacher.alphas_cumprod.cpu(), dc.solver_steps, k) for k in range(1, dc.stages + 1)]
+    state = {"stage": 1, "teacher": teacher.unet, "resuming": resume is not None}
+
+    def folder(stage: int) -> Path:
+        return run_dir / STAGES_DIR / f"{dc.solver_steps // 2 ** stage}_steps"
+
+    def on_step(done: int, optimizer) -> None:
+        resuming, state["resuming"] = state["resuming"], False
+        finished = min(done // per_stage, dc.stages)
+        if done % per_stage == 0 and 0 < finished < dc.stages and not resuming:
+            if accel.is_main_process:
+                pipeline(ema, dc.solver_steps // 2 ** finished).save_pretrained(folder(finished))
+            accel.wait_for_everyone()
+            model.load_state_dict(ema.state_dict())  # the next stage starts from this stage's student
+            optimizer.state.clear()  # and from fresh Adam moments (the bias correction restarts)
+        if finished + 1 != state["stage"] and finished < dc.stages:
+            path = folder(finished)
+            if not (path / CONFIG_NAME).is_file():
+                raise RunDirError(f"resuming at step {done}, in stage {finished + 1} of {dc.stages}, but its teacher "
+                                  f"{path} (stage {finished}'s student) is missing; restore it, or start again with --overwrite")
+            state["stage"], state["teacher"] = finished + 1, UNet.from_pretrained(path / "unet", accel.device).requires_grad_(False)
+
+    def loss_fn(m, idx, seeds):
+        k = state["stage"]
+        return progressive_loss(m, state["teacher"], k == 1, latents[idx], labels[idx], seeds, alphas_cumprod,
+                                grids[k - 1], (dc.guidance_min, dc.guidance_max), prediction, null, accel.autocast)
+
+    def lr_fn(step: int) -> float:
+        return lr_at(step % per_stage, stage_tc)
+
+    return loss_fn, on_step, lr_fn

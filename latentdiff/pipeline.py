@@ -55,7 +55,7 @@ def check_compatible(unet: UNet, vae: VAE, name: str = "UNet") -> None:
 
 def check_student_options(sampler: str, guidance_interval, num_timesteps: int | None = None, eta: float = 0.0) -> None:
     """A distilled student samples with "lcm" (a consistency student, distill.py) or deterministic "ddim" (a
-    progressive student, bench/progressive_distill.py), guided at every step; ValueError naming why otherwise."""
+    progressive student, distill.method: progressive), guided at every step; ValueError naming why otherwise."""
     if sampler not in ("lcm", "ddim") or (sampler == "ddim" and eta != 0):
         raise ValueError(f"sampler {sampler!r}{' with eta > 0' if sampler == 'ddim' else ''} needs the teacher: this model "
                          "is a few-step student whose UNet predicts the end of the teacher's guided trajectory; sample it "

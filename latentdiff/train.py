@@ -101,13 +101,16 @@ def _check_batching(n_examples: int, tc, accel: Accelerator) -> None:
 
 def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, ema: torch.nn.Module | None,
               n_examples: int, loss_fn: Callable, preview_fn: Callable, resume: str | None, desc: str,
-              on_step: Callable[[int], None] | None = None) -> None:
+              on_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
+              lr_fn: Callable[[int], float] | None = None) -> None:
     """The shared optimisation loop: accumulate, clip, step, EMA, log, preview, checkpoint.
 
-    ``on_step(s)``, on every process, whenever the weights are those after s steps: after each step (after
-    the EMA update, before the checkpoint) and once after a resume from step s.
+    ``on_step(s, optimizer)``, on every process, whenever the weights are those after s steps: after each step
+    (after the EMA update, before the checkpoint) and once after a resume from step s. ``lr_fn(step)``: the
+    learning rate of 0-based ``step`` (default ``lr_at``, one warm-up and decay over the run).
     """
     tc = cfg.train
+    lr_fn = lr_fn or (lambda step: lr_at(step, tc))
     optimizer = make_optimizer(model.parameters(), tc.lr, tc.weight_decay, accel.device)
     start, last_ckpt = 0, None
     metrics_path = run_dir / "metrics.jsonl"
@@ -119,7 +122,7 @@ def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, em
             metrics_path.write_text("".join(ln + "\n" for ln in keep))
         accel.print(f"resuming from {last_ckpt} at step {start}")
         if on_step is not None:
-            on_step(start)
+            on_step(start, optimizer)
     start_trackers(accel, cfg, run_dir, start)
     train_model = torch.compile(model) if tc.compile else model
     train_model, optimizer = accel.prepare(train_model, optimizer)
@@ -138,7 +141,7 @@ def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, em
                disable=plain or not accel.is_main_process, dynamic_ncols=True)
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, tc)
+            group["lr"] = lr_fn(step)
         epoch, k = divmod(step, per_epoch)  # the same batches as data.batch_indices, sliced on the device
         if epoch != perm_epoch:
             perm_epoch, perm = epoch, epoch_permutation(n_examples, tc.seed, epoch).to(device)
@@ -160,7 +163,7 @@ def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, em
         seen, since = seen + tc.batch_size, since + 1
         done = step + 1
         if on_step is not None:
-            on_step(done)
+            on_step(done, optimizer)
         ckpt_now = tc.checkpoint_every and (done % tc.checkpoint_every == 0 or done == tc.steps)  # final one: extend later
         if done % tc.log_every == 0 or done == tc.steps or ckpt_now:
             # The only host-device sync: once per log interval, never per step.
@@ -173,7 +176,7 @@ def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, em
                     f"{'--resume latest' if last_ckpt else 'a fresh run'}")
             elapsed = time.perf_counter() - t0
             avg = loss_sum.item() / since
-            rec = {"step": done, "loss": avg, "lr": lr_at(step, tc), "images_per_s": seen / elapsed,
+            rec = {"step": done, "loss": avg, "lr": lr_fn(step), "images_per_s": seen / elapsed,
                    "elapsed_s": time.perf_counter() - t_start, **{k: float(v) for k, v in parts.items()}}
             if accel.is_main_process:
                 with metrics_path.open("a") as f:
@@ -316,7 +319,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None, overwrite: bool = Fa
         guide_step, guide_dir = cfg.guide.step(cfg.train.steps), run_dir / GUIDE_DIR
         guide_checked = [False]  # past the snapshot, guide/ is checked once (a resume), not stat'ed every step
 
-        def keep_guide(done: int) -> None:
+        def keep_guide(done: int, _optimizer) -> None:
             """Autoguidance: snapshot the (EMA) weights after ``guide_step`` steps into guide/ (main process)."""
             if not accel.is_main_process or not guide_step or guide_checked[0]:
                 return

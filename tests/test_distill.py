@@ -152,7 +152,7 @@ def test_student_refuses_teacher_only_options(kwargs, word):
 
 
 def test_student_samples_with_deterministic_ddim():
-    """A progressive student (bench/progressive_distill.py) samples with DDIM, eta 0: one undoubled batch per step."""
+    """A progressive student (distill.method: progressive) samples with DDIM, eta 0: one undoubled batch per step."""
     pipe = _student_pipe()
     calls = []
     pipe.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
