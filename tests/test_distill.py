@@ -162,6 +162,15 @@ def test_student_samples_with_deterministic_ddim():
     assert not torch.equal(a, pipe.generate([1, 7], seed=0, sampler="lcm", steps=4))
 
 
+def test_evaluate_counts_one_unet_row_per_student_step():
+    from latentdiff.evaluate.score import rows_per_digit
+
+    student, teacher = _student_pipe(), tiny_pipeline(0)
+    settings = {"steps": 4, "spacing": "trailing", "guidance_scale": 1.5, "guidance_interval": None,
+                "autoguidance_scale": 1.0}
+    assert rows_per_digit(student, settings) == 4 and rows_per_digit(teacher, settings) == 8
+
+
 def test_student_accepts_the_every_step_interval():
     """[0, T-1] is "every step" (what evaluate records for the default), which is how a student is guided."""
     pipe = _student_pipe()

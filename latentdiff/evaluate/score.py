@@ -89,6 +89,15 @@ def run_settings(pipe, guidance: float | None = None, sampler: str | None = None
             "autoguidance_scale": opts["autoguidance_scale"]}
 
 
+def rows_per_digit(pipe, settings: dict) -> int:
+    """UNet batch rows per digit at resolved ``settings``: 2 at a guided step of a teacher (``sampling.unet_rows``),
+    1 per step for a distilled student, which takes the guidance scale as an input."""
+    timesteps = make_timesteps(pipe.alphas_cumprod, settings["steps"], settings["spacing"])
+    if pipe.unet.config.guidance_input:
+        return len(timesteps)
+    return unet_rows(timesteps, settings["guidance_scale"], settings["guidance_interval"], settings["autoguidance_scale"])
+
+
 def evaluate_ldm(pipe, clf: Classifier, ref: Reference, n_per_class: int = 1000, guidance: float | None = None,
                  sampler: str | None = None, steps: int | None = None, seed: int = 0, batch_size: int = 500,
                  progress: bool = True, *, guidance_interval: Sequence[int] | None = None,
@@ -98,13 +107,12 @@ def evaluate_ldm(pipe, clf: Classifier, ref: Reference, n_per_class: int = 1000,
     ``generate_kwargs`` (``eta`` and any other ``LatentDiffusion.generate`` keyword) go to generate as given;
     the record holds them at the top level and, with the resolved settings, in ``setting``: the keyword
     arguments that reproduce the run with ``pipe.generate``. ``unet_rows`` is the cost: UNet batch rows
-    per digit (a guided step runs two).
+    per digit (a guided step runs two; a distilled student, which takes w as an input, one per step).
     """
     extra = dict(generate_kwargs)
     settings = run_settings(pipe, guidance, sampler, steps, guidance_interval, spacing, extra.pop("eta", None),
                             extra.pop("autoguidance_scale", None))
-    timesteps = make_timesteps(pipe.alphas_cumprod, settings["steps"], settings["spacing"])
-    rows = unet_rows(timesteps, settings["guidance_scale"], settings["guidance_interval"], settings["autoguidance_scale"])
+    rows = rows_per_digit(pipe, settings)
     record = {**settings, **extra, "setting": {**settings, **extra}, "unet_rows": rows, "seed": seed,
               "n_per_class": n_per_class}
     t0 = time.perf_counter()
