@@ -70,6 +70,10 @@ class UNetConfig:
     # A distilled student (distill.py) takes the guidance scale as an input: unet(x, t, y, w), one batch
     # per step instead of CFG's doubled one. False (the default, and every older config) = a plain UNet.
     guidance_input: bool = False
+    # The student's w enters as sinusoidal features of w * guidance_embed_scale, like t. 1000 (LCM's choice, and
+    # what students saved before this field load with) puts features of period 0.006 in w: the output zig-zags
+    # between nearby w (docs/distillation.md); 10 keeps every feature smooth over w in [0, 3].
+    guidance_embed_scale: float = 1000.0
 
     def validate(self) -> None:
         _require(all(v is None or v >= 1 for v in (self.in_channels, self.sample_size)),

@@ -55,6 +55,7 @@ class DistillConfig:
     guidance_min: float = 1.0  # w is drawn uniformly from [guidance_min, guidance_max] per example;
     guidance_max: float = 3.0  # the student's guidance knob is trained on this range (1 = conditional only)
     huber_c: float = 0.0  # lcd only: pseudo-Huber loss sqrt(d^2 + c^2) - c (LCM); 0 = plain MSE
+    guidance_embed_scale: float = 1000.0  # the student's w features: sinusoids of w * this (model.guidance_embed_scale)
 
     @property
     def student_steps(self) -> int | None:
@@ -71,6 +72,7 @@ class DistillConfig:
                      "(each stage halves the steps); e.g. 32 with 4 stages")
         _require(0 <= self.guidance_min <= self.guidance_max, "distill needs 0 <= guidance_min <= guidance_max")
         _require(self.huber_c >= 0, "distill.huber_c must be >= 0")
+        _require(self.guidance_embed_scale > 0, "distill.guidance_embed_scale must be > 0")
 
 
 @dataclass(frozen=True)
@@ -123,9 +125,10 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> Latent
     return teacher
 
 
-def make_student(teacher: UNet) -> UNet:
+def make_student(teacher: UNet, guidance_embed_scale: float = 1000.0) -> UNet:
     """The teacher's UNet plus a zero-initialised guidance-scale input: unet(x, t, y, w) == teacher(x, t, y) for every w."""
-    student = UNet(replace(teacher.config, guidance_input=True)).to(next(teacher.parameters()).device)
+    config = replace(teacher.config, guidance_input=True, guidance_embed_scale=guidance_embed_scale)
+    student = UNet(config).to(next(teacher.parameters()).device)
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
     assert not unexpected and all(k.startswith("guidance_embed.") for k in missing), (missing, unexpected)
     return student
@@ -187,7 +190,7 @@ def distill_ldm(cfg: DistillRunConfig, resume: str | None = None, overwrite: boo
     with claim_run_dir(cfg, resume, overwrite, accel) as (run_dir, resume):  # one run per folder (a lock)
         _seed_all(cfg.train.seed)
         teacher_unet, vae = teacher.unet.requires_grad_(False), teacher.vae
-        model = make_student(teacher_unet)
+        model = make_student(teacher_unet, cfg.distill.guidance_embed_scale)
         target = copy.deepcopy(model).requires_grad_(False)  # the EMA target network; also the saved student
         latents = encode_dataset(vae, images_u8, accel)  # (N, C, h, w), on the device, under the run's autocast
         labels = labels.to(accel.device)

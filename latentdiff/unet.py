@@ -13,7 +13,6 @@ from .config import UNetConfig, VAEConfig
 from .nn import Attention, Downsample, ResBlock, Upsample, timestep_embedding
 from .serialization import load_model, save_model
 
-GUIDANCE_EMBED_SCALE = 1000.0  # w -> sinusoidal features as t is (LCM's w_embedding uses the same x1000)
 
 
 class UNet(nn.Module):
@@ -76,7 +75,7 @@ class UNet(nn.Module):
         if self.config.guidance_input:
             if w is None:
                 raise ValueError("this UNet is a distilled student: pass its guidance scale w (B,) as well")
-            emb = emb + self.guidance_embed(timestep_embedding(w * GUIDANCE_EMBED_SCALE, self.config.channels[0]))
+            emb = emb + self.guidance_embed(timestep_embedding(w * self.config.guidance_embed_scale, self.config.channels[0]))
         elif w is not None:
             raise ValueError("this UNet does not take a guidance scale input; guide it with cfg_model_fn")
         h = self.conv_in(x)
