@@ -69,6 +69,20 @@ def test_unet_config_without_guidance_input_loads(tmp_path):
     assert UNet.from_pretrained(tmp_path).config.guidance_input is False
 
 
+def test_guidance_embed_scale_is_saved_and_older_students_load_with_1000(tmp_path):
+    student = make_student(tiny_unet(0), guidance_embed_scale=10.0).eval()
+    torch.nn.init.normal_(student.guidance_embed[-1].weight, std=0.1)
+    student.save_pretrained(tmp_path)
+    x, t, y, w = torch.randn(2, 4, 7, 7), torch.tensor([5, 60]), torch.tensor([1, 2]), torch.tensor([1.5, 1.6])
+    loaded = UNet.from_pretrained(tmp_path)
+    assert loaded.config.guidance_embed_scale == 10.0 and torch.equal(loaded(x, t, y, w), student(x, t, y, w))
+    data = json.loads((tmp_path / CONFIG_NAME).read_text())
+    del data["guidance_embed_scale"]  # a student saved before the option: sinusoids of 1000 w
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(data))
+    old = UNet.from_pretrained(tmp_path)
+    assert old.config.guidance_embed_scale == 1000.0 and not torch.equal(old(x, t, y, w), student(x, t, y, w))
+
+
 def _oracle(x0: torch.Tensor, abar: torch.Tensor):
     """The exact v-prediction when the data is the single point x0 (per row; a doubled CFG batch repeats it)."""
     def fn(x, t, *_):

@@ -98,7 +98,8 @@ def test_progressive_config_errors_name_the_fix(overrides, word):
 
 def test_the_progressive_preset_loads():
     cfg = load_config(DistillRunConfig, REPO / "configs" / "distill_progressive.yaml", [])
-    assert cfg.distill.method == "progressive" and cfg.distill.student_steps == cfg.sample.steps == 2
+    assert cfg.distill.method == "progressive" and cfg.distill.student_steps == cfg.sample.steps == 4
+    assert cfg.train.steps // cfg.distill.stages % cfg.train.checkpoint_every == 0  # a checkpoint on every boundary
 
 
 # ------------------------------------------------------------------------------------------ the run
