@@ -2,11 +2,12 @@
 distillation (``distill.method: progressive``, progressive.py).
 
 LCD (Luo et al. 2023, "Latent consistency models"): the student is a copy of the teacher's UNet that also
-takes the guidance scale w as an input (a zero-initialised embedding, so at step 0 it is exactly the teacher). For a training latent x0 at a random
-point t of a coarse grid of ``solver_steps`` timesteps, the frozen teacher takes one guided DDIM step
-from x_t to the grid's next point s; the student's consistency output f(x_t, t) is pulled towards the
-target network's f(x_s, s) (an EMA of the student). f = c_skip x + c_out x0_hat, with f(x, 0) = x
-(``sampling.consistency_x0``). The result samples with ``sampler="lcm"`` in 1-4 UNet calls, no CFG batch.
+takes the guidance scale w as an input (a zero-initialised embedding, so at step 0 it is exactly the
+teacher). For a training latent x0 at a random point t of a coarse grid of ``solver_steps`` timesteps, the
+frozen teacher takes one guided DDIM step from x_t to the grid's next point s; the student's consistency
+output f(x_t, t) is pulled towards the target network's f(x_s, s) (an EMA of the student).
+f = c_skip x + c_out x0_hat, with f(x, 0) = x (``sampling.consistency_x0``). The result samples with
+``sampler="lcm"`` in 1-4 UNet calls, no CFG batch.
 
 Progressive: the same w-input student learns, stage by stage, one DDIM step per two of its teacher; every
 finished stage is saved as a student folder of its own under ``stages/`` (and teaches the next stage).

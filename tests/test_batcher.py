@@ -29,6 +29,23 @@ SETTINGS = {"guidance_scale": 2.0, "steps": 3, "sampler": "ddpm", "eta": 0.0}  #
 REQUESTS = [([3, 3, 1], 10), ([7], 500), ([0, 1, 2, 3, 4], 11), ([9, 9], 12), ([5], 2**40)]
 
 
+def same_pixels(got: torch.Tensor, want: torch.Tensor, atol: float = 1e-5) -> bool:
+    """The uint8 pixels a client sees are equal, except where the two float images, equal to ``atol`` (the
+    pipeline's batch-size tolerance: another batch size may take other CPU kernels), straddle a rounding boundary:
+    there one level apart, and only there."""
+    a, b = to_uint8(got).int(), to_uint8(want).int()
+    differ = a != b
+    value = want[:, 0].clamp(0, 1) * 255
+    at_boundary = ((value - value.floor()) - 0.5).abs() <= atol * 255
+    return bool((a - b).abs().max() <= 1 and at_boundary[differ].all())
+
+
+def test_same_pixels_allows_only_a_rounding_boundary():
+    want = torch.full((1, 1, 28, 28), 100.5 / 255)
+    assert same_pixels(want + 2e-7, want - 2e-7)  # straddles x.5: one level apart, allowed
+    assert not same_pixels(torch.full_like(want, 100.2 / 255), torch.full_like(want, 101.2 / 255))
+
+
 def test_one_merged_call_gives_each_request_what_generate_gives_it():
     pipe = tiny_pipeline()
     batches = []
@@ -45,7 +62,7 @@ def test_one_merged_call_gives_each_request_what_generate_gives_it():
         alone = pipe.generate(labels, seed=seed, **SETTINGS)
         assert images.shape == alone.shape and seconds > 0
         assert torch.allclose(images, alone, atol=1e-5, rtol=0)  # the pipeline's own batch-size tolerance
-        assert torch.equal(to_uint8(images), to_uint8(alone))  # the pixels a client sees
+        assert same_pixels(images, alone)  # the pixels a client sees
 
 
 def test_only_equal_settings_share_a_call_and_a_big_request_goes_alone():
@@ -70,7 +87,7 @@ def test_only_equal_settings_share_a_call_and_a_big_request_goes_alone():
                 pipe.generate([3], seed=2, **SETTINGS), pipe.generate([4], seed=3, **other),
                 pipe.generate([5, 6, 7, 8, 9, 0], seed=4, **SETTINGS)]
     for got, want in zip(results, expected):
-        assert torch.equal(to_uint8(got), to_uint8(want))
+        assert same_pixels(got, want)
 
 
 def test_a_lone_client_never_waits_but_a_loaded_server_waits_for_stragglers():
