@@ -20,6 +20,7 @@ import torch
 
 from latentdiff import LatentDiffusion, PipelineConfig, UNet, VAE
 from latentdiff.config import DiffusionConfig, SampleConfig, UNetConfig, VAEConfig
+from latentdiff.diffusion import target
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # the venv's bin/: accelerate, torchrun
@@ -127,6 +128,16 @@ def tiny_unet(seed: int = 0, **overrides) -> UNet:
     torch.manual_seed(seed)
     cfg = dataclasses.replace(TINY_UNET, **overrides)
     return perturb_(UNet(cfg), seed + 200).eval()
+
+
+def single_point_oracle(x0: torch.Tensor, abar: torch.Tensor):
+    """The exact v-prediction when the data is the single point x0, as a UNet: fn(x, t, y[, w]) (per row; a doubled
+    CFG batch repeats x0; labels and a student's w are ignored). DDIM with it is exact at any step count."""
+    def fn(x, t, *_):
+        rows = x0.repeat(len(x) // len(x0), 1, 1, 1)
+        a, s = abar[t].sqrt().view(-1, 1, 1, 1), (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
+        return target(rows, (x - a * rows) / s, abar[t], "v")
+    return fn
 
 
 def tiny_pipeline(seed: int = 0, prediction: str = "v", num_timesteps: int = 100) -> LatentDiffusion:

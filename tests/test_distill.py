@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, accelerate_launch, as_set_args, run_cmd, tiny_pipeline, tiny_unet
+from conftest import REPO, accelerate_launch, as_set_args, run_cmd, single_point_oracle, tiny_pipeline, tiny_unet
 from safetensors.torch import load_file
 
 from latentdiff import LatentDiffusion, UNet
-from latentdiff.diffusion import make_schedule, q_sample, target
+from latentdiff.diffusion import make_schedule, q_sample
 from latentdiff.distill import DistillConfig, lcd_loss, make_student, solver_grid
 from latentdiff.sampling import consistency_x0, lcm
 from latentdiff.serialization import CONFIG_NAME
@@ -83,22 +83,13 @@ def test_guidance_embed_scale_is_saved_and_older_students_load_with_1000(tmp_pat
     assert old.config.guidance_embed_scale == 1000.0 and not torch.equal(old(x, t, y, w), student(x, t, y, w))
 
 
-def _oracle(x0: torch.Tensor, abar: torch.Tensor):
-    """The exact v-prediction when the data is the single point x0 (per row; a doubled CFG batch repeats it)."""
-    def fn(x, t, *_):
-        x0_rows = x0.repeat(len(x) // len(x0), 1, 1, 1)
-        a, s = abar[t].sqrt().view(-1, 1, 1, 1), (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
-        return target(x0_rows, (x - a * x0_rows) / s, abar[t], "v")
-    return fn
-
-
-def test_consistency_boundary_and_lcm_sampler_with_an_oracle():
+def test_consistency_boundary_and_lcm_sampler_with_ansingle_point_oracle():
     abar = make_schedule("cosine", T).float()
     x0, noise = torch.randn(3, 4, 7, 7), torch.randn(3, 4, 7, 7)
     zero = torch.zeros(3, dtype=torch.long)
     assert torch.equal(consistency_x0(torch.randn(3, 4, 7, 7), x0, zero, abar, "v"), x0)  # f(x, 0) = x
     for steps in (1, 2, 4):  # trailing: a last step at t = 0 would return its noisy input (the boundary condition)
-        out = lcm(_oracle(x0, abar), q_sample(x0, torch.full((3,), T - 1), noise, abar), abar, None,
+        out = lcm(single_point_oracle(x0, abar), q_sample(x0, torch.full((3,), T - 1), noise, abar), abar, None,
                   noise_fn=lambda i: torch.randn(3, 4, 7, 7), timesteps=make_timesteps(abar, steps, "trailing"))
         torch.testing.assert_close(out, x0, atol=1e-4, rtol=1e-4)
 
@@ -108,7 +99,7 @@ def test_lcd_loss_vanishes_for_an_exact_student_of_an_exact_teacher():
     x0, y, seeds = torch.randn(8, 4, 7, 7), torch.randint(0, 10, (8,)), torch.arange(8)
     grid = solver_grid(abar, 10)
     assert grid[0][0] == T - 1 and grid[1][-1] == 0 and torch.equal(grid[1][:-1], grid[0][1:])
-    oracle = _oracle(x0, abar)
+    oracle = single_point_oracle(x0, abar)
     dc = DistillConfig(solver_steps=10)
     exact, _ = lcd_loss(oracle, oracle, oracle, x0, y, seeds, abar, grid, dc, "v", 10)
     assert exact < 1e-3  # not 0: a pair ending at s = 0 keeps the sqrt(1 - abar_0) noise there (f(x, 0) = x)
@@ -120,7 +111,7 @@ def test_pseudo_huber_loss_is_per_example_and_tends_to_half_mse_over_c():
     """huber_c > 0: mean over examples of sqrt(mse_i + c^2) - c (the preset's c = 0.001, LCM's); large c -> mse / 2c."""
     abar = make_schedule("cosine", T).float()
     x0, y, seeds = torch.randn(8, 4, 7, 7), torch.randint(0, 10, (8,)), torch.arange(8)
-    grid, oracle = solver_grid(abar, 10), _oracle(x0, abar)
+    grid, oracle = solver_grid(abar, 10), single_point_oracle(x0, abar)
     zero = lambda *a: torch.zeros_like(a[0])  # noqa: E731
     mse, _ = lcd_loss(zero, oracle, oracle, x0, y, seeds, abar, grid, DistillConfig(solver_steps=10), "v", 10)
     big = 30.0

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, as_set_args, run_cmd, tiny_unet
+from conftest import REPO, as_set_args, run_cmd, single_point_oracle, tiny_unet
 from safetensors.torch import load_file
 
 from latentdiff import LatentDiffusion
 from latentdiff.config import load_config
-from latentdiff.diffusion import make_schedule, predict_x0_eps, target
+from latentdiff.diffusion import make_schedule, predict_x0_eps
 from latentdiff.distill import DistillRunConfig, make_student
 from latentdiff.errors import ConfigError
 from latentdiff.progressive import ddim_to, one_step_target, progressive_loss, stage_grids
@@ -48,20 +48,11 @@ def test_one_step_target_lands_exactly_where_asked(prediction):
     torch.testing.assert_close(ddim_to(abar, s, x0, eps), x_s, atol=1e-4, rtol=1e-4)
 
 
-def _oracle_student(x0: torch.Tensor, abar: torch.Tensor):
-    """The exact v-prediction when the data is the single point x0; as a student it also takes w (ignored)."""
-    def fn(x, t, y, *w):
-        rows = x0.repeat(len(x) // len(x0), 1, 1, 1)
-        a, s = abar[t].sqrt().view(-1, 1, 1, 1), (1 - abar[t]).sqrt().view(-1, 1, 1, 1)
-        return target(rows, (x - a * rows) / s, abar[t], "v")
-    return fn
-
-
 def test_progressive_loss_vanishes_for_an_exact_model_and_not_for_a_wrong_one():
     """With one data point, DDIM is exact: one step of the exact model lands where two of the (guided) teacher do."""
     abar = make_schedule("cosine", T).float()
     x0, y, seeds = torch.randn(8, 4, 7, 7), torch.randint(0, 10, (8,)), torch.arange(8)
-    oracle = _oracle_student(x0, abar)
+    oracle = single_point_oracle(x0, abar)
     for stage in (1, 2):
         grids = stage_grids(abar, 8, stage)
         exact, _ = progressive_loss(oracle, oracle, stage == 1, x0, y, seeds, abar, grids, (1.0, 3.0), "v", 10)
