@@ -28,11 +28,11 @@ import yaml
 from .checkpoint import RUN_CONFIG, claim_run_dir
 from .config import DataConfig, SampleConfig, TrainConfig, _require
 from .data import load_mnist
-from .diffusion import predict_x0_eps, q_sample
+from .diffusion import q_sample
 from .errors import ConfigError, ModelLoadError, RunDirError
 from .noise import seeded_normal, uniform_bits
 from .pipeline import LatentDiffusion, PipelineConfig, check_student_options, make_grid
-from .progressive import progressive_loss, stage_grids
+from .progressive import ddim_to, progressive_loss, stage_grids, teacher_estimates
 from .sampling import consistency_x0
 from .serialization import CONFIG_NAME
 from .timesteps import make_timesteps
@@ -155,13 +155,9 @@ def lcd_loss(student, target, teacher, x0: torch.Tensor, y: torch.Tensor, seeds:
     w = (dc.guidance_min + (dc.guidance_max - dc.guidance_min) * u[:, 1]).to(x0.dtype)
     noise = seeded_normal(seeds, tuple(x0.shape[1:]), stream=1, dtype=x0.dtype)
     x_t = q_sample(x0, t, noise, alphas_cumprod)
-    with torch.no_grad():
-        null = torch.full_like(y, null_label)
-        cond, uncond = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)  # (2B, ...) -> 2 x (B, ...)
-        guided = uncond + w.view(-1, 1, 1, 1) * (cond - uncond)  # CFG; eps and v are linear, so x0 and eps follow
-        x0_w, eps_w = predict_x0_eps(guided, x_t, alphas_cumprod[t], prediction)
-        a_s = alphas_cumprod[s].view(-1, 1, 1, 1)
-        x_s = a_s.sqrt() * x0_w + (1 - a_s).sqrt() * eps_w  # DDIM eq. 12, eta = 0
+    with torch.no_grad():  # one guided DDIM step (eta 0) of the teacher: t -> s
+        x_s = ddim_to(alphas_cumprod, s, *teacher_estimates(teacher, True, x_t, t, y, w, alphas_cumprod, prediction,
+                                                            null_label))
         f_target = consistency_x0(target(x_s, s, y, w), x_s, s, alphas_cumprod, prediction)
     f = consistency_x0(student(x_t, t, y, w), x_t, t, alphas_cumprod, prediction)
     if dc.huber_c > 0:

@@ -53,7 +53,8 @@ def one_step_target(abar: torch.Tensor, x_t, t, x_s, s, prediction: str) -> torc
 
 
 def teacher_estimates(unet, guided: bool, x, t, y, w, abar, prediction: str, null_label: int):
-    """(x0, eps) of a teacher at (x, t): CFG with scale w (B,) for the LDM (``guided``), the w input for a student."""
+    """(x0, eps) of a teacher at (x, t): CFG with scale w (B,) for the LDM (``guided``), the w input for a student.
+    With ``ddim_to`` also the LCD loss's teacher step (distill.lcd_loss)."""
     if guided:
         null = torch.full_like(y, null_label)
         cond, uncond = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)  # 2 x (B, ...)
