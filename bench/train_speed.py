@@ -34,21 +34,23 @@ def sync(device: torch.device) -> None:
 
 
 def measure(stage: str, cfg, batch: int, compile_: bool, steps: int, warmup: int, device: torch.device,
-            bf16: bool) -> dict:
+            bf16: bool, channels_last: bool = False) -> dict:
     """Warm-up seconds and timed ms/step for one setting."""
     torch.manual_seed(0)
     model = (VAE(cfg.model) if stage == "vae" else UNet(cfg.model)).to(device).train()  # UNet: default VAE's latents
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
     fwd = torch.compile(model) if compile_ else model
     opt = make_optimizer(model.parameters(), 1e-4, 1e-2, device)  # the training loop's optimizer (AdamW's default decay)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     if stage == "vae":
-        x = torch.rand(batch, 1, 28, 28, device=device) * 2 - 1
+        x = (torch.rand(batch, 1, 28, 28, device=device) * 2 - 1).contiguous(memory_format=fmt)
 
         def loss_fn():
             return vae_loss(fwd, x, cfg.kl_weight, seeds=torch.arange(batch, device=device))[0]
     else:
         shape = (cfg.model.in_channels or 4, cfg.model.sample_size or 7, cfg.model.sample_size or 7)  # null: the default VAE's
-        z, y = torch.randn(batch, *shape, device=device), torch.randint(0, 10, (batch,), device=device)
+        z, y = torch.randn(batch, *shape, device=device).contiguous(memory_format=fmt), torch.randint(0, 10, (batch,), device=device)
         ac = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps).float().to(device)
 
         def loss_fn():
@@ -72,7 +74,8 @@ def measure(stage: str, cfg, batch: int, compile_: bool, steps: int, warmup: int
         step()
     sync(device)
     dt = (time.perf_counter() - t) / steps
-    return {"stage": stage, "batch": batch, "compile": compile_, "bf16": bf16, "warmup_s": warm_s, "step_ms": 1000 * dt,
+    return {"stage": stage, "batch": batch, "compile": compile_, "bf16": bf16, "channels_last": channels_last,
+            "warmup_s": warm_s, "step_ms": 1000 * dt,
             "images_per_s": batch / dt}
 
 
@@ -87,6 +90,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["fp32", "bf16", "both"], help="default: bf16 on a GPU, fp32 on a CPU")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--memory-format", choices=["contiguous", "channels_last", "both"], default="contiguous",
+                   help="model and inputs in NCHW (contiguous) or NHWC (channels_last) memory")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -98,15 +103,18 @@ def main() -> None:
     torch.backends.cudnn.allow_tf32 = True
     cfgs = {"vae": load_config(VAERunConfig, resolve_config_path(args.preset, "vae")),
             "ldm": load_config(LDMRunConfig, resolve_config_path(args.preset, "ldm"))}
+    fmts = {"contiguous": [False], "channels_last": [True], "both": [False, True]}[args.memory_format]
     modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     rows = []
     for stage in args.stages:
         for compile_ in modes:
             for b in args.batches:
                 for bf16 in amps:
-                    r = measure(stage, cfgs[stage], b, compile_, args.steps, args.warmup, device, bf16)
+                  for cl in fmts:
+                    r = measure(stage, cfgs[stage], b, compile_, args.steps, args.warmup, device, bf16, cl)
                     rows.append(r)
-                    print(f"{stage} batch {b:5d} compile={str(compile_):5s} {'bf16' if bf16 else 'fp32'}: "
+                    print(f"{stage} batch {b:5d} compile={str(compile_):5s} {'bf16' if bf16 else 'fp32'} "
+                          f"{'NHWC' if cl else 'NCHW'}: "
                           f"{r['images_per_s']:10,.0f} img/s ({r['step_ms']:.2f} ms/step; warm-up {r['warmup_s']:.1f} s)",
                           flush=True)
     res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -225,7 +225,10 @@ class LatentDiffusion:
             raise ValueError(f"decode got latents with {int((~torch.isfinite(latents)).sum())} NaN/inf value(s): they "
                              "come from upstream (a diverged model, an extreme guidance_scale, corrupt input); pass finite latents")
         decode = getattr(self, "_decode_fn", self.vae._decode)
-        images = decode(self.vae.unscale_latents(latents).float())  # about [-1, 1]
+        z = self.vae.unscale_latents(latents).float()
+        if z.device.type == "cpu":  # NHWC: oneDNN runs the decoder's convolutions ~1.4x faster (docs/scale.md)
+            z = z.contiguous(memory_format=torch.channels_last)
+        images = decode(z).contiguous()  # about [-1, 1]
         return ((images + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
@@ -253,12 +256,12 @@ class LatentDiffusion:
 
             def noise_fn(i: int) -> torch.Tensor:
                 return seeded_normal(seeds, self.vae.latent_shape, stream=i + 1)
-        model = _bf16_on_cuda(getattr(self, "_unet_fn", self.unet), device)
+        model = _unet_call(getattr(self, "_unet_fn", self.unet), device)
         if self.unet.config.guidance_input:  # a student takes the scale as an input: one undoubled batch per step
             w = torch.full((x.shape[0],), float(guidance_scale), device=device)
             model_fn = lambda xx, tt: model(xx, tt, y, w)  # noqa: E731
         else:
-            guide = None if self.guide is None else _bf16_on_cuda(getattr(self, "_guide_fn", self.guide), device)
+            guide = None if self.guide is None else _unet_call(getattr(self, "_guide_fn", self.guide), device)
             model_fn = cfg_model_fn(model, y, guidance_scale, null_label=self.num_classes,
                                     guidance_interval=guidance_interval, guide=guide, autoguidance_scale=autoguidance_scale)
         kwargs = {"eta": eta} if sampler == "ddim" else {}
@@ -301,15 +304,22 @@ class LatentDiffusion:
         return self.decode(self.denoise(x, y, seeds, progress=progress, **opts))
 
 
-def _bf16_on_cuda(unet, device: torch.device):
-    """The UNet call in bf16 autocast on a GPU (the sampler's update maths stays in fp32); as is elsewhere."""
-    if device.type != "cuda":
-        return unet
+def _unet_call(unet, device: torch.device):
+    """The UNet call as it runs fastest on ``device``; the sampler's update maths stays fp32 and NCHW.
 
-    def unet_bf16(xx, tt, yy, *w):  # *w: a distilled student's guidance-scale input
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            return unet(xx, tt, yy, *w).float()
-    return unet_bf16
+    On a GPU: bf16 autocast. On a CPU: the input in channels-last (NHWC) memory, which oneDNN's
+    convolutions run ~1.15x faster than NCHW here (docs/scale.md); the output back in NCHW.
+    """
+    if device.type == "cuda":
+        def unet_bf16(xx, tt, yy, *w):  # *w: a distilled student's guidance-scale input
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                return unet(xx, tt, yy, *w).float()
+        return unet_bf16
+    if device.type == "cpu":
+        def unet_nhwc(xx, tt, yy, *w):
+            return unet(xx.contiguous(memory_format=torch.channels_last), tt, yy, *w).contiguous()
+        return unet_nhwc
+    return unet
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
