@@ -256,3 +256,25 @@ def test_decode_refuses_non_finite_latents(pipe):
     z[1, 0, 3, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN/inf"):
         pipe.decode(z)
+
+
+def test_cpu_channels_last_matches_nchw_and_returns_nchw(pipe):
+    """The pipeline runs the UNet and decoder on NHWC inputs on a CPU: same numbers as NCHW, NCHW out."""
+    torch.manual_seed(0)
+    z = torch.randn(5, *pipe.vae.latent_shape)
+    images = pipe.decode(z)
+    assert images.is_contiguous()
+    ref = ((pipe.vae._decode(pipe.vae.unscale_latents(z)) + 1) / 2).clamp(0, 1)  # NCHW all the way
+    torch.testing.assert_close(images, ref, atol=1e-5, rtol=0)
+    y, seeds = torch.tensor([0, 1, 2, 3, 4]), torch.arange(5)
+    seen, forward = [], pipe.unet.forward
+    pipe.unet.forward = lambda x, *a: seen.append(x.is_contiguous(memory_format=torch.channels_last)) or forward(x, *a)
+    out = pipe.denoise(pipe.noise(seeds), y, seeds, guidance_scale=2.0, steps=4, sampler="dpm++")
+    del pipe.unet.forward
+    assert out.is_contiguous() and seen and all(seen)  # the UNet saw NHWC inputs at every call
+    from latentdiff.sampling import SAMPLERS, cfg_model_fn
+    from latentdiff.timesteps import make_timesteps
+    fn = cfg_model_fn(pipe.unet, y, 2.0, null_label=pipe.num_classes)  # the plain NCHW UNet call
+    ref = SAMPLERS["dpm++"](fn, pipe.noise(seeds), pipe.alphas_cumprod, None, pipe.config.diffusion.prediction,
+                            noise_fn=lambda i: None, timesteps=make_timesteps(pipe.alphas_cumprod, 4, "uniform"))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
