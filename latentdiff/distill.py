@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +54,9 @@ class DistillConfig:
     # teacher's DDIM steps n0; stage k's student takes n0 / 2^k.
     solver_steps: int = 20
     stages: int = 4  # progressive only: halvings of the step count, train.steps / stages steps each
+    # progressive only: training steps per stage, summing to train.steps (e.g. [1400, 800, 800]: stage 1, which learns
+    # the guidance from the CFG teacher, has the most to learn); default: train.steps / stages each
+    stage_steps: Optional[tuple[int, ...]] = None
     guidance_min: float = 1.0  # w is drawn uniformly from [guidance_min, guidance_max] per example;
     guidance_max: float = 3.0  # the student's guidance knob is trained on this range (1 = conditional only)
     huber_c: float = 0.0  # lcd only: pseudo-Huber loss sqrt(d^2 + c^2) - c (LCM); 0 = plain MSE
@@ -63,6 +67,11 @@ class DistillConfig:
         """The progressive student's DDIM steps, n0 / 2^stages (None for lcd: any step count)."""
         return self.solver_steps // 2 ** self.stages if self.method == "progressive" else None
 
+    def stage_ends(self, total_steps: int) -> list[int]:
+        """Progressive: the training step at which each stage ends (the last is ``total_steps``)."""
+        sizes = self.stage_steps or [total_steps // self.stages] * self.stages
+        return [sum(sizes[:k + 1]) for k in range(len(sizes))]
+
     def validate(self) -> None:
         _require(self.method in ("lcd", "progressive"), "distill.method must be lcd or progressive")
         _require(self.solver_steps >= 1, "distill.solver_steps must be >= 1")
@@ -71,6 +80,11 @@ class DistillConfig:
             _require(self.solver_steps % 2 ** self.stages == 0,
                      f"distill.solver_steps={self.solver_steps} must be divisible by 2^stages = {2 ** self.stages} "
                      "(each stage halves the steps); e.g. 32 with 4 stages")
+        if self.stage_steps is not None:
+            _require(self.method == "progressive", "distill.stage_steps is for method=progressive only; remove it")
+            _require(len(self.stage_steps) == self.stages and min(self.stage_steps) >= 1,
+                     f"distill.stage_steps={list(self.stage_steps)} needs one positive step count per stage "
+                     f"({self.stages} stages)")
         _require(0 <= self.guidance_min <= self.guidance_max, "distill needs 0 <= guidance_min <= guidance_max")
         _require(self.huber_c >= 0, "distill.huber_c must be >= 0")
         _require(self.guidance_embed_scale > 0, "distill.guidance_embed_scale must be > 0")
@@ -104,8 +118,14 @@ class DistillRunConfig:
                      "trains a DDIM student on trailing timesteps: set sample.sampler=ddim and sample.spacing=trailing")
             _require(self.sample.steps == n, f"distill.method=progressive with solver_steps={self.distill.solver_steps} "
                      f"and {self.distill.stages} stages trains a {n}-step student: set sample.steps={n}")
-            _require(self.train.steps % self.distill.stages == 0, f"train.steps={self.train.steps} must be divisible "
-                     f"by distill.stages={self.distill.stages} (each stage trains train.steps / stages steps)")
+            if self.distill.stage_steps is None:
+                _require(self.train.steps % self.distill.stages == 0, f"train.steps={self.train.steps} must be "
+                         f"divisible by distill.stages={self.distill.stages} (each stage trains train.steps / stages "
+                         "steps), or give distill.stage_steps")
+            else:
+                _require(sum(self.distill.stage_steps) == self.train.steps, f"distill.stage_steps="
+                         f"{list(self.distill.stage_steps)} sums to {sum(self.distill.stage_steps)}, not train.steps="
+                         f"{self.train.steps}: make them agree")
 
 
 # ------------------------------------------------------------------------------------------ teacher and student
@@ -181,7 +201,7 @@ def distill_ldm(cfg: DistillRunConfig, resume: str | None = None, overwrite: boo
         saved = (yaml.safe_load((Path(cfg.out_dir) / RUN_CONFIG).read_text()) or {}).get("train", {}).get("steps")
         if saved is not None and saved != cfg.train.steps:
             raise ConfigError(f"cannot resume {cfg.out_dir} with train.steps={cfg.train.steps}: a progressive run's "
-                              f"stages are train.steps / stages long; resume with train.steps={saved}")
+                              f"stages are set by train.steps; resume with train.steps={saved}")
     images_u8, labels = load_mnist(cfg.data.root, "train", cfg.data.download)
     _check_batching(len(images_u8), cfg.train, accel)
     with claim_run_dir(cfg, resume, overwrite, accel) as (run_dir, resume):  # one run per folder (a lock)
@@ -227,13 +247,14 @@ def _progressive(cfg: DistillRunConfig, accel, run_dir: Path, resume, teacher: L
                  latents, labels, alphas_cumprod, pipeline):
     """Loss, stage switch (``on_step``) and per-stage learning rate of a progressive run.
 
-    Stage k (1-based) trains steps [(k-1) S, k S), S = train.steps / stages, with its own warm-up and decay.
-    After step k S the EMA (stage k's student) is saved as stages/<n>_steps/, becomes the teacher, and the
-    student restarts from it with a fresh optimizer state; a resume inside stage k reloads its teacher from there.
+    Stage k (1-based) trains steps [e_(k-1), e_k) (``DistillConfig.stage_ends``; equal lengths unless
+    distill.stage_steps), each with its own warm-up and decay. After step e_k the EMA (stage k's student) is saved
+    as stages/<n>_steps/, becomes the teacher, and the student restarts from it with a fresh optimizer state; a
+    resume inside stage k reloads its teacher from there.
     """
     dc, tc = cfg.distill, cfg.train
-    per_stage = tc.steps // dc.stages
-    stage_tc = replace(tc, steps=per_stage)
+    ends = dc.stage_ends(tc.steps)
+    starts = [0] + ends[:-1]
     prediction, null = teacher.config.diffusion.prediction, teacher.num_classes
     grids = [stage_grids(teacher.alphas_cumprod.cpu(), dc.solver_steps, k) for k in range(1, dc.stages + 1)]
     state = {"stage": 1, "teacher": teacher.unet, "resuming": resume is not None}
@@ -243,8 +264,8 @@ def _progressive(cfg: DistillRunConfig, accel, run_dir: Path, resume, teacher: L
 
     def on_step(done: int, optimizer) -> None:
         resuming, state["resuming"] = state["resuming"], False
-        finished = min(done // per_stage, dc.stages)
-        if done % per_stage == 0 and 0 < finished < dc.stages and not resuming:
+        finished = sum(e <= done for e in ends)
+        if done in ends[:-1] and not resuming:
             if accel.is_main_process:
                 pipeline(ema, dc.solver_steps // 2 ** finished).save_pretrained(folder(finished))
             accel.wait_for_everyone()
@@ -263,6 +284,7 @@ def _progressive(cfg: DistillRunConfig, accel, run_dir: Path, resume, teacher: L
                                 grids[k - 1], (dc.guidance_min, dc.guidance_max), prediction, null, accel.autocast)
 
     def lr_fn(step: int) -> float:
-        return lr_at(step % per_stage, stage_tc)
+        k = min(sum(e <= step for e in ends), dc.stages - 1)  # 0-based stage of this step
+        return lr_at(step - starts[k], replace(tc, steps=ends[k] - starts[k]))
 
     return loss_fn, on_step, lr_fn

@@ -3,6 +3,7 @@ target, the loss, and the run (stage folders, exact resume across a stage bounda
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -80,7 +81,12 @@ def test_progressive_loss_trains_the_student_only():
     (["distill.method=progressive", "distill.solver_steps=20"], r"must be divisible by 2\^stages"),
     (["distill.method=progressive", "sample.sampler=ddim", "sample.steps=2", "train.steps=2401"],
      "divisible by distill.stages"),
-    (["distill.method=consistency"], "distill.method must be lcd or progressive")])
+    (["distill.method=consistency"], "distill.method must be lcd or progressive"),
+    (["distill.method=progressive", "sample.sampler=ddim", "sample.steps=2", "distill.stage_steps=[100, 100]"],
+     "one positive step count per stage"),
+    (["distill.method=progressive", "sample.sampler=ddim", "sample.steps=2", "train.steps=2401",
+      "distill.stage_steps=[1000, 600, 400, 400]"], "sums to 2400, not train.steps=2401"),
+    (["distill.stage_steps=[1, 1, 1, 1]"], "for method=progressive only")])
 def test_progressive_config_errors_name_the_fix(overrides, word):
     base = ["distill.solver_steps=32", "distill.stages=4"]
     with pytest.raises(ConfigError, match=word):
@@ -102,6 +108,21 @@ def _pd(teacher: Path, out: Path, mnist_dir: Path, *extra, env: dict | None = No
 def _same(a: Path, b: Path, sub: str) -> None:
     x, y = load_file(str(a / sub)), load_file(str(b / sub))
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), sub
+
+
+@pytest.mark.slow
+def test_stage_steps_move_the_stage_boundary(trained_runs, mnist_dir, tmp_path):
+    """distill.stage_steps=[3, 1]: stage 1 runs 3 steps, then stage 2 saves nothing more and restarts its warm-up."""
+    run = tmp_path / "uneven"
+    _pd(trained_runs["ldm"], run, mnist_dir, "--set", "distill.stage_steps=[3,1]", "--set", "train.warmup_steps=2")
+    assert (run / "stages" / "4_steps" / CONFIG_NAME).is_file()
+    lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lr = load_config(DistillRunConfig, REPO / "configs" / "distill_quick.yaml", PD_SET).train.lr
+    assert lrs[0] == lrs[3] == pytest.approx(lr / 2) and lrs[1] > lrs[0]  # steps 0 and 3 each start a warm-up
+    # the stage-1 student is the EMA after step 3: the same weights as checkpoint 3's target network
+    ckpt = load_file(str(run / "checkpoints" / "step_00000003" / "ema.safetensors"))
+    stage1 = load_file(str(run / "stages" / "4_steps" / "unet" / "model.safetensors"))
+    assert all(torch.equal(stage1[k], ckpt[k]) for k in stage1)
 
 
 @pytest.mark.slow
