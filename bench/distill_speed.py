@@ -1,6 +1,7 @@
 """Sampling speed of a distilled student next to its teacher, each at its default (or given) settings.
 
     python bench/distill_speed.py --teacher runs/ldm --student runs/ldm_fast --student-steps 1 2 4 --out speed.json
+    python bench/distill_speed.py --teacher runs/ldm --student runs/ldm_fast --batch-size 4096 --compile   # a GPU
 
 End to end per batch (noise -> sampler -> VAE decode -> [0,1] images), at one batch size. Teacher and
 student batches alternate (teacher, student 1, student 2, ..., teacher, ...) so a drift in the shared
@@ -32,6 +33,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true", help="pipe.compile() both (each batch shape compiles once, "
+                   "in the warm-up round)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
     if args.threads:
@@ -39,6 +42,8 @@ def main() -> None:
     device = torch.device(args.device)
     teacher = LatentDiffusion.from_pretrained(args.teacher, device)
     student = LatentDiffusion.from_pretrained(args.student, device)
+    if args.compile:
+        teacher.compile(), student.compile()
     labels = [i % 10 for i in range(args.batch_size)]
     runs = {"teacher": lambda: teacher.generate(labels, seed=0, batch_size=args.batch_size)}
     for s in args.student_steps:
@@ -56,8 +61,9 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t)
     base = args.batch_size / statistics.median(times["teacher"])
     out = {"device": str(device), "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-           "batch_size": args.batch_size, "repeats": args.repeats, "teacher_settings": teacher.sampling_options(),
-           "student_settings": student.sampling_options(), "digits_per_s": {}}
+           "batch_size": args.batch_size, "repeats": args.repeats, "compile": args.compile,
+           "teacher_settings": teacher.sampling_options(), "student_settings": student.sampling_options(),
+           "digits_per_s": {}}
     print(f"batch {args.batch_size}, {torch.get_num_threads()} threads, median of {args.repeats}")
     for name, ts in times.items():
         rate = args.batch_size / statistics.median(ts)
