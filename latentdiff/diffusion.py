@@ -31,7 +31,7 @@ def cosine_schedule(num_timesteps: int, s: float = 0.008) -> torch.Tensor:
 
 SCHEDULES: dict[str, Callable[[int], torch.Tensor]] = {"cosine": cosine_schedule, "linear": linear_schedule}
 PREDICTIONS = ("eps", "v")
-LOSS_WEIGHTINGS = ("none", "min_snr")
+LOSS_WEIGHTINGS = ("none", "min_snr", "min_snr_plus_one")
 TIMESTEP_SAMPLINGS = ("uniform", "lognormal")
 
 
@@ -108,17 +108,21 @@ def drop_labels(y: torch.Tensor, p: float, null_label: int, generator: torch.Gen
     return torch.where(drop, torch.full_like(y, null_label), y)
 
 
-def min_snr_weight(abar: torch.Tensor, prediction: str, gamma: float = 5.0) -> torch.Tensor:
+def min_snr_weight(abar: torch.Tensor, prediction: str, gamma: float = 5.0, plus_one: bool = False) -> torch.Tensor:
     """Min-SNR-gamma loss weight per example (Hang et al. 2023, eq. 9 / sec. 3.4), SNR = abar / (1 - abar).
 
     Clamping the x0-space weight SNR at gamma stops the low-noise steps dominating training. In the
     network's own target space that is min(SNR, gamma) / SNR for eps and min(SNR, gamma) / (SNR + 1) for v.
+    ``plus_one``: the x0-space weight is min(SNR + 1, gamma + 1) instead (Salimans & Ho 2022's "SNR + 1",
+    which is the plain v loss, clamped the same way): the low-noise steps are capped as before, but the
+    high-noise steps, where min-SNR's weight falls to SNR -> 0, keep the full v-loss weight.
     """
     snr = abar / (1 - abar)
+    x0_weight = (snr + 1).clamp(max=gamma + 1) if plus_one else snr.clamp(max=gamma)
     if prediction == "eps":
-        return snr.clamp(max=gamma) / snr
+        return x0_weight / snr
     if prediction == "v":
-        return snr.clamp(max=gamma) / (snr + 1)
+        return x0_weight / (snr + 1)
     raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
 
 
@@ -152,8 +156,9 @@ def diffusion_loss(model: Callable, x0: torch.Tensor, y: torch.Tensor, alphas_cu
     out = model(x_t, t, y)
     if loss_weighting == "none":
         return F.mse_loss(out.float(), target(x0, noise, abar, prediction).float())
-    if loss_weighting != "min_snr":
+    if loss_weighting not in ("min_snr", "min_snr_plus_one"):
         raise ValueError(f"unknown loss_weighting {loss_weighting!r}; choose one of {LOSS_WEIGHTINGS}")
     per_example = (out.float() - target(x0, noise, abar, prediction).float()).square().flatten(1).mean(1)  # (B,)
-    weight = min_snr_weight(alphas_cumprod.to(x0.device, torch.float64)[t], prediction, min_snr_gamma)  # (B,)
+    weight = min_snr_weight(alphas_cumprod.to(x0.device, torch.float64)[t], prediction, min_snr_gamma,
+                            plus_one=loss_weighting == "min_snr_plus_one")  # (B,)
     return (weight.float() * per_example).mean()

@@ -172,6 +172,16 @@ def test_min_snr_weight_at_known_timesteps():
         min_snr_weight(abar, "x0")
 
 
+def test_min_snr_plus_one_keeps_the_high_noise_weight():
+    """plus_one: x0-space weight min(SNR + 1, g + 1); v: 1 up to SNR = g, then (g + 1) / (SNR + 1)."""
+    abar = torch.tensor([0.01, 0.5, 0.8, 0.9, 0.99], dtype=torch.float64)  # SNR 1/99, 1, 4, 9, 99
+    v = min_snr_weight(abar, "v", gamma=5.0, plus_one=True)
+    assert torch.allclose(v, torch.tensor([1, 1, 1, 6 / 10, 6 / 100], dtype=torch.float64))
+    assert min_snr_weight(abar, "v", gamma=5.0)[0] < 0.011  # min-SNR starves the noisiest step; plus_one does not
+    eps = min_snr_weight(abar, "eps", gamma=5.0, plus_one=True)
+    assert torch.allclose(eps, torch.tensor([100, 2, 5 / 4, 6 / 9, 6 / 99], dtype=torch.float64))
+
+
 def _recorded_loss_terms(prediction: str, **kwargs):
     """Run diffusion_loss with a recording model -> (loss, per-example MSE (B,), abar at the drawn t (B,))."""
     abar = cosine_schedule(100).float()
@@ -198,6 +208,9 @@ def test_loss_weighting_none_is_the_plain_mse_and_min_snr_reweights(prediction):
     w = min_snr_weight(abar_t.double(), prediction, 2.0).float()
     assert weighted.item() == pytest.approx((w * per_example).mean().item(), rel=1e-5)
     assert weighted.item() < plain.item()  # every weight is <= 1 for eps and v
+    plus = _recorded_loss_terms(prediction, loss_weighting="min_snr_plus_one", min_snr_gamma=2.0)[0]
+    w = min_snr_weight(abar_t.double(), prediction, 2.0, plus_one=True).float()
+    assert plus.item() == pytest.approx((w * per_example).mean().item(), rel=1e-5)
     with pytest.raises(ValueError, match="loss_weighting"):
         _recorded_loss_terms(prediction, loss_weighting="p2")
 
