@@ -12,6 +12,7 @@ a CPU; ``both`` measures the two side by side). Random inputs: speed does not de
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -37,9 +38,9 @@ def measure(stage: str, cfg, batch: int, compile_: bool, steps: int, warmup: int
             bf16: bool, channels_last: bool = False) -> dict:
     """Warm-up seconds and timed ms/step for one setting."""
     torch.manual_seed(0)
-    model = (VAE(cfg.model) if stage == "vae" else UNet(cfg.model)).to(device).train()  # UNet: default VAE's latents
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
+    model = VAE(cfg.model) if stage == "vae" else UNet(cfg.model)  # UNet: the default VAE's latents
+    model = model.to(device, memory_format=fmt).train()
     fwd = torch.compile(model) if compile_ else model
     opt = make_optimizer(model.parameters(), 1e-4, 1e-2, device)  # the training loop's optimizer (AdamW's default decay)
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -50,7 +51,8 @@ def measure(stage: str, cfg, batch: int, compile_: bool, steps: int, warmup: int
             return vae_loss(fwd, x, cfg.kl_weight, seeds=torch.arange(batch, device=device))[0]
     else:
         shape = (cfg.model.in_channels or 4, cfg.model.sample_size or 7, cfg.model.sample_size or 7)  # null: the default VAE's
-        z, y = torch.randn(batch, *shape, device=device).contiguous(memory_format=fmt), torch.randint(0, 10, (batch,), device=device)
+        z = torch.randn(batch, *shape, device=device).contiguous(memory_format=fmt)
+        y = torch.randint(0, 10, (batch,), device=device)
         ac = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps).float().to(device)
 
         def loss_fn():
@@ -106,17 +108,11 @@ def main() -> None:
     fmts = {"contiguous": [False], "channels_last": [True], "both": [False, True]}[args.memory_format]
     modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     rows = []
-    for stage in args.stages:
-        for compile_ in modes:
-            for b in args.batches:
-                for bf16 in amps:
-                  for cl in fmts:
-                    r = measure(stage, cfgs[stage], b, compile_, args.steps, args.warmup, device, bf16, cl)
-                    rows.append(r)
-                    print(f"{stage} batch {b:5d} compile={str(compile_):5s} {'bf16' if bf16 else 'fp32'} "
-                          f"{'NHWC' if cl else 'NCHW'}: "
-                          f"{r['images_per_s']:10,.0f} img/s ({r['step_ms']:.2f} ms/step; warm-up {r['warmup_s']:.1f} s)",
-                          flush=True)
+    for stage, compile_, b, bf16, cl in itertools.product(args.stages, modes, args.batches, amps, fmts):
+        r = measure(stage, cfgs[stage], b, compile_, args.steps, args.warmup, device, bf16, cl)
+        rows.append(r)
+        print(f"{stage} batch {b:5d} compile={str(compile_):5s} {'bf16' if bf16 else 'fp32'} {'NHWC' if cl else 'NCHW'}: "
+              f"{r['images_per_s']:10,.0f} img/s ({r['step_ms']:.2f} ms/step; warm-up {r['warmup_s']:.1f} s)", flush=True)
     res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "preset": args.preset, "threads": torch.get_num_threads(), "rows": rows}
     if args.out:

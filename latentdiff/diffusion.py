@@ -156,7 +156,7 @@ def diffusion_loss(model: Callable, x0: torch.Tensor, y: torch.Tensor, alphas_cu
     out = model(x_t, t, y)
     if loss_weighting == "none":
         return F.mse_loss(out.float(), target(x0, noise, abar, prediction).float())
-    if loss_weighting not in ("min_snr", "min_snr_plus_one"):
+    if loss_weighting not in LOSS_WEIGHTINGS:
         raise ValueError(f"unknown loss_weighting {loss_weighting!r}; choose one of {LOSS_WEIGHTINGS}")
     per_example = (out.float() - target(x0, noise, abar, prediction).float()).square().flatten(1).mean(1)  # (B,)
     weight = min_snr_weight(alphas_cumprod.to(x0.device, torch.float64)[t], prediction, min_snr_gamma,

@@ -18,6 +18,7 @@ The loop, checkpoints, exact resume, run lock, logging and previews are train.py
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -69,8 +70,7 @@ class DistillConfig:
 
     def stage_ends(self, total_steps: int) -> list[int]:
         """Progressive: the training step at which each stage ends (the last is ``total_steps``)."""
-        sizes = self.stage_steps or [total_steps // self.stages] * self.stages
-        return [sum(sizes[:k + 1]) for k in range(len(sizes))]
+        return list(itertools.accumulate(self.stage_steps or [total_steps // self.stages] * self.stages))
 
     def validate(self) -> None:
         _require(self.method in ("lcd", "progressive"), "distill.method must be lcd or progressive")
