@@ -17,6 +17,7 @@ The loop, checkpoints, exact resume, run lock, logging and previews are train.py
 
 from __future__ import annotations
 
+import bisect
 import copy
 import itertools
 from dataclasses import dataclass, field, replace
@@ -264,7 +265,7 @@ def _progressive(cfg: DistillRunConfig, accel, run_dir: Path, resume, teacher: L
 
     def on_step(done: int, optimizer) -> None:
         resuming, state["resuming"] = state["resuming"], False
-        finished = sum(e <= done for e in ends)
+        finished = bisect.bisect_right(ends, done)  # stages whose last step is done
         if done in ends[:-1] and not resuming:
             if accel.is_main_process:
                 pipeline(ema, dc.solver_steps // 2 ** finished).save_pretrained(folder(finished))
@@ -284,7 +285,7 @@ def _progressive(cfg: DistillRunConfig, accel, run_dir: Path, resume, teacher: L
                                 grids[k - 1], (dc.guidance_min, dc.guidance_max), prediction, null, accel.autocast)
 
     def lr_fn(step: int) -> float:
-        k = min(sum(e <= step for e in ends), dc.stages - 1)  # 0-based stage of this step
+        k = min(bisect.bisect_right(ends, step), dc.stages - 1)  # 0-based stage of this step
         return lr_at(step - starts[k], replace(tc, steps=ends[k] - starts[k]))
 
     return loss_fn, on_step, lr_fn

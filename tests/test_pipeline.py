@@ -12,6 +12,8 @@ from conftest import tiny_pipeline
 
 from latentdiff import LatentDiffusion, make_grid, to_pil
 from latentdiff.errors import ModelLoadError
+from latentdiff.sampling import SAMPLERS, cfg_model_fn
+from latentdiff.timesteps import make_timesteps
 
 LABELS = [0, 1, 2, 3, 4, 5, 6, 7]
 
@@ -272,8 +274,6 @@ def test_cpu_channels_last_matches_nchw_and_returns_nchw(pipe):
     out = pipe.denoise(pipe.noise(seeds), y, seeds, guidance_scale=2.0, steps=4, sampler="dpm++")
     del pipe.unet.forward
     assert out.is_contiguous() and seen and all(seen)  # the UNet saw NHWC inputs at every call
-    from latentdiff.sampling import SAMPLERS, cfg_model_fn
-    from latentdiff.timesteps import make_timesteps
     fn = cfg_model_fn(pipe.unet, y, 2.0, null_label=pipe.num_classes)  # the plain NCHW UNet call
     ref = SAMPLERS["dpm++"](fn, pipe.noise(seeds), pipe.alphas_cumprod, None, pipe.config.diffusion.prediction,
                             noise_fn=lambda i: None, timesteps=make_timesteps(pipe.alphas_cumprod, 4, "uniform"))
