@@ -36,8 +36,11 @@ $(VENV)/.test-installed: $(VENV)/.installed
 
 venv: $(VENV)/.installed
 
+# One pytest worker per core, at most 4 (pytest-xdist): the training tests run one-thread subprocesses, so a
+# single worker leaves the other cores idle. TEST_JOBS=0 runs everything in one process.
+TEST_JOBS ?= auto
 test: $(VENV)/.test-installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_JOBS) --maxprocesses 4 --dist worksteal tests
 
 # The documentation site into site/ (the docs extra on first use); --strict fails on a broken link or reference.
 $(VENV)/.docs-installed: $(VENV)/.installed

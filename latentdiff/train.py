@@ -29,7 +29,6 @@ from .diffusion import diffusion_loss, make_schedule
 from .ema import EMA, ema_decay_at
 from .errors import ConfigError, RunDirError, TrainingDiverged
 from .pipeline import GUIDE_DIR, LatentDiffusion, PipelineConfig, make_grid
-from .plot import loss_plot
 from .precision import resolve_mixed_precision
 from .serialization import CONFIG_NAME
 from .tracking import finish_trackers, log_image, start_trackers, tracker_names
@@ -202,6 +201,7 @@ def _run_loop(cfg, accel: Accelerator, run_dir: Path, model: torch.nn.Module, em
 
 def _finish(run_dir: Path, preview_fn: Callable) -> None:
     """Final preview grid and the loss-curve PNG."""
+    from .plot import loss_plot  # imported here: matplotlib costs ~0.5 s of start-up that a run stopping early never needs
     preview_fn(run_dir / "previews" / "final.png")
     metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln]
     loss_plot([m["step"] for m in metrics], [m["loss"] for m in metrics], run_dir / "loss.png",
