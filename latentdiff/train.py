@@ -31,6 +31,7 @@ from .errors import ConfigError, RunDirError, TrainingDiverged
 from .pipeline import GUIDE_DIR, LatentDiffusion, PipelineConfig, make_grid
 from .precision import resolve_mixed_precision
 from .serialization import CONFIG_NAME
+from .threads import use_cpu_cores
 from .tracking import finish_trackers, log_image, start_trackers, tracker_names
 from .unet import UNet
 from .vae import VAE, encode_all, latent_stats, vae_loss
@@ -77,6 +78,8 @@ def make_accelerator(cfg) -> Accelerator:
     cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
     device = torch.device("cpu" if cpu else "cuda" if torch.cuda.is_available() else "mps")
     main = os.environ.get("RANK", "0") == "0"  # before the Accelerator exists: say it once, on the main process
+    if cpu:  # first: accelerate launch and torchrun default to one thread per process on a CPU
+        use_cpu_cores(announce=main)
     mixed = resolve_mixed_precision(cfg.train.mixed_precision, device, announce=main)
     # Trackers are checked here, first: a missing package fails before anything is loaded or written.
     return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.train.grad_accum,

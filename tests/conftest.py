@@ -154,10 +154,12 @@ def pipe() -> LatentDiffusion:
 # ----------------------------------------------------------------------------------- subprocesses
 def run_cmd(args: list[str], cwd: Path = REPO, timeout: float = 300, env: dict | None = None,
             check: bool = True) -> subprocess.CompletedProcess:
-    """Run a command (no network, 1 thread per process), capture output, fail with the output shown."""
+    """Run a command (no network, 1 thread per process), capture output, fail with the output shown.
+    ``env`` adds variables; a value None removes one."""
     full_env = {k: v for k, v in os.environ.items() if k != "LATENTDIFF_DATA"}
     full_env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
                      "PYTHONUNBUFFERED": "1", **(env or {})})
+    full_env = {k: v for k, v in full_env.items() if v is not None}
     # A session of its own, so a timeout kills the whole tree (torchrun's workers too), not just the launcher.
     with subprocess.Popen([str(a) for a in args], cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, start_new_session=True) as popen:
