@@ -30,6 +30,9 @@ from .vae import VAE
 
 
 GUIDE_DIR = "guide"  # the autoguidance guide UNet inside an LDM folder (optional)
+# Rows per network call by device type (run_in_tiles). CPU: the speed of batch 256 at a fraction of its
+# padding cost for small requests (docs/scale.md); GPU: enough rows to fill an H100 with the quick UNet.
+DEFAULT_TILE = {"cpu": 64, "cuda": 1024}
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,8 @@ class LatentDiffusion:
     ``guide``: an optional weaker UNet for autoguidance (saved in the folder's guide/; see ``generate``).
     """
 
-    def __init__(self, unet: UNet, vae: VAE, config: PipelineConfig | None = None, guide: UNet | None = None):
+    def __init__(self, unet: UNet, vae: VAE, config: PipelineConfig | None = None, guide: UNet | None = None,
+                 tile_size: int | None = None):
         check_compatible(unet, vae)
         if guide is not None:
             check_compatible(guide, vae, "guide UNet")
@@ -83,6 +87,22 @@ class LatentDiffusion:
         self.config = config or PipelineConfig()
         self.config.validate()
         self.alphas_cumprod = make_schedule(self.config.diffusion.schedule, self.config.diffusion.num_timesteps)
+        self.tile_size = tile_size
+
+    @property
+    def tile_size(self) -> int:
+        """Rows per network call: every UNet, encoder and decoder call runs on exactly this many (see ``run_in_tiles``).
+
+        A digit's bits depend on it (the matrix kernels pick their algorithm by shape); the batch size does
+        not. Default: ``DEFAULT_TILE`` for the device (64 on a CPU, 1024 on a GPU; docs/scale.md).
+        """
+        return self._tile_size or DEFAULT_TILE.get(self.device.type, DEFAULT_TILE["cpu"])
+
+    @tile_size.setter
+    def tile_size(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"tile_size must be an integer >= 1 (or None for the device's default), got {value!r}")
+        self._tile_size = value
 
     @property
     def device(self) -> torch.device:
@@ -110,7 +130,8 @@ class LatentDiffusion:
         atomic_write_bytes(directory / CONFIG_NAME, (json.dumps(to_dict(self.config), indent=2) + "\n").encode())
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "LatentDiffusion":
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
+                        tile_size: int | None = None) -> "LatentDiffusion":
         """Load an LDM run folder (config.json, unet/, vae/, and guide/ where training kept one)."""
         directory = Path(directory)
         if not directory.is_dir():
@@ -122,7 +143,7 @@ class LatentDiffusion:
         unet = UNet.from_pretrained(directory / "unet", device)
         vae = VAE.from_pretrained(directory / "vae", device)
         guide = UNet.from_pretrained(directory / GUIDE_DIR, device) if (directory / GUIDE_DIR).is_dir() else None
-        return cls(unet, vae, config, guide)
+        return cls(unet, vae, config, guide, tile_size)
 
     # ------------------------------------------------------------------ inputs
     def check_labels(self, labels) -> torch.Tensor:
@@ -214,7 +235,9 @@ class LatentDiffusion:
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 1, 28, 28) in [0, 1] -> scaled latents (B, 4, 7, 7): the posterior mean, as in training."""
-        z = self.vae.encode(images.to(self.device).float() * 2 - 1).mean
+        x = images.to(self.device).float() * 2 - 1
+        self.vae._check_images(x)
+        z = run_in_tiles(lambda xx: self.vae._encode(xx).mean, self.tile_size, x)
         return self.vae.scale_latents(z)
 
     @torch.no_grad()
@@ -224,11 +247,14 @@ class LatentDiffusion:
         if not torch.isfinite(latents).all():  # one sync per batch; NaN digits would hide where things broke
             raise ValueError(f"decode got latents with {int((~torch.isfinite(latents)).sum())} NaN/inf value(s): they "
                              "come from upstream (a diverged model, an extreme guidance_scale, corrupt input); pass finite latents")
-        decode = getattr(self, "_decode_fn", self.vae._decode)
-        z = self.vae.unscale_latents(latents).float()
-        if z.device.type == "cpu":  # NHWC: oneDNN runs the decoder's convolutions ~1.4x faster (docs/scale.md)
-            z = z.contiguous(memory_format=torch.channels_last)
-        images = decode(z).contiguous()  # about [-1, 1]
+        decoder = getattr(self, "_decode_fn", self.vae._decode)
+
+        def decode(z: torch.Tensor) -> torch.Tensor:
+            if z.device.type == "cpu":  # NHWC: oneDNN runs the decoder's convolutions ~1.4x faster (docs/scale.md)
+                z = z.contiguous(memory_format=torch.channels_last)
+            return decoder(z).contiguous()  # about [-1, 1]
+
+        images = run_in_tiles(decode, self.tile_size, self.vae.unscale_latents(latents).float())
         return ((images + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
@@ -256,12 +282,12 @@ class LatentDiffusion:
 
             def noise_fn(i: int) -> torch.Tensor:
                 return seeded_normal(seeds, self.vae.latent_shape, stream=i + 1)
-        model = _unet_call(getattr(self, "_unet_fn", self.unet), device)
+        model = _unet_call(getattr(self, "_unet_fn", self.unet), device, self.tile_size)
         if self.unet.config.guidance_input:  # a student takes the scale as an input: one undoubled batch per step
             w = torch.full((x.shape[0],), float(guidance_scale), device=device)
             model_fn = lambda xx, tt: model(xx, tt, y, w)  # noqa: E731
         else:
-            guide = None if self.guide is None else _unet_call(getattr(self, "_guide_fn", self.guide), device)
+            guide = None if self.guide is None else _unet_call(getattr(self, "_guide_fn", self.guide), device, self.tile_size)
             model_fn = cfg_model_fn(model, y, guidance_scale, null_label=self.num_classes,
                                     guidance_interval=guidance_interval, guide=guide, autoguidance_scale=autoguidance_scale)
         kwargs = {"eta": eta} if sampler == "ddim" else {}
@@ -304,22 +330,43 @@ class LatentDiffusion:
         return self.decode(self.denoise(x, y, seeds, progress=progress, **opts))
 
 
-def _unet_call(unet, device: torch.device):
-    """The UNet call as it runs fastest on ``device``; the sampler's update maths stays fp32 and NCHW.
+def run_in_tiles(fn, tile: int, *rows: torch.Tensor) -> torch.Tensor:
+    """``fn(*rows)`` computed ``tile`` rows at a time, the last tile padded with copies of its last row.
+
+    Why: a digit must get the same bits whatever batch it rides in. The CPU's matrix and convolution
+    kernels choose their algorithm (and so their rounding) by the batch shape, e.g. batch 1 differs from
+    batch 3 in the last bits, so every network call here has one shape. What stays, a digit's position in
+    the tile and the other digits in it, changes nothing: no layer mixes samples, and the elementwise
+    kernels treat every element alike (``nn.silu``); tests/test_invariance.py checks both on every CPU
+    kernel set the machine has. rows: tensors whose first dimension is the batch (x, t, labels, ...).
+    """
+    n = rows[0].shape[0]
+    out = []
+    for a in range(0, n, tile):
+        part = [r[a:a + tile] for r in rows]
+        k = part[0].shape[0]
+        if k < tile:  # (k, ...) -> (tile, ...): the pad rows are computed and dropped
+            part = [torch.cat([p, p[-1:].expand(tile - k, *p.shape[1:])]) for p in part]
+        out.append(fn(*part)[:k])
+    return out[0] if len(out) == 1 else torch.cat(out)
+
+
+def _unet_call(unet, device: torch.device, tile: int):
+    """The UNet call in fixed tiles (``run_in_tiles``), as it runs fastest on ``device``; the sampler's maths stays fp32, NCHW.
 
     On a GPU: bf16 autocast. On a CPU: the input in channels-last (NHWC) memory, which oneDNN's
     convolutions run ~1.15x faster than NCHW here (docs/scale.md); the output back in NCHW.
     """
     if device.type == "cuda":
-        def unet_bf16(xx, tt, yy, *w):  # *w: a distilled student's guidance-scale input
+        def call(xx, tt, yy, *w):  # *w: a distilled student's guidance-scale input
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 return unet(xx, tt, yy, *w).float()
-        return unet_bf16
-    if device.type == "cpu":
-        def unet_nhwc(xx, tt, yy, *w):
+    elif device.type == "cpu":
+        def call(xx, tt, yy, *w):
             return unet(xx.contiguous(memory_format=torch.channels_last), tt, yy, *w).contiguous()
-        return unet_nhwc
-    return unet
+    else:
+        call = unet
+    return lambda *args: run_in_tiles(call, tile, *args)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -6,11 +6,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import UNetConfig, VAEConfig
-from .nn import Attention, Downsample, ResBlock, Upsample, timestep_embedding
+from .nn import Attention, Downsample, ResBlock, SiLU, Upsample, timestep_embedding
 from .serialization import load_model, save_model
 
 
@@ -27,10 +26,10 @@ class UNet(nn.Module):
             sample_size=default.latent_size if config.sample_size is None else config.sample_size)
         ch, g, heads = config.channels, config.groups, config.num_heads
         emb_dim = 4 * ch[0]
-        self.time_embed = nn.Sequential(nn.Linear(ch[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_embed = nn.Sequential(nn.Linear(ch[0], emb_dim), SiLU(), nn.Linear(emb_dim, emb_dim))
         self.class_embed = nn.Embedding(config.num_classes + 1, emb_dim)  # +1: the null label for CFG
         if config.guidance_input:  # the scale w, embedded like t; zero output at init, so a fresh student = its teacher
-            self.guidance_embed = nn.Sequential(nn.Linear(ch[0], emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            self.guidance_embed = nn.Sequential(nn.Linear(ch[0], emb_dim), SiLU(), nn.Linear(emb_dim, emb_dim))
             nn.init.zeros_(self.guidance_embed[-1].weight)
             nn.init.zeros_(self.guidance_embed[-1].bias)
         self.conv_in = nn.Conv2d(config.in_channels, ch[0], 3, padding=1)
@@ -59,7 +58,7 @@ class UNet(nn.Module):
                 prev = c
             if i > 0:
                 self.up.append(nn.ModuleList([Upsample(c)]))
-        self.out = nn.Sequential(nn.GroupNorm(g, prev), nn.SiLU(), nn.Conv2d(prev, config.in_channels, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(g, prev), SiLU(), nn.Conv2d(prev, config.in_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)  # predicts 0 at init
         nn.init.zeros_(self.out[-1].bias)
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig
-from .nn import Attention, Downsample, ResBlock, Upsample
+from .nn import Attention, Downsample, ResBlock, SiLU, Upsample
 from .noise import seeded_normal
 from .serialization import load_model, save_model
 
@@ -64,7 +64,7 @@ class VAE(nn.Module):
                 level.append(Downsample(c))
             self.enc_blocks.append(level)
         self.enc_mid = nn.ModuleList([ResBlock(prev, prev, groups=g), Attention(prev, 1, g), ResBlock(prev, prev, groups=g)])
-        self.enc_out = nn.Sequential(nn.GroupNorm(g, prev), nn.SiLU(), nn.Conv2d(prev, 2 * config.latent_channels, 3, padding=1))
+        self.enc_out = nn.Sequential(nn.GroupNorm(g, prev), SiLU(), nn.Conv2d(prev, 2 * config.latent_channels, 3, padding=1))
         # Decoder mirrors the encoder.
         self.dec_in = nn.Conv2d(config.latent_channels, prev, 3, padding=1)
         self.dec_mid = nn.ModuleList([ResBlock(prev, prev, groups=g), Attention(prev, 1, g), ResBlock(prev, prev, groups=g)])
@@ -77,7 +77,7 @@ class VAE(nn.Module):
                 prev = c
             self.dec_blocks.append(level)
             self.dec_up.append(Upsample(c) if i > 0 else nn.Identity())
-        self.dec_out = nn.Sequential(nn.GroupNorm(g, prev), nn.SiLU(), nn.Conv2d(prev, config.in_channels, 3, padding=1))
+        self.dec_out = nn.Sequential(nn.GroupNorm(g, prev), SiLU(), nn.Conv2d(prev, config.in_channels, 3, padding=1))
         # Spatial sizes on the way down, so the decoder can undo odd-size rounding (28 -> 14 -> 7).
         sizes = [config.image_size]
         for _ in range(len(ch) - 1):
