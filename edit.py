@@ -5,6 +5,7 @@
     python edit.py interp-seeds   --model runs/ldm --labels 0 1 2 --seed-a 0 --seed-b 1 --frames 8
     python edit.py interp-classes --model runs/ldm --pairs 3:8 1:7 --seed 0 --frames 8
     python edit.py trajectory  --model runs/ldm --labels 3 7 --seed 0
+    (each writes edit_<command>.png unless --out says otherwise)
     python edit.py encode      --vae runs/vae --data-dir DIR --split test --out test_latents.safetensors
     python edit.py decode      --vae runs/vae --latents test_latents.safetensors --count 64 --out grid.png
 """
@@ -34,12 +35,12 @@ def sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--out", help="output PNG (default edit_<command>.png, e.g. edit_interp_seeds.png)")
     p.add_argument("--zoom", type=int, default=1, help="enlarge the PNG by this integer factor (default 1)")
 
 
 def source_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data-dir", help="folder with the MNIST IDX files (default: $LATENTDIFF_DATA, else download)")
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files (default: $LATENTDIFF_DATA, else ./data; downloaded there if missing)")
     p.add_argument("--split", choices=["train", "test"], default="test")
     p.add_argument("--indices", type=int, nargs="+", default=list(range(8)), help="which digits of the split (default 0..7)")
 
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", choices=["train", "test"], default="test")
     s.add_argument("--limit", type=int, default=None, help="only the first N digits")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    s.add_argument("--out", required=True, help="output .safetensors")
+    s.add_argument("--out", help="output .safetensors (default <split>_latents.safetensors)")
     s = sub.add_parser("decode", help="decode a latents file to a PNG grid")
     s.add_argument("--vae", required=True)
     s.add_argument("--latents", required=True, help=".safetensors written by `edit.py encode` (or save_latents)")
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--nrow", type=int, default=8)
     s.add_argument("--zoom", type=int, default=1, help="enlarge the PNG by this integer factor (default 1)")
     s.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", default="decoded.png", help="output PNG (default decoded.png)")
     return p
 
 
@@ -95,7 +96,7 @@ def sampling(args) -> dict:
 
 
 def load_sources(args) -> torch.Tensor:
-    images, _ = load_mnist(args.data_dir, args.split, download=args.data_dir is None)
+    images, _ = load_mnist(args.data_dir, args.split)
     bad = [i for i in args.indices if not 0 <= i < len(images)]
     if bad:
         raise ValueError(f"--indices {bad[0]} is out of range; the {args.split} split has {len(images)} digits")
@@ -119,6 +120,8 @@ def main() -> None:
     args = build_parser().parse_args()
     if getattr(args, "zoom", 1) < 1:
         raise ValueError(f"--zoom must be an integer >= 1, got {args.zoom}")
+    if args.out is None:  # like sample.py's samples.png: every command runs without --out
+        args.out = f"{args.split}_latents.safetensors" if args.cmd == "encode" else f"edit_{args.cmd.replace('-', '_')}.png"
     if args.cmd in ("encode", "decode"):
         vae = VAE.from_pretrained(args.vae, args.device)
         if args.cmd == "encode":

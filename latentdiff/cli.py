@@ -8,9 +8,14 @@ from pathlib import Path
 from typing import Callable
 
 from .config import load_config
-from .errors import LatentDiffError
+from .errors import ConfigError, LatentDiffError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def presets(stage: str) -> list[str]:
+    """The preset names of a stage: configs/<stage>_<name>.yaml."""
+    return sorted(p.stem.removeprefix(f"{stage}_") for p in CONFIG_DIR.glob(f"{stage}_*.yaml"))
 
 
 def resolve_config_path(value: str, stage: str) -> Path:
@@ -18,16 +23,21 @@ def resolve_config_path(value: str, stage: str) -> Path:
     path = Path(value)
     if path.is_file() or value.endswith((".yaml", ".yml")):
         return path
+    if value not in presets(stage):
+        raise ConfigError(f"unknown preset {value!r}; choose one of {' | '.join(presets(stage))} "
+                          f"(configs/{stage}_<name>.yaml) or pass a YAML file")
     return CONFIG_DIR / f"{stage}_{value}.yaml"
 
 
 def training_parser(stage: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--config", default="quick", help="YAML file, or a preset name: quick | full (default: quick)")
+    p.add_argument("--config", default="quick",
+                   help=f"YAML file, or a preset name: {' | '.join(presets(stage))} (default: quick)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.steps=500 (repeatable)")
     p.add_argument("--out", help="output run folder (overrides out_dir)")
-    p.add_argument("--data-dir", help="folder with the MNIST IDX files (default: $LATENTDIFF_DATA, else download)")
+    p.add_argument("--data-dir", help="folder with the MNIST IDX files (default: $LATENTDIFF_DATA, else ./data; "
+                   "downloaded there if missing)")
     p.add_argument("--resume", metavar="latest|CHECKPOINT", help="continue a run from its newest (or a given) checkpoint; "
                    "latest with no checkpoint yet starts a fresh run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in the output folder")

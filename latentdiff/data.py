@@ -1,10 +1,11 @@
-"""MNIST as in-memory tensors: from a folder of IDX files (gzipped or not) or torchvision's download."""
+"""MNIST as in-memory tensors from a folder of IDX files (gzipped or not), downloaded there by torchvision if missing."""
 
 from __future__ import annotations
 
 import functools
 import gzip
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,8 @@ def load_idx_folder(root: str | Path, split: str = "train") -> tuple[torch.Tenso
     for stem, p in zip((img_stem, lbl_stem), paths):
         if p is None:
             raise DataError(f"{stem}[.gz] not found in {root} or {root / 'MNIST' / 'raw'}; put the MNIST IDX files "
-                            f"there, or leave --data-dir / ${ENV_VAR} unset to download with torchvision")
+                            f"there (or pass --data-dir / set ${ENV_VAR} to a folder holding them), or allow the "
+                            f"download (data.download=true, the default) to fetch them there")
     images = read_idx(paths[0], IMAGE_MAGIC)
     labels = read_idx(paths[1], LABEL_MAGIC)
     if images.ndim != 3 or labels.ndim != 1:
@@ -79,28 +81,33 @@ def load_idx_folder(root: str | Path, split: str = "train") -> tuple[torch.Tenso
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 
+def download_mnist(root: str | Path) -> None:
+    """Download the four MNIST IDX files into ``root/MNIST/raw`` with torchvision (one line on stderr)."""
+    from torchvision.datasets import MNIST
+
+    print(f"MNIST is not in {root}: downloading it into {Path(root) / 'MNIST' / 'raw'} (about 11 MB)",
+          file=sys.stderr, flush=True)
+    try:
+        MNIST(str(root), train=True, download=True)
+    except Exception as e:  # network failures come in many types
+        reason = " ".join(str(e).split())  # torchvision's message spans several lines
+        names = ", ".join(f"{stem}.gz" for pair in FILES.values() for stem in pair)
+        raise DataError(f"downloading MNIST with torchvision failed ({reason}); download {names} by hand (e.g. from "
+                        f"{getattr(MNIST, 'mirrors', ['a mirror'])[0]}) into {Path(root) / 'MNIST' / 'raw'}, or pass --data-dir / set "
+                        f"${ENV_VAR} to a folder holding them") from e
+
+
 def load_mnist(root: str | Path | None = None, split: str = "train", download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """MNIST as (images uint8 (N,28,28), labels int64 (N,)).
 
-    ``root`` (or $LATENTDIFF_DATA) is a folder of IDX files; without either, torchvision
-    downloads MNIST into ./data.
+    From the IDX files in ``root`` (default: $LATENTDIFF_DATA, else ``./data``), directly there or in
+    torchvision's ``root/MNIST/raw``. Where they are missing and ``download`` is true, torchvision
+    downloads them into ``root/MNIST/raw`` first.
     """
-    root = root if root is not None else os.environ.get(ENV_VAR) or None
-    if root is not None:
-        if not Path(root).is_dir():
-            raise DataError(f"data folder {root} does not exist; pass a folder holding the MNIST IDX files")
-        return load_idx_folder(root, split)
-    if not download:
-        raise DataError(f"no data folder given; pass --data-dir, set ${ENV_VAR}, or allow download (data.download=true)")
-    from torchvision.datasets import MNIST
-
-    try:
-        ds = MNIST("data", train=(split == "train"), download=True)
-    except Exception as e:  # network failures come in many types
-        reason = " ".join(str(e).split())  # torchvision's message spans several lines
-        raise DataError(f"downloading MNIST with torchvision failed ({reason}); download the four IDX files by hand "
-                        f"and pass --data-dir or set ${ENV_VAR}") from e
-    return ds.data.clone(), ds.targets.clone().long()
+    root = Path(root if root is not None else os.environ.get(ENV_VAR) or "data")
+    if download and split in FILES and not all(_find(root, stem) for stem in FILES[split]):
+        download_mnist(root)
+    return load_idx_folder(root, split)
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ def encode_split(vae: VAE, data_root: str | Path | None, split: str = "test", ba
     """Encode an MNIST split (the first ``limit`` digits, or all) with the VAE's stored scale and shift."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be an integer >= 1, got {limit!r}")
-    images_u8, labels = load_mnist(data_root, split, download=data_root is None)
+    images_u8, labels = load_mnist(data_root, split)
     images_u8, labels = images_u8[:limit], labels[:limit]
     latents = vae.scale_latents(encode_all(vae, to_model_range(images_u8), batch_size)).cpu()  # (N, 4, 7, 7)
     c = vae.config

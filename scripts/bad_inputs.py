@@ -123,7 +123,7 @@ def main() -> None:
     data = tmp / "data"
     write_idx(data)
     (tmp / "empty").mkdir()
-    api("data folder without the IDX files", lambda: load_mnist(tmp / "empty"))
+    api("data folder without the IDX files (no download)", lambda: load_mnist(tmp / "empty", download=False))
     for name, corrupt in (("bad magic number", lambda b: b[:3] + b"\x09" + b[4:]), ("truncated", lambda b: b[: len(b) // 2])):
         d = tmp / f"data_{name.split()[0]}"
         shutil.copytree(data, d)
@@ -189,8 +189,10 @@ def main() -> None:
                                                                  "--set", "train.batch_size=7", "--set", "train.grad_accum=2"])
     cli("`--set train.batch_size=1000` on 64 examples", ["train_vae.py", "--data-dir", str(data), "--out", str(tmp / "r3"),
                                                          "--set", "train.batch_size=1000"])
-    cli("`--data-dir` a folder that does not exist", ["train_vae.py", "--data-dir", str(tmp / "nowhere")])
+    cli("`--data-dir` a folder that does not exist, download off", ["train_vae.py", "--data-dir", str(tmp / "nowhere"),
+                                                                      "--set", "data.download=false"])
     cli("`--config` a file that does not exist", ["train_vae.py", "--config", "nope.yaml"])
+    cli("`--config` an unknown preset", ["distill_ldm.py", "--config", "quik"])
     cli("`train_ldm.py --vae` a folder that is not a VAE", ["train_ldm.py", "--data-dir", str(data), "--vae", str(tmp / "empty"),
                                                             "--out", str(tmp / "r4")])
     cli("`train_ldm.py --set model.in_channels=8` with a 4-channel VAE",

@@ -102,6 +102,26 @@ def mnist_dir(tmp_path_factory) -> Path:
     return write_mnist(tmp_path_factory.mktemp("mnist"))
 
 
+@pytest.fixture
+def fake_download(monkeypatch) -> list[Path]:
+    """torchvision's MNIST download, without a network: it writes the tiny synthetic set into <root>/MNIST/raw.
+    Returns the list of roots it was asked to download into."""
+    import torchvision.datasets
+
+    roots: list[Path] = []
+
+    class FakeMNIST:
+        mirrors = ["https://mirror.invalid/mnist/"]
+
+        def __init__(self, root, train=True, download=False):
+            assert download, "load_mnist asks torchvision only to download"
+            roots.append(Path(root))
+            write_mnist(Path(root))
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST)
+    return roots
+
+
 @pytest.fixture(autouse=True)
 def _no_data_env(monkeypatch):
     """Tests never see the developer's $LATENTDIFF_DATA unless they set it themselves."""
@@ -192,3 +212,25 @@ def trained_runs(tmp_path_factory, mnist_dir) -> dict[str, Path]:
     run_cmd(accelerate_launch("train_ldm.py", "--vae", vae_dir, "--out", ldm_dir, "--data-dir", mnist_dir,
                               *as_set_args(LDM_SET)))
     return {"vae": vae_dir, "ldm": ldm_dir, "root": root}
+
+
+def write_user_folder(root: Path, num_timesteps: int = 100) -> Path:
+    """A folder like a user's after `make demo` (MNIST elsewhere, so no MNIST in data/): runs/vae, runs/ldm (a tiny model
+    with a guide/, as the quick preset keeps), runs/ldm_fast (an untrained student: it samples all the same) and
+    data/mnist_synth (20 digits: what docs/scale.md's `sample.py --out-dir data/mnist_synth` makes)."""
+    from latentdiff import shards
+    from latentdiff.distill import DistillRunConfig, make_student
+
+    base = tiny_pipeline(num_timesteps=num_timesteps)
+    pipe = LatentDiffusion(base.unet, base.vae, base.config, guide=tiny_unet(seed=3))
+    pipe.save_pretrained(root / "runs" / "ldm")
+    pipe.vae.save_pretrained(root / "runs" / "vae")
+    job = shards.Job(model=str(root / "runs" / "ldm"), labels=list(range(10)), num_digits=20, seed=0, shard_size=10,
+                     settings=pipe.sampling_options(steps=2))
+    out = root / "data" / "mnist_synth"
+    shards.start_job(out, job)
+    shards.run_shards(pipe, job, out, 0, 1, 10, lambda n: None)
+    shards.write_index(out, job)
+    student_cfg = PipelineConfig(diffusion=pipe.config.diffusion, sample=DistillRunConfig().sample)
+    LatentDiffusion(make_student(pipe.unet), pipe.vae, student_cfg).save_pretrained(root / "runs" / "ldm_fast")
+    return root

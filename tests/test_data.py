@@ -45,14 +45,34 @@ def test_explicit_root_beats_env_var(tmp_path, mnist_dir, monkeypatch):
     assert load_mnist(mnist_dir)[0].shape == (N_TRAIN, 28, 28)
 
 
-def test_no_root_and_no_download_is_an_error():
-    with pytest.raises(DataError, match="LATENTDIFF_DATA"):
+def test_no_root_and_no_download_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./data here
+    with pytest.raises(DataError, match="LATENTDIFF_DATA") as err:
         load_mnist(None, "train", download=False)
+    assert "data.download=true" in str(err.value)
 
 
-def test_missing_folder(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
-        load_mnist(tmp_path / "nope")
+@pytest.mark.parametrize("make", [False, True], ids=["missing", "empty"])
+def test_a_missing_or_empty_folder_is_downloaded_into(tmp_path, fake_download, make, capsys):
+    """load_mnist("data") after `make demo` on a machine whose MNIST was elsewhere: downloaded into data/."""
+    root = tmp_path / "data"
+    if make:
+        root.mkdir()
+    images, _ = load_mnist(root, "test")
+    assert images.shape == (N_TEST, 28, 28) and fake_download == [root]
+    assert f"downloading it into {root / 'MNIST' / 'raw'}" in capsys.readouterr().err
+    load_mnist(root, "train")  # there now: no second download
+    assert fake_download == [root]
+
+
+def test_no_root_downloads_into_dot_data(tmp_path, fake_download, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_mnist(None, "test")[0].shape == (N_TEST, 28, 28) and (tmp_path / "data" / "MNIST" / "raw").is_dir()
+
+
+def test_missing_folder_without_download_says_what_to_do(tmp_path):
+    with pytest.raises(DataError, match="not found in .*nope.*data.download=true"):
+        load_mnist(tmp_path / "nope", download=False)
 
 
 def test_bad_split(mnist_dir):
@@ -186,3 +206,4 @@ def test_failed_download_is_one_line_data_error(monkeypatch, tmp_path):
     with pytest.raises(DataError) as err:
         load_mnist(None, "train", download=True)
     assert "\n" not in str(err.value) and "--data-dir" in str(err.value) and "no network" in str(err.value)
+    assert "into data/MNIST/raw," in str(err.value) and "t10k-labels-idx1-ubyte.gz" in str(err.value)

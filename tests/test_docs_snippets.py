@@ -1,8 +1,8 @@
 """Every ```python block of the README and of docs/*.md runs, so the docs cannot rot.
 
 The blocks of one page run in order in one namespace (as a reader would paste them), in a temporary
-folder laid out like a user's after `make demo`: runs/vae, runs/ldm (a tiny model) and data/ (tiny
-MNIST IDX files). A block that is not meant to run is preceded by `<!-- no-run: why -->`; keep those
+folder laid out like a user's after `make demo`: runs/vae, runs/ldm (a tiny model), runs/ldm_fast, and no
+MNIST in data/: `load_mnist` downloads it there, from a stand-in for torchvision's download (no network). A block that is not meant to run is preceded by `<!-- no-run: why -->`; keep those
 rare, and say why.
 """
 
@@ -12,10 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import REPO, tiny_pipeline, tiny_unet, write_mnist
-
-from latentdiff import LatentDiffusion, PipelineConfig, shards
-from latentdiff.distill import DistillRunConfig, make_student
+from conftest import REPO, write_user_folder
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
@@ -37,28 +34,13 @@ def snippets(page: Path) -> list[tuple[int, str, str | None]]:
 
 @pytest.fixture(scope="module")
 def user_folder(tmp_path_factory) -> Path:
-    """A folder like a user's after `make demo`: runs/vae, runs/ldm (tiny, same VAE, with a guide/) and data/ (tiny MNIST)."""
-    root = tmp_path_factory.mktemp("reader")
-    base = tiny_pipeline()
-    pipe = LatentDiffusion(base.unet, base.vae, base.config, guide=tiny_unet(seed=3))  # the quick preset keeps a guide
-    pipe.save_pretrained(root / "runs" / "ldm")
-    pipe.vae.save_pretrained(root / "runs" / "vae")
-    write_mnist(root / "data")
-    # data/mnist_synth: what docs/scale.md's `sample.py --out-dir data/mnist_synth` makes, here 20 digits
-    job = shards.Job(model=str(root / "runs" / "ldm"), labels=list(range(10)), num_digits=20, seed=0, shard_size=10,
-                     settings=pipe.sampling_options(steps=2))
-    out = root / "data" / "mnist_synth"
-    shards.start_job(out, job)
-    shards.run_shards(pipe, job, out, 0, 1, 10, lambda n: None)
-    shards.write_index(out, job)
-    # runs/ldm_fast: what docs/distillation.md's `distill_ldm.py` makes (a student: untrained here, it samples all the same)
-    student_cfg = PipelineConfig(diffusion=pipe.config.diffusion, sample=DistillRunConfig().sample)
-    LatentDiffusion(make_student(pipe.unet), pipe.vae, student_cfg).save_pretrained(root / "runs" / "ldm_fast")
-    return root
+    """A folder like a user's after `make demo` on a machine whose MNIST lives elsewhere: runs/ (tiny models), no data/
+    (what `load_mnist("data", ...)` downloads comes from ``fake_download``), data/mnist_synth (scale.md's shards)."""
+    return write_user_folder(tmp_path_factory.mktemp("reader"))
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if snippets(p)], ids=lambda p: str(p.relative_to(REPO)))
-def test_python_snippets_run(page, user_folder, monkeypatch):
+def test_python_snippets_run(page, user_folder, monkeypatch, fake_download):
     blocks = [(line, code) for line, code, reason in snippets(page) if reason is None]
     monkeypatch.chdir(user_folder)
     namespace: dict = {"__name__": "__docs__"}

@@ -214,7 +214,7 @@ def test_train_vae_unknown_override(tmp_path, mnist_dir):
     (["--set", "train.steps=many"], "train.steps"),
     (["--set", "train.steps"], "train.steps"),
     (["--set", "model.groups=3"], "divisible"),
-    (["--config", "nonexistent"], "vae_nonexistent.yaml"),
+    (["--config", "nonexistent"], "unknown preset 'nonexistent'; choose one of full | quick"),
 ])
 def test_train_vae_bad_config(tmp_path, monkeypatch, capsys, args, word):
     code, err = run_script_in_process("train_vae.py", ["--out", tmp_path / "v", *args], monkeypatch, capsys)
@@ -222,9 +222,24 @@ def test_train_vae_bad_config(tmp_path, monkeypatch, capsys, args, word):
     assert not (tmp_path / "v").exists()
 
 
+@pytest.mark.parametrize("script, stage", [("train_vae.py", "vae"), ("train_ldm.py", "ldm"), ("distill_ldm.py", "distill")])
+def test_help_and_a_preset_typo_list_every_preset(script, stage, tmp_path, monkeypatch, capsys):
+    """The presets are the files in configs/: --help and the error for an unknown name list them all."""
+    names = " | ".join(sorted(p.stem.split("_", 1)[1] for p in (REPO / "configs").glob(f"{stage}_*.yaml")))
+    assert len(names.split(" | ")) >= 2
+    code, err = run_script_in_process(script, ["--config", "quik", "--out", tmp_path / "x"], monkeypatch, capsys)
+    assert code == 2 and f"unknown preset 'quik'; choose one of {names}" in err
+    monkeypatch.setenv("COLUMNS", "200")  # argparse wraps the help text at the terminal's width
+    monkeypatch.setattr(sys, "argv", [script, "--help"])
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(REPO / script), run_name="__main__")
+    assert f"preset name: {names} (default: quick)" in capsys.readouterr().out
+
+
 def test_train_vae_missing_data(tmp_path):
-    proc = run_cmd([PY, REPO / "train_vae.py", "--out", tmp_path / "v", "--data-dir", tmp_path / "nodata"], check=False)
-    _assert_one_line_error(proc, "nodata")
+    proc = run_cmd([PY, REPO / "train_vae.py", "--out", tmp_path / "v", "--data-dir", tmp_path / "nodata",
+                    "--set", "data.download=false"], check=False)
+    _assert_one_line_error(proc, "nodata", "data.download=true")
 
 
 def test_train_ldm_missing_vae(tmp_path, mnist_dir):

@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def scoring(sp: argparse.ArgumentParser) -> None:  # every command that uses the classifier
-        sp.add_argument("--data-dir", help="folder with the MNIST IDX files (default: $LATENTDIFF_DATA, else download)")
+        sp.add_argument("--data-dir", help="folder with the MNIST IDX files (default: $LATENTDIFF_DATA, else ./data; downloaded there if missing)")
         sp.add_argument("--classifier", help=f"classifier folder, trained there if missing (default: ${CLASSIFIER_ENV} "
                                              f"or {DEFAULT_CLASSIFIER})")
         sp.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
