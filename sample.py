@@ -34,7 +34,11 @@ def parse_args() -> argparse.Namespace:
                    help="autoguidance weight by the folder's guide/ model, 1 = off (default: the model's; docs/autoguidance.md)")
     p.add_argument("--eta", type=float, default=None, help="DDIM eta (0 = deterministic)")
     p.add_argument("--seed", type=int, default=0, help="digit i uses seed + i (default 0)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default 256 on CPU, 4096 on GPU)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="digits sampled together (memory; default 256 on CPU, 4096 on GPU): the digits do not depend on it")
+    p.add_argument("--tile-size", type=int, default=None,
+                   help="rows per network call (default 64 on CPU, 1024 on GPU): part of what a digit's bits depend on; "
+                        "docs/scale.md")
     p.add_argument("--device", default=None, help="default: cuda if available; with --out-dir, each process's own device")
     p.add_argument("--out", default=None, help="output PNG grid (default samples.png)")
     p.add_argument("--npz", help="also write images (N,28,28 uint8) and labels (N,) to this .npz")
@@ -55,7 +59,7 @@ def sampler_kwargs(args: argparse.Namespace) -> dict:
 def small_job(args: argparse.Namespace) -> None:
     """Today's grid (+ .npz): everything in memory, one process."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = LatentDiffusion.from_pretrained(args.model, device=device)
+    pipe = LatentDiffusion.from_pretrained(args.model, device=device, tile_size=args.tile_size)
     labels = [c for c in args.labels for _ in range(args.per_label)]
     images = pipe.generate(labels, seed=args.seed, batch_size=args.batch_size, progress=True, **sampler_kwargs(args))
     out = args.out or "samples.png"
@@ -79,13 +83,16 @@ def sharded_job(args: argparse.Namespace) -> None:
     # cpu=True without a GPU: otherwise accelerate treats a CPU torchrun launch as N lone main processes (see train.py)
     cpu = args.device == "cpu" or not (torch.cuda.is_available() or torch.backends.mps.is_available())
     accel = Accelerator(cpu=cpu)
-    pipe = LatentDiffusion.from_pretrained(args.model, device=args.device or accel.device)
+    out_dir = Path(args.out_dir)
+    tile = args.tile_size
+    if tile is None and (out_dir / shards.JOB_NAME).is_file():  # resuming: the job's own tile, whatever this device's default
+        tile = json.loads((out_dir / shards.JOB_NAME).read_text()).get("tile_size")
+    pipe = LatentDiffusion.from_pretrained(args.model, device=args.device or accel.device, tile_size=tile)
     settings = json.loads(json.dumps(pipe.sampling_options(**sampler_kwargs(args))))  # as job.json will hold them
     job = shards.Job(model=str(Path(args.model).resolve()), labels=pipe.check_labels(args.labels).tolist(),
                      num_digits=args.num_digits or args.per_label * len(args.labels), seed=args.seed,
-                     shard_size=args.shard_size, settings=settings)
+                     shard_size=args.shard_size, settings=settings, tile_size=pipe.tile_size)
     batch_size = pipe.check_batch_size(args.batch_size)
-    out_dir = Path(args.out_dir)
     shards.check_job(out_dir, job)  # every process refuses on its own: no process waits on one that failed
     accel.wait_for_everyone()
     if accel.is_main_process:

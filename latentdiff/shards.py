@@ -41,12 +41,15 @@ class Job:
     seed: int
     shard_size: int
     settings: dict  # sampler settings with the model's defaults filled in (pipe.sampling_options)
+    tile_size: int  # rows per network call (pipe.tile_size): a digit's bits depend on it, so every process uses the job's
 
     def __post_init__(self) -> None:
         if self.num_digits < 1 or self.shard_size < 1:
             raise ValueError(f"--num-digits and --shard-size must be >= 1, got {self.num_digits} and {self.shard_size}")
         if not self.labels:
             raise ValueError("--labels is empty; pass at least one class")
+        if isinstance(self.tile_size, bool) or not isinstance(self.tile_size, int) or self.tile_size < 1:
+            raise ValueError(f"tile_size must be an integer >= 1, got {self.tile_size!r}")
 
     @property
     def num_shards(self) -> int:
@@ -116,6 +119,9 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 def make_shard(pipe, job: Job, k: int, out_dir: Path, batch_size: int, on_batch: Callable[[int], None]) -> dict:
     """Generate shard k batch by batch, write it and its sidecar; returns the sidecar."""
     start, stop = job.span(k)
+    if pipe.tile_size != job.tile_size:
+        raise RunDirError(f"this job's digits are made in tiles of {job.tile_size} rows and the pipeline's tile size is "
+                          f"{pipe.tile_size}; load it with tile_size={job.tile_size} (sample.py --tile-size {job.tile_size})")
     parts = []
     for a in range(start, stop, batch_size):  # memory: one batch of floats, one shard of uint8
         b = min(a + batch_size, stop)

@@ -25,6 +25,7 @@ SETTINGS = {"guidance_scale": 2.0, "steps": 3, "sampler": "ddpm", "eta": 0.0}  #
 REQUESTS = [([3, 3, 1], 10), ([7], 500), ([0, 1, 2, 3, 4], 11), ([9, 9], 12), ([5], 2**40)]
 
 
+@pytest.mark.exactness
 def test_one_merged_call_gives_each_request_what_generate_gives_it():
     pipe = tiny_pipeline()
     batches = []
@@ -43,6 +44,7 @@ def test_one_merged_call_gives_each_request_what_generate_gives_it():
         assert torch.equal(images, alone)  # bit for bit: the pipeline's fixed tiles (docs/scale.md)
 
 
+@pytest.mark.exactness
 def test_only_equal_settings_share_a_call_and_a_big_request_goes_alone():
     pipe = tiny_pipeline()
     batches = []

@@ -48,6 +48,7 @@ def test_strength_0_is_the_reconstruction(tiny, digits):
     assert out.shape == (6, 1, 28, 28) and torch.equal(out, recon(tiny, digits))
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("sampler", ["dpm++", "ddim", "ddpm"])
 def test_strength_1_is_generate(tiny, digits, sampler):
     """Strength 1 starts from generate's own noise on generate's schedule, so the source is ignored."""
@@ -67,6 +68,7 @@ def test_img2img_uses_the_source_and_the_labels(tiny, digits):
     assert not close(a, edit.img2img(tiny, digits, 8, 0.6, seed=0, guidance_scale=3.0), atol=1e-3)
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("sampler", ["dpm++", "ddpm"])
 def test_img2img_batch_split_and_seed(tiny, digits, sampler):
     full = edit.img2img(tiny, digits, LABELS, 0.5, seed=3, sampler=sampler)
@@ -125,6 +127,7 @@ def test_half_mask_keeps_its_half(tiny, digits, monkeypatch):
     assert not close(out[..., 20:], free[..., 20:], atol=1e-3)  # the fill depends on the kept half
 
 
+@pytest.mark.exactness
 def test_inpaint_batch_split_and_per_image_masks(tiny, digits):
     masks = torch.stack([edit.half_mask(s)[0] for s in ("left", "right", "top", "bottom", "left", "top")])
     full = edit.inpaint(tiny, digits, masks, LABELS, seed=5, sampler="ddim", eta=1.0)
@@ -140,6 +143,7 @@ def test_latent_mask_is_the_cell_average():
 
 
 # ---------------------------------------------------------------------------------------------- interpolation
+@pytest.mark.exactness
 @pytest.mark.parametrize("sampler", ["dpm++", "ddpm"])
 def test_seed_interpolation_ends_are_plain_samples(tiny, sampler):
     frames = edit.interpolate_seeds(tiny, 4, 10, 20, 5, sampler=sampler, guidance_scale=2.0)
@@ -151,6 +155,7 @@ def test_seed_interpolation_ends_are_plain_samples(tiny, sampler):
     assert close(frames, again)
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("guidance", [1.0, 3.0])
 def test_class_interpolation_ends_are_plain_samples(tiny, guidance):
     frames = edit.interpolate_classes(tiny, 2, 7, 11, 4, guidance_scale=guidance)
@@ -171,6 +176,7 @@ def test_slerp_ends_and_norm():
 
 
 # ---------------------------------------------------------------------------------------------- trajectories
+@pytest.mark.exactness
 @pytest.mark.parametrize("sampler", ["dpm++", "ddim"])
 def test_trajectory(tiny, sampler):
     traj = edit.trajectory(tiny, [1, 2, 3], seed=0, steps=5, sampler=sampler, batch_size=2)

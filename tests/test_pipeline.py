@@ -40,6 +40,7 @@ def test_generator_is_reproducible(pipe):
     assert torch.equal(a, b)
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("sampler, eta", [("dpm++", 0.0), ("ddpm", 0.0), ("ddim", 0.5)])
 def test_image_i_does_not_depend_on_batch_size(pipe, sampler, eta):
     """Sample i is seeded by seed + i alone, including the per-step noise of stochastic samplers."""
@@ -50,6 +51,7 @@ def test_image_i_does_not_depend_on_batch_size(pipe, sampler, eta):
     assert torch.equal(full, threes), (full - threes).abs().max()
 
 
+@pytest.mark.exactness
 def test_image_i_does_not_depend_on_the_other_labels(pipe):
     """A prefix of a request gives the same images as the whole request."""
     full = pipe.generate(LABELS, seed=2, steps=3, sampler="ddpm")

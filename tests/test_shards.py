@@ -24,7 +24,7 @@ SETTINGS = {"steps": 2}
 def job(pipe, n=21, shard_size=8, **kw) -> shards.Job:
     settings = json.loads(json.dumps(pipe.sampling_options(**SETTINGS)))
     return shards.Job(model="tiny", labels=kw.pop("labels", [3, 1, 4]), num_digits=n, seed=kw.pop("seed", 5),
-                      shard_size=shard_size, settings=settings)
+                      shard_size=shard_size, settings=settings, tile_size=kw.pop("tile_size", pipe.tile_size))
 
 
 def run_all(pipe, j, out, world=1, batch_size=3):
@@ -42,6 +42,7 @@ def digest(folder) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
+@pytest.mark.exactness
 def test_digit_i_is_label_i_mod_L_and_seed_plus_i(tmp_path):
     pipe = tiny_pipeline()
     j = job(pipe)
@@ -62,6 +63,7 @@ def test_digit_i_is_label_i_mod_L_and_seed_plus_i(tmp_path):
         ds[21]
 
 
+@pytest.mark.exactness
 def test_any_process_count_gives_the_same_bytes_and_reruns_keep_verified_shards(tmp_path):
     pipe = tiny_pipeline()
     j = job(pipe)
@@ -125,11 +127,16 @@ def sample_cmd(model_dir, out, nproc=1, launcher="torchrun"):
 
 @pytest.mark.slow
 def test_torchrun_and_accelerate_two_processes_equal_one_and_a_killed_job_resumes(model_dir, tmp_path):
-    one = run_cmd(sample_cmd(model_dir, tmp_path / "one"), env={"CUDA_VISIBLE_DEVICES": ""})
+    # One process on 2 threads; 2 and 3 processes (one thread each), another batch size: the same bytes.
+    one = run_cmd(sample_cmd(model_dir, tmp_path / "one"), env={"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "2"})
     assert "wrote 45 digits in 5 shards" in one.stdout and "digits/s" in one.stdout, one.stdout
     two = run_cmd(sample_cmd(model_dir, tmp_path / "two", nproc=2), env={"CUDA_VISIBLE_DEVICES": ""})
     assert "on 2 process(es)" in two.stdout, two.stdout + two.stderr
     assert digest(tmp_path / "one") == digest(tmp_path / "two")
+    three = run_cmd([*sample_cmd(model_dir, tmp_path / "three", nproc=3), "--batch-size", "7"],
+                    env={"CUDA_VISIBLE_DEVICES": ""})
+    assert "on 3 process(es)" in three.stdout, three.stdout + three.stderr
+    assert digest(tmp_path / "one") == digest(tmp_path / "three")
     acc = run_cmd(sample_cmd(model_dir, tmp_path / "acc", nproc=2, launcher="accelerate"), env={"CUDA_VISIBLE_DEVICES": ""})
     assert "on 2 process(es)" in acc.stdout, acc.stdout + acc.stderr
     assert digest(tmp_path / "one") == digest(tmp_path / "acc")
@@ -143,11 +150,19 @@ def test_torchrun_and_accelerate_two_processes_equal_one_and_a_killed_job_resume
     assert "made 25" in again.stdout and "kept 20" in again.stdout, again.stdout
     assert digest(tmp_path / "killed") == digest(tmp_path / "one")
 
-    # Changing a setting that matters is refused with one line; the folder is untouched.
+    # Changing a setting that matters is refused with one line; the folder is untouched. The tile size is one.
     before = digest(tmp_path / "one")
     refused = run_cmd([*sample_cmd(model_dir, tmp_path / "one"), "--seed", "9"], check=False)
     assert refused.returncode == 2 and "seed was 0, now 9" in refused.stderr and "Traceback" not in refused.stderr
+    refused = run_cmd([*sample_cmd(model_dir, tmp_path / "one"), "--tile-size", "8"], check=False)
+    assert refused.returncode == 2 and "tile_size was 64, now 8" in refused.stderr, refused.stderr
     assert digest(tmp_path / "one") == before
+    # A job started with another tile size resumes with the job's own when --tile-size is not given.
+    run_cmd([*sample_cmd(model_dir, tmp_path / "tiled"), "--tile-size", "8"])
+    for name in ("shard-00003.safetensors", "shard-00003.json", "index.json"):
+        (tmp_path / "tiled" / name).unlink()
+    resumed = run_cmd(sample_cmd(model_dir, tmp_path / "tiled"))
+    assert "made 10" in resumed.stdout and "kept 35" in resumed.stdout, resumed.stdout
 
 
 def test_small_jobs_still_write_the_grid_and_npz(model_dir, tmp_path):
