@@ -307,8 +307,10 @@ class LatentDiffusion:
 
         guidance_scale: CFG scale, 1 = conditional only, 0 = unconditional (default from config.json).
         steps / sampler / eta: sampler settings ("dpm++", "ddim", "ddpm"; eta is DDIM only).
-        generator or seed: randomness. Sample i uses seed + i, so results do not depend on batch_size.
-        batch_size: images per forward pass (default 256 on CPU, 4096 on a GPU).
+        generator or seed: randomness. Sample i uses seed + i, and its bits do not depend on batch_size, its
+        place in the batch or the other labels: the network runs on fixed tiles of ``tile_size`` rows
+        (``run_in_tiles``; docs/scale.md "The same digit whatever the batch").
+        batch_size: digits sampled together (memory; default 256 on CPU, 4096 on a GPU).
         guidance_interval: [lo, hi] timesteps (of 0..T-1) where guidance applies; conditional only
         elsewhere (default from config.json; pass [0, T-1] to guide at every step).
         spacing: which timesteps the sampler visits, "uniform" | "trailing" | "logsnr" | "karras".

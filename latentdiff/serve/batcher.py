@@ -2,8 +2,8 @@
 
 One worker thread owns the model. Generate requests with the same sampler settings are merged, up to
 ``max_batch`` digits, into one call of the pipeline's building blocks (noise -> denoise -> decode) with each
-digit's own seed, so a request gets the digits ``pipe.generate(labels, seed=seed, ...)`` gives it (to the
-pipeline's batch-size rounding, < 1e-5). A batch starts when it is full or ``max_wait_ms`` after its oldest
+digit's own seed, so a request gets the digits ``pipe.generate(labels, seed=seed, ...)`` gives it, bit for
+bit (the pipeline's network calls run on fixed tiles, whatever the merged batch's size). A batch starts when it is full or ``max_wait_ms`` after its oldest
 request arrived, or as soon as it holds as many requests as the previous call. That wait applies only
 under concurrent load (the previous call merged several requests), so a lone client never waits. Other work (the editing functions, whose seeds are one per call) goes through the same
 queue and runs alone. A full queue refuses at once (QueueFull) rather than letting waits grow without bound.
@@ -159,8 +159,8 @@ class Batcher:
     def _generate(self, batch: list[Work]) -> list[torch.Tensor]:
         """One model call for the batch, split per request.
 
-        Chunks of the pipeline's own default batch size (memory), as ``pipe.generate`` makes them: a request
-        alone in its call gets exactly generate's bits.
+        Chunks of the pipeline's own default batch size (memory); every request gets exactly generate's bits,
+        merged or alone, since the network runs on the pipeline's fixed tiles.
         """
         pipe = self.pipe
         opts = pipe.sampling_options(**batch[0].settings)
