@@ -71,13 +71,14 @@ def test_only_equal_settings_share_a_call_and_a_big_request_goes_alone():
 
 
 def test_a_lone_client_never_waits_but_a_loaded_server_waits_for_stragglers():
-    batcher = Batcher(tiny_pipeline(), max_wait_ms=1500)
+    # The wait (4 s) dwarfs a model call on any machine, so the bounds hold on a slow or loaded CI box too.
+    batcher = Batcher(tiny_pipeline(), max_wait_ms=4000)
     try:
         for _ in range(2):  # no merged call yet: each lone request starts at once
             start = time.monotonic()
             batcher.submit(generate_work([1], 0, SETTINGS)).result(timeout=60)
-            assert time.monotonic() - start < 1.0
-        for last, waited in ((3, (1.4, 60)), (2, (0.25, 1.2))):
+            assert time.monotonic() - start < 2.0
+        for last, waited in ((3, (3.9, 60)), (2, (0.25, 2.0))):
             batcher.last_requests = last  # the previous call merged `last` requests
             start = time.monotonic()
             first = batcher.submit(generate_work([1], 0, SETTINGS))
