@@ -133,10 +133,15 @@ class SampleConfig:
     spacing: str = "uniform"  # which timesteps the sampler visits: uniform | trailing | logsnr | karras
     # Autoguidance weight w (Karras et al. 2024): 1 = off; != 1 needs the folder's guide/ model (README).
     autoguidance_scale: float = 1.0
+    # Rows per network call when sampling (a digit's bits depend on it, the batch size does not:
+    # docs/scale.md); null = the device's default (64 on a CPU, 1024 on a GPU).
+    tile_size: Optional[int] = None
 
     def validate(self, num_timesteps: int | None = None) -> None:
         from .sampling import SAMPLERS, check_guidance_interval
         from .timesteps import SPACINGS
+
+        _require(self.tile_size is None or self.tile_size >= 1, "sample.tile_size must be >= 1 (or null: the device's default)")
 
         _require(self.sampler in SAMPLERS, f"sample.sampler must be one of {sorted(SAMPLERS)}")
         _require(self.steps >= 1, "sample.steps must be >= 1")

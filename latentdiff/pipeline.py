@@ -94,9 +94,10 @@ class LatentDiffusion:
         """Rows per network call: every UNet, encoder and decoder call runs on exactly this many (see ``run_in_tiles``).
 
         A digit's bits depend on it (the matrix kernels pick their algorithm by shape); the batch size does
-        not. Default: ``DEFAULT_TILE`` for the device (64 on a CPU, 1024 on a GPU; docs/scale.md).
+        not. Default: the folder's ``sample.tile_size``, else ``DEFAULT_TILE`` for the device (64 on a CPU,
+        1024 on a GPU; docs/scale.md).
         """
-        return self._tile_size or DEFAULT_TILE.get(self.device.type, DEFAULT_TILE["cpu"])
+        return self._tile_size or self.config.sample.tile_size or DEFAULT_TILE.get(self.device.type, DEFAULT_TILE["cpu"])
 
     @tile_size.setter
     def tile_size(self, value: int | None) -> None:

@@ -37,8 +37,11 @@ TRAIN_SET = ["train.mixed_precision=null", "train.steps=6", "train.batch_size=16
              "train.preview_every=3", "train.checkpoint_every=3", "train.keep_checkpoints=2", "train.seed=0",
              "data.download=false"]
 VAE_SET = ["model.channels=[8,16,16]", "model.groups=8"] + TRAIN_SET
+# Tiny models sample in tiles of 4 rows (the device default, 64, would make every test call 16x the work);
+# tests/test_invariance.py and the multi-process shard test use the default.
+TINY_TILE = 4
 LDM_SET = ["model.channels=[16,32]", "model.num_heads=2", "model.num_res_blocks=1", "model.attention_levels=[false,true]",
-           "sample.steps=4", "diffusion.num_timesteps=100",
+           "sample.steps=4", "diffusion.num_timesteps=100", f"sample.tile_size={TINY_TILE}",
            "sample.guidance_interval=[10,80]"] + TRAIN_SET
 
 
@@ -160,9 +163,9 @@ def single_point_oracle(x0: torch.Tensor, abar: torch.Tensor):
     return fn
 
 
-def tiny_pipeline(seed: int = 0, prediction: str = "v", num_timesteps: int = 100) -> LatentDiffusion:
+def tiny_pipeline(seed: int = 0, prediction: str = "v", num_timesteps: int = 100, tile_size: int | None = TINY_TILE) -> LatentDiffusion:
     cfg = PipelineConfig(diffusion=DiffusionConfig(num_timesteps=num_timesteps, prediction=prediction),
-                         sample=SampleConfig(steps=4))
+                         sample=SampleConfig(steps=4, tile_size=tile_size))
     return LatentDiffusion(tiny_unet(seed), tiny_vae(seed), cfg)
 
 

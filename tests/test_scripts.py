@@ -172,8 +172,12 @@ def test_sample_bad_label(trained_runs, tmp_path):
 def run_script_in_process(script: str, args: list, monkeypatch, capsys) -> tuple[int, str]:
     """Run a script's __main__ in this process (no interpreter start-up); returns (exit code, stderr)."""
     monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        runpy.run_path(str(REPO / script), run_name="__main__")
+    threads = torch.get_num_threads()  # a training script sets the CPU threads: keep this worker's (conftest)
+    try:
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(REPO / script), run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
     return e.value.code, capsys.readouterr().err
 
 
@@ -275,6 +279,7 @@ def test_train_ldm_follows_a_non_default_vae(mnist_dir, tmp_path, monkeypatch, c
     code, err = run_script_in_process("train_ldm.py", ["--vae", vae_dir, "--out", tmp_path / "l2", "--data-dir", mnist_dir,
                                                        *as_set_args(LDM_SET + fast + ["model.in_channels=4"])],
                                       monkeypatch, capsys)
+    err = "".join(ln for ln in err.splitlines(keepends=True) if not ln.startswith("CPU threads:"))  # the run's log line
     assert code == 2 and err.count("\n") == 1, err
     assert "model.in_channels=4 conflicts" in err and "(8, 14, 14)" in err and "set it to 8" in err
     assert not (tmp_path / "l2").exists()
