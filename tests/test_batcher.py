@@ -70,6 +70,29 @@ def test_only_equal_settings_share_a_call_and_a_big_request_goes_alone():
         assert torch.equal(got, want)
 
 
+def test_requests_queued_behind_a_call_wait_for_its_clients_to_come_back():
+    """Closed-loop clients: after a call of 1 with 2 queued behind it, the next call waits (from when the worker is
+    free, not from when they queued) for a third, so calls do not alternate between halves of the clients."""
+    batches = []
+    batcher = Batcher(tiny_pipeline(), max_wait_ms=1500, on_batch=lambda *a: batches.append(a))
+    try:
+        with batcher.lock:  # the worker takes the first request and waits at its model call
+            first = batcher.submit(generate_work([1], 0, SETTINGS))
+            while batcher.taken < 1:
+                time.sleep(0.01)
+            behind = [batcher.submit(generate_work([2], 1, SETTINGS)), batcher.submit(generate_work([3], 2, SETTINGS))]
+            time.sleep(1.6)  # they queue longer than max_wait: a deadline from their arrival would not wait at all
+        first.result(timeout=60)
+        assert batcher.last_requests == 3  # the call's own request and the two behind it
+        time.sleep(0.2)
+        back = batcher.submit(generate_work([4], 3, SETTINGS))  # the first client's next request
+        for f in [*behind, back]:
+            f.result(timeout=60)
+    finally:
+        batcher.close()
+    assert [b[:2] for b in batches] == [(1, 1), (3, 3)]
+
+
 def test_a_lone_client_never_waits_but_a_loaded_server_waits_for_stragglers():
     # The wait (4 s) dwarfs a model call on any machine, so the bounds hold on a slow or loaded CI box too.
     batcher = Batcher(tiny_pipeline(), max_wait_ms=4000)

@@ -65,7 +65,9 @@ class Batcher:
         self.closed = False
         self.lock = threading.Lock()  # held during each model call
         self.seconds_per_digit = 0.01  # running estimate, for Retry-After
-        self.last_requests = 1  # requests in the previous call: > 1 means concurrent clients, worth waiting for
+        # Requests the next call waits for (up to max_wait): those of the previous call plus those that queued
+        # behind it. > 1 means concurrent clients, worth waiting for.
+        self.last_requests = 1
         self.taken = 0  # requests the worker has taken off the queue (tests wait on it)
         self.thread = threading.Thread(target=self._loop, name="latentdiff-batcher", daemon=True)
         self.thread.start()
@@ -114,7 +116,8 @@ class Batcher:
                 return [self.items.popleft()]
             # Closed-loop clients answered by one call send their next requests a few ms apart: waiting a
             # little gathers them into one call instead of alternating a call of one and a call of the rest.
-            deadline = first.enqueued + (self.max_wait if self.last_requests > 1 else 0.0)
+            # The wait counts from when the worker is free: requests that queued behind a call are not late.
+            deadline = max(first.enqueued, time.monotonic()) + (self.max_wait if self.last_requests > 1 else 0.0)
             while not self.closed:
                 same = [w for w in self.items if w.key == first.key]
                 now = time.monotonic()
@@ -151,7 +154,10 @@ class Batcher:
             digits = sum(w.size for w in live)
             if digits:
                 self.seconds_per_digit = 0.8 * self.seconds_per_digit + 0.2 * seconds / digits
-            self.last_requests = len(live)
+            # Closed-loop clients answered by this call come back in a few ms, while those queued behind it are
+            # already here: wait for both, or calls alternate between two halves of the clients forever.
+            with self.cond:
+                self.last_requests = len(live) + sum(w.key == live[0].key for w in self.items)
             self.on_batch(len(live), digits, seconds)
             for w, r in zip(live, results):
                 w.future.set_result((r, seconds))
