@@ -85,8 +85,8 @@ def sharded_job(args: argparse.Namespace) -> None:
     accel = Accelerator(cpu=cpu)
     out_dir = Path(args.out_dir)
     tile = args.tile_size
-    if tile is None and (out_dir / shards.JOB_NAME).is_file():  # resuming: the job's own tile, whatever this device's default
-        tile = json.loads((out_dir / shards.JOB_NAME).read_text()).get("tile_size")
+    if tile is None:  # resuming: the job's own tile, whatever this device's default
+        tile = (shards.saved_job(out_dir) or {}).get("tile_size")
     pipe = LatentDiffusion.from_pretrained(args.model, device=args.device or accel.device, tile_size=tile)
     settings = json.loads(json.dumps(pipe.sampling_options(**sampler_kwargs(args))))  # as job.json will hold them
     job = shards.Job(model=str(Path(args.model).resolve()), labels=pipe.check_labels(args.labels).tolist(),

@@ -141,13 +141,12 @@ class SampleConfig:
         from .sampling import SAMPLERS, check_guidance_interval
         from .timesteps import SPACINGS
 
-        _require(self.tile_size is None or self.tile_size >= 1, "sample.tile_size must be >= 1 (or null: the device's default)")
-
         _require(self.sampler in SAMPLERS, f"sample.sampler must be one of {sorted(SAMPLERS)}")
         _require(self.steps >= 1, "sample.steps must be >= 1")
         _require(self.guidance_scale >= 0, "sample.guidance_scale must be >= 0")
         _require(self.autoguidance_scale >= 0, "sample.autoguidance_scale must be >= 0")
         _require(self.spacing in SPACINGS, f"sample.spacing must be one of {sorted(SPACINGS)}")
+        _require(self.tile_size is None or self.tile_size >= 1, "sample.tile_size must be >= 1 (or null: the device's default)")
         try:
             check_guidance_interval(self.guidance_interval, num_timesteps)
         except ValueError as e:

@@ -101,9 +101,7 @@ class LatentDiffusion:
 
     @tile_size.setter
     def tile_size(self, value: int | None) -> None:
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"tile_size must be an integer >= 1 (or None for the device's default), got {value!r}")
-        self._tile_size = value
+        self._tile_size = None if value is None else _check_count("tile_size", value, " (or None for the device's default)")
 
     @property
     def device(self) -> torch.device:
@@ -205,9 +203,7 @@ class LatentDiffusion:
         """``batch_size``, or the measured default: 256 on CPU (throughput peaks there), 4096 on a GPU."""
         if batch_size is None:
             return 4096 if self.device.type == "cuda" else 256
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-        return batch_size
+        return _check_count("batch_size", batch_size)
 
     def seeds(self, n: int, seed: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Per-sample seeds seed, seed+1, ... (N,) int64; image i depends on its own seed only."""
@@ -331,6 +327,13 @@ class LatentDiffusion:
     def _sample_batch(self, y: torch.Tensor, seeds: torch.Tensor, opts: dict, progress: bool) -> torch.Tensor:
         x = self.noise(seeds)  # (B, 4, 7, 7): stream 0 of each seed
         return self.decode(self.denoise(x, y, seeds, progress=progress, **opts))
+
+
+def _check_count(name: str, value, alternative: str = "") -> int:
+    """``value`` if it is an integer >= 1 (not a bool); ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1{alternative}, got {value!r}")
+    return value
 
 
 def run_in_tiles(fn, tile: int, *rows: torch.Tensor) -> torch.Tensor:

@@ -88,11 +88,16 @@ def finished_shard(out_dir: Path, job: Job, k: int) -> dict | None:
     return None
 
 
+def saved_job(out_dir: Path) -> dict | None:
+    """The job.json an earlier run of this folder wrote, or None."""
+    saved = out_dir / JOB_NAME
+    return json.loads(saved.read_text()) if saved.is_file() else None
+
+
 def check_job(out_dir: Path, job: Job) -> None:
     """Refuse an output folder that holds another job (or other files); call on every process before writing."""
-    saved = out_dir / JOB_NAME
-    if saved.is_file():
-        old = json.loads(saved.read_text())
+    old = saved_job(out_dir)
+    if old is not None:
         diff = sorted(k for k in asdict(job) if old.get(k) != asdict(job)[k])
         if diff:
             k = diff[0]

@@ -9,6 +9,7 @@ machine kind only by luck fails on every machine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -27,16 +28,15 @@ from conftest import REPO, TINY_UNET, TINY_VAE
 pytestmark = pytest.mark.exactness
 
 
+@contextlib.contextmanager
 def threads(n: int):
     """Run a block with n intra-op threads, then restore."""
-    class _Threads:
-        def __enter__(self):
-            self.before = torch.get_num_threads()
-            torch.set_num_threads(n)
-
-        def __exit__(self, *exc):
-            torch.set_num_threads(self.before)
-    return _Threads()
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_silu_gives_each_element_the_same_bits_wherever_it_sits():
@@ -52,7 +52,7 @@ def test_silu_gives_each_element_the_same_bits_wherever_it_sits():
         want = silu(big)
     for n in (2, 3):
         with threads(n):
-            assert torch.equal(silu(big[:, 1:])[:, :], want[:, 1:]) and torch.equal(silu(big), want), n
+            assert torch.equal(silu(big[:, 1:]), want[:, 1:]) and torch.equal(silu(big), want), n
 
 
 def test_silu_under_autograd_is_torchs():

@@ -3,8 +3,9 @@
 One worker thread owns the model. Generate requests with the same sampler settings are merged, up to
 ``max_batch`` digits, into one call of the pipeline's building blocks (noise -> denoise -> decode) with each
 digit's own seed, so a request gets the digits ``pipe.generate(labels, seed=seed, ...)`` gives it, bit for
-bit (the pipeline's network calls run on fixed tiles, whatever the merged batch's size). A batch starts when it is full or ``max_wait_ms`` after its oldest
-request arrived, or as soon as it holds as many requests as the previous call. That wait applies only
+bit (the pipeline's network calls run on fixed tiles, whatever the merged batch's size). A batch starts when
+it is full, ``max_wait_ms`` after the worker is free (or its oldest request arrived, if later), or as soon
+as it holds as many requests as the previous call plus those that queued behind it. That wait applies only
 under concurrent load (the previous call merged several requests), so a lone client never waits. Other work (the editing functions, whose seeds are one per call) goes through the same
 queue and runs alone. A full queue refuses at once (QueueFull) rather than letting waits grow without bound.
 """
