@@ -88,7 +88,7 @@ def sharded_job(args: argparse.Namespace) -> None:
     if tile is None:  # resuming: the job's own tile, whatever this device's default
         tile = (shards.saved_job(out_dir) or {}).get("tile_size")
     pipe = LatentDiffusion.from_pretrained(args.model, device=args.device or accel.device, tile_size=tile)
-    settings = json.loads(json.dumps(pipe.sampling_options(**sampler_kwargs(args))))  # as job.json will hold them
+    settings = json.loads(json.dumps(pipe.settings(**sampler_kwargs(args)).to_kwargs()))  # as job.json will hold them
     job = shards.Job(model=str(Path(args.model).resolve()), labels=pipe.check_labels(args.labels).tolist(),
                      num_digits=args.num_digits or args.per_label * len(args.labels), seed=args.seed,
                      shard_size=args.shard_size, settings=settings, tile_size=pipe.tile_size)

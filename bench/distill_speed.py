@@ -62,7 +62,7 @@ def main() -> None:
     base = args.batch_size / statistics.median(times["teacher"])
     out = {"device": str(device), "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
            "batch_size": args.batch_size, "repeats": args.repeats, "compile": args.compile,
-           "teacher_settings": teacher.sampling_options(), "student_settings": student.sampling_options(),
+           "teacher_settings": teacher.settings().to_kwargs(), "student_settings": student.settings().to_kwargs(),
            "digits_per_s": {}}
     print(f"batch {args.batch_size}, {torch.get_num_threads()} threads, median of {args.repeats}")
     for name, ts in times.items():

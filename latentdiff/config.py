@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import yaml
 
@@ -121,9 +122,12 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """Default sampling settings (also used for preview grids during training)."""
+    """The sampling settings, in one type: the ``sample:`` section of a model's config.json (its defaults),
+    ``generate``'s and the editing functions' keyword overrides, ``sample.py``'s flags and the server's JSON
+    fields all become one of these (``LatentDiffusion.settings``), checked once by ``validate``.
+    """
 
-    sampler: str = "dpm++"  # dpm++ | ddim | ddpm
+    sampler: str = "dpm++"  # dpm++ | ddim | ddpm | lcm (lcm: distilled students)
     steps: int = 20
     guidance_scale: float = 3.0  # 1 = conditional only, 0 = unconditional, >1 = stronger guidance
     eta: float = 0.0  # DDIM stochasticity (0 = deterministic)
@@ -134,23 +138,65 @@ class SampleConfig:
     # Autoguidance weight w (Karras et al. 2024): 1 = off; != 1 needs the folder's guide/ model (README).
     autoguidance_scale: float = 1.0
     # Rows per network call when sampling (a digit's bits depend on it, the batch size does not:
-    # docs/scale.md); null = the device's default (64 on a CPU, 1024 on a GPU).
+    # docs/scale.md); null = the device's default (64 on a CPU, 1024 on a GPU). The pipeline's, not a call's.
     tile_size: Optional[int] = None
 
-    def validate(self, num_timesteps: int | None = None) -> None:
-        from .sampling import SAMPLERS, check_guidance_interval
+    # What the numbers accept (low, high; None = no bound): ``validate`` checks these, and the server builds
+    # its JSON schema from them (``steps``' high end is the schedule's T).
+    NUMBERS: ClassVar[dict[str, tuple[float, Optional[float]]]] = {
+        "guidance_scale": (0.0, None), "autoguidance_scale": (0.0, None), "eta": (0.0, None)}
+    # The settings a call may override (``tile_size`` belongs to the pipeline).
+    CALL_KEYS: ClassVar[tuple[str, ...]] = ("guidance_scale", "steps", "sampler", "eta", "guidance_interval",
+                                            "spacing", "autoguidance_scale")
+
+    @staticmethod
+    def choices(name: str) -> list[str]:
+        """The values ``sampler`` or ``spacing`` accept."""
+        from .sampling import SAMPLERS
         from .timesteps import SPACINGS
 
-        _require(self.sampler in SAMPLERS, f"sample.sampler must be one of {sorted(SAMPLERS)}")
-        _require(self.steps >= 1, "sample.steps must be >= 1")
-        _require(self.guidance_scale >= 0, "sample.guidance_scale must be >= 0")
-        _require(self.autoguidance_scale >= 0, "sample.autoguidance_scale must be >= 0")
-        _require(self.spacing in SPACINGS, f"sample.spacing must be one of {sorted(SPACINGS)}")
-        _require(self.tile_size is None or self.tile_size >= 1, "sample.tile_size must be >= 1 (or null: the device's default)")
+        return sorted({"sampler": SAMPLERS, "spacing": SPACINGS}[name])
+
+    def validate(self, num_timesteps: int | None = None, *, student: bool = False, prefix: str = "sample.") -> None:
+        """ConfigError (a ValueError) naming the first bad setting. ``student``: the settings of a distilled student
+        (distill.py), which samples with lcm or deterministic ddim and takes the scale at every step."""
+        from .sampling import check_guidance_interval
+
+        for name, (lo, hi) in self.NUMBERS.items():
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo or (hi is not None and v > hi):
+                rule = f">= {lo:g}" + (f" and <= {hi:g}" if hi is not None else "") + (" (1 = off)" if name == "autoguidance_scale" else "")
+                raise ConfigError(f"{prefix}{name} must be a finite number {rule}, got {v!r}")
+        for name in ("sampler", "spacing"):
+            _require(getattr(self, name) in self.choices(name),
+                     f"unknown {prefix}{name} {getattr(self, name)!r}; choose one of {self.choices(name)}")
+        top = num_timesteps if num_timesteps is not None else "T"
+        _require(not isinstance(self.steps, bool) and isinstance(self.steps, int) and self.steps >= 1
+                 and (num_timesteps is None or self.steps <= num_timesteps),
+                 f"{prefix}steps must be an integer in 1..{top}, got {self.steps!r}")
+        _require(self.tile_size is None or (isinstance(self.tile_size, int) and not isinstance(self.tile_size, bool)
+                                            and self.tile_size >= 1),
+                 f"{prefix}tile_size must be >= 1 (or null: the device's default)")
         try:
             check_guidance_interval(self.guidance_interval, num_timesteps)
         except ValueError as e:
-            raise ConfigError(f"sample.{e}") from None
+            raise ConfigError(f"{prefix}{e}") from None
+        if student:
+            _require(self.sampler == "lcm" or (self.sampler == "ddim" and self.eta == 0),
+                     f"{prefix}sampler {self.sampler!r}{' with eta > 0' if self.sampler == 'ddim' else ''} needs the "
+                     "teacher: this model is a few-step student whose UNet predicts the end of the teacher's guided "
+                     "trajectory; sample it with sampler='lcm' (consistency students) or 'ddim' with eta=0 (progressive "
+                     "students)")
+            _require(self.guidance_interval is None or (num_timesteps is not None and tuple(self.guidance_interval)
+                                                        == (0, num_timesteps - 1)),
+                     f"{prefix}guidance_interval needs the teacher: this model is a distilled student that takes the "
+                     "guidance scale as an input at every step; pass guidance_scale only")
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """The per-call settings as ``generate``'s keyword arguments, JSON-ready (job.json, the server's answers)."""
+        out = {k: getattr(self, k) for k in self.CALL_KEYS}
+        out["guidance_interval"] = None if self.guidance_interval is None else list(self.guidance_interval)
+        return out
 
 
 # ----------------------------------------------------------------------------- run configs

@@ -47,10 +47,22 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.to(device=like.device, dtype=like.dtype).view(-1, *([1] * (like.ndim - 1)))
 
 
+def renoise(x0: torch.Tensor, eps: torch.Tensor, abar, sigma=0.0) -> torch.Tensor:
+    """sqrt(abar) x0 + sqrt(1 - abar - sigma^2) eps: the point at noise level ``abar`` made of a clean part and a noise part.
+
+    With fresh noise ``eps`` it is the forward process q(x_t | x0) (DDPM eq. 4); with a model's estimates
+    (x0, eps) it is the deterministic part of a DDIM step to ``abar`` (Song et al. 2021, eq. 12), ``sigma``
+    the standard deviation of the fresh noise the step then adds. abar = 1 gives x0. abar: a number, a
+    0-dim tensor or a per-example (B, 1, ..., 1) tensor; the coefficients are computed in its precision.
+    """
+    abar = abar if isinstance(abar, torch.Tensor) else torch.tensor(abar, dtype=torch.float64)
+    var = 1 - abar if not isinstance(sigma, torch.Tensor) and sigma == 0 else (1 - abar - sigma**2).clamp(min=0)
+    return abar.sqrt().to(x0.dtype) * x0 + var.sqrt().to(x0.dtype) * eps
+
+
 def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """Sample x_t ~ q(x_t | x0) with the given noise (DDPM eq. 4)."""
-    abar = alphas_cumprod.to(x0.device)[t]
-    return _bcast(abar.sqrt(), x0) * x0 + _bcast((1 - abar).sqrt(), x0) * noise
+    """Sample x_t ~ q(x_t | x0) with the given noise (DDPM eq. 4); t (B,)."""
+    return renoise(x0, noise, alphas_cumprod.to(x0.device)[t].view(-1, *([1] * (x0.ndim - 1))))
 
 
 def target(x0: torch.Tensor, noise: torch.Tensor, abar: torch.Tensor, prediction: str) -> torch.Tensor:

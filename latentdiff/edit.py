@@ -1,10 +1,10 @@
 """Editing and exploring digits with a trained LatentDiffusion: class swap, inpainting, interpolation, trajectories.
 
 Every function takes the pipeline first and is built on its public pieces: ``encode`` / ``decode``
-(images in [0, 1] <-> scaled latents), ``noise`` (per-seed Gaussian noise), ``denoise`` (a sampler
-with CFG, started from any latents at any timestep, with a per-step callback) and
-``sampling_options`` (the model's sampler defaults, checked). Sampling keywords (``guidance_scale``,
-``steps``, ``sampler``, ``eta``) default to the model's config, as in ``generate``. Randomness:
+(images in [0, 1] <-> scaled latents), ``noise`` (per-seed Gaussian noise), ``denoise`` (a guided
+sampler started from any latents at any timestep, with a per-step callback) and ``settings`` (the
+model's sampling defaults with a call's overrides, checked: one ``SampleConfig``). Sampling keywords
+(``guidance_scale``, ``steps``, ``sampler``, ``eta``, ...) default to the model's config, as in ``generate``. Randomness:
 ``seed`` (sample i uses seed + i) or ``generator``; a result never depends on ``batch_size``.
 
     out = img2img(pipe, threes, labels=[8] * len(threes), strength=0.7, seed=0)   # 3 -> 8
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .diffusion import renoise
 from .pipeline import LatentDiffusion, make_grid
 from .timesteps import make_timesteps
 
@@ -92,10 +93,7 @@ def _batched(n: int, batch_size: int, fn: Callable[[slice], torch.Tensor]) -> to
 
 def _noised(pipe: LatentDiffusion, z: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
     """q(z_t | z): sqrt(abar_t) z + sqrt(1 - abar_t) eps (DDPM eq. 4); t = -1 means clean."""
-    if t < 0:
-        return z
-    abar = pipe.alphas_cumprod[t].item()
-    return math.sqrt(abar) * z + math.sqrt(1 - abar) * eps
+    return z if t < 0 else renoise(z, eps, pipe.alphas_cumprod[t])
 
 
 # ---------------------------------------------------------------------------------------- img2img (SDEdit)
@@ -122,9 +120,9 @@ def img2img(pipe: LatentDiffusion, images: torch.Tensor, labels, strength: float
     x = check_images(images)
     n = x.shape[0]
     y, s = _labels_for(pipe, labels, n), check_strength(strength)
-    opts, batch_size = pipe.sampling_options(**sampling), pipe.check_batch_size(batch_size)
+    settings, batch_size = pipe.settings(**sampling), pipe.check_batch_size(batch_size)
     seeds = pipe.seeds(n, seed, generator)
-    ts = sdedit_timesteps(pipe.alphas_cumprod, opts["steps"], s, opts["spacing"])
+    ts = sdedit_timesteps(pipe.alphas_cumprod, settings.steps, s, settings.spacing)
 
     def run(sl: slice) -> torch.Tensor:
         z = pipe.encode(x[sl])  # (B, 4, 7, 7)
@@ -132,7 +130,7 @@ def img2img(pipe: LatentDiffusion, images: torch.Tensor, labels, strength: float
             return pipe.decode(z)
         eps = pipe.noise(seeds[sl])  # stream 0, the noise generate() starts from
         start = eps if s == 1 else _noised(pipe, z, eps, int(ts[0]))
-        return pipe.decode(pipe.denoise(start, y[sl], seeds[sl], timesteps=ts, **opts))
+        return pipe.decode(pipe.denoise(start, y[sl], seeds[sl], settings, timesteps=ts))
 
     return _batched(n, batch_size, run)
 
@@ -160,7 +158,7 @@ def inpaint(pipe: LatentDiffusion, images: torch.Tensor, mask, labels, *, seed: 
     n = x.shape[0]
     m_pix = check_mask(mask, n)
     y = _labels_for(pipe, labels, n)
-    opts, batch_size = pipe.sampling_options(**sampling), pipe.check_batch_size(batch_size)
+    settings, batch_size = pipe.settings(**sampling), pipe.check_batch_size(batch_size)
     seeds = pipe.seeds(n, seed, generator)
 
     def run(sl: slice) -> torch.Tensor:
@@ -171,7 +169,7 @@ def inpaint(pipe: LatentDiffusion, images: torch.Tensor, mask, labels, *, seed: 
         def keep_known(i: int, t_next: int, state: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
             return m * _noised(pipe, z, eps, t_next) + (1 - m) * state
 
-        return pipe.decode(pipe.denoise(eps, y[sl], seeds[sl], callback=keep_known, **opts))
+        return pipe.decode(pipe.denoise(eps, y[sl], seeds[sl], settings, callback=keep_known))
 
     return _batched(n, batch_size, run)
 
@@ -217,7 +215,7 @@ def interpolate_seeds(pipe: LatentDiffusion, label: int, seed_a: int, seed_b: in
     y = pipe.check_labels([label])
     sa, sb = torch.tensor([_check_seed(seed_a, "seed_a")]), torch.tensor([_check_seed(seed_b, "seed_b")])
     w = _frame_weights(frames)
-    opts, batch_size = pipe.sampling_options(**sampling), pipe.check_batch_size(batch_size)
+    settings, batch_size = pipe.settings(**sampling), pipe.check_batch_size(batch_size)
 
     def run(sl: slice) -> torch.Tensor:
         ws = w[sl]
@@ -226,7 +224,7 @@ def interpolate_seeds(pipe: LatentDiffusion, label: int, seed_a: int, seed_b: in
             return slerp(pipe.noise(sa, i + 1), pipe.noise(sb, i + 1), ws)
 
         start = slerp(pipe.noise(sa), pipe.noise(sb), ws)
-        return pipe.decode(pipe.denoise(start, y.expand(len(ws)), None, noise_fn=noise_fn, **opts))
+        return pipe.decode(pipe.denoise(start, y.expand(len(ws)), None, settings, noise_fn=noise_fn))
 
     return _batched(len(w), batch_size, run)
 
@@ -244,11 +242,11 @@ def interpolate_classes(pipe: LatentDiffusion, label_a: int, label_b: int, seed:
     w = _frame_weights(frames).float()[:, None]  # (K, 1)
     onehot = torch.eye(pipe.num_classes + 1)
     weights = (1 - w) * onehot[ya] + w * onehot[yb]  # (K, num_classes + 1)
-    opts, batch_size = pipe.sampling_options(**sampling), pipe.check_batch_size(batch_size)
+    settings, batch_size = pipe.settings(**sampling), pipe.check_batch_size(batch_size)
     seeds = torch.full((len(w),), seed, dtype=torch.int64)  # every frame shares the seed's noise
 
     def run(sl: slice) -> torch.Tensor:
-        return pipe.decode(pipe.denoise(pipe.noise(seeds[sl]), weights[sl], seeds[sl], **opts))
+        return pipe.decode(pipe.denoise(pipe.noise(seeds[sl]), weights[sl], seeds[sl], settings))
 
     return _batched(len(w), batch_size, run)
 
@@ -269,7 +267,7 @@ def trajectory(pipe: LatentDiffusion, labels, *, seed: int | None = None, genera
                batch_size: int | None = None, **sampling) -> Trajectory:
     """``pipe.generate(labels, ...)`` that also keeps every step's decoded x0 and noisy latent."""
     y = pipe.check_labels(labels)
-    opts, batch_size = pipe.sampling_options(**sampling), pipe.check_batch_size(batch_size)
+    settings, batch_size = pipe.settings(**sampling), pipe.check_batch_size(batch_size)
     seeds = pipe.seeds(len(y), seed, generator)
     parts, times = [], []
 
@@ -282,7 +280,7 @@ def trajectory(pipe: LatentDiffusion, labels, *, seed: int | None = None, genera
             states.append(state.float())
             times.append(t_next)
 
-        z = pipe.denoise(pipe.noise(seeds[sl]), y[sl], seeds[sl], callback=record, **opts)
+        z = pipe.denoise(pipe.noise(seeds[sl]), y[sl], seeds[sl], settings, callback=record)
         parts.append((torch.stack(x0s, 1), torch.stack(states, 1)))
         return pipe.decode(z)
 

@@ -9,8 +9,7 @@ the trainer (tests/test_imports.py checks it).
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -22,9 +21,9 @@ from .config import DiffusionConfig, SampleConfig, to_dict
 from .diffusion import make_schedule
 from .errors import ModelLoadError
 from .noise import seeded_normal
-from .sampling import SAMPLERS, NoiseFn, StepCallback, cfg_model_fn, check_guidance_interval
+from .sampling import SAMPLERS, Denoiser, NoiseFn, StepCallback, guided
 from .serialization import CONFIG_NAME, atomic_write_bytes, read_config
-from .timesteps import SPACINGS, make_timesteps
+from .timesteps import make_timesteps
 from .unet import UNet
 from .vae import VAE
 
@@ -56,18 +55,6 @@ def check_compatible(unet: UNet, vae: VAE, name: str = "UNet") -> None:
             f"({vc.latent_channels}, {vc.latent_size}, {vc.latent_size}); pair the UNet with the VAE it was trained on")
 
 
-def check_student_options(sampler: str, guidance_interval, num_timesteps: int | None = None, eta: float = 0.0) -> None:
-    """A distilled student samples with "lcm" (a consistency student, distill.py) or deterministic "ddim" (a
-    progressive student, distill.method: progressive), guided at every step; ValueError naming why otherwise."""
-    if sampler not in ("lcm", "ddim") or (sampler == "ddim" and eta != 0):
-        raise ValueError(f"sampler {sampler!r}{' with eta > 0' if sampler == 'ddim' else ''} needs the teacher: this model "
-                         "is a few-step student whose UNet predicts the end of the teacher's guided trajectory; sample it "
-                         "with sampler='lcm' (consistency students) or 'ddim' with eta=0 (progressive students)")
-    if guidance_interval is not None and (num_timesteps is None or tuple(guidance_interval) != (0, num_timesteps - 1)):
-        raise ValueError("guidance_interval needs the teacher: this model is a distilled student that takes the "
-                         "guidance scale as an input at every step; pass guidance_scale only")
-
-
 class LatentDiffusion:
     """Class-conditioned latent diffusion. ``pipe.generate(labels=[3, 7])`` -> (2, 1, 28, 28) in [0, 1].
 
@@ -88,6 +75,8 @@ class LatentDiffusion:
         self.config.validate()
         self.alphas_cumprod = make_schedule(self.config.diffusion.schedule, self.config.diffusion.num_timesteps)
         self.tile_size = tile_size
+        # The callables sampling runs: the modules themselves, or their compiled versions after ``compile()``.
+        self.compiled: dict[str, object] = {}
 
     @property
     def tile_size(self) -> int:
@@ -163,41 +152,22 @@ class LatentDiffusion:
             raise ValueError(f"label {out[0]} is out of range; valid classes are 0..{self.num_classes - 1}")
         return torch.tensor(values, dtype=torch.long)
 
-    def sampling_options(self, guidance_scale: float | None = None, steps: int | None = None,
-                         sampler: str | None = None, eta: float | None = None,
-                         guidance_interval: Sequence[int] | None = None, spacing: str | None = None,
-                         autoguidance_scale: float | None = None) -> dict:
-        """Sampler settings, the model's defaults filled in and each checked: the keyword arguments of ``denoise``."""
-        sc = self.config.sample
-        guidance_scale = sc.guidance_scale if guidance_scale is None else guidance_scale
-        autoguidance_scale = sc.autoguidance_scale if autoguidance_scale is None else autoguidance_scale
-        steps = sc.steps if steps is None else steps
-        sampler = sc.sampler if sampler is None else sampler
-        eta = sc.eta if eta is None else eta
-        # Guidance interval and timestep spacing: docs/sampling-and-guidance.md.
-        interval = check_guidance_interval(sc.guidance_interval if guidance_interval is None else guidance_interval,
-                                           self.config.diffusion.num_timesteps)
-        spacing = sc.spacing if spacing is None else spacing
-        if spacing not in SPACINGS:
-            raise ValueError(f"unknown spacing {spacing!r}; choose one of {sorted(SPACINGS)}")
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not math.isfinite(guidance_scale) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0, got {guidance_scale!r}")
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.config.diffusion.num_timesteps:
-            raise ValueError(f"steps must be an integer in 1..{self.config.diffusion.num_timesteps}, got {steps!r}")
-        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
-            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
-        if (isinstance(autoguidance_scale, bool) or not isinstance(autoguidance_scale, (int, float))
-                or not math.isfinite(autoguidance_scale) or autoguidance_scale < 0):
-            raise ValueError(f"autoguidance_scale must be a finite number >= 0 (1 = off), got {autoguidance_scale!r}")
-        if autoguidance_scale != 1 and self.guide is None:
-            raise ValueError(f"autoguidance_scale={autoguidance_scale} needs a guide model, and this pipeline has none "
+    def settings(self, **overrides) -> SampleConfig:
+        """The sampling settings of one call: the folder's ``sample`` config with ``overrides`` (None keeps the
+        default), checked once, here. Keywords: ``SampleConfig.CALL_KEYS``. ValueError naming the bad one."""
+        unknown = sorted(set(overrides) - set(SampleConfig.CALL_KEYS))
+        if unknown:
+            raise ValueError(f"unknown sampling setting {unknown[0]!r}; the settings are {list(SampleConfig.CALL_KEYS)}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if isinstance(given.get("guidance_interval"), list):
+            given["guidance_interval"] = tuple(given["guidance_interval"])
+        s = replace(self.config.sample, **given)
+        s.validate(self.config.diffusion.num_timesteps, student=self.unet.config.guidance_input, prefix="")
+        if s.autoguidance_scale != 1 and self.guide is None:
+            raise ValueError(f"autoguidance_scale={s.autoguidance_scale} needs a guide model, and this pipeline has none "
                              f"(no {GUIDE_DIR}/ in its folder): train with guide.fraction > 0, or use autoguidance_scale=1")
-        if self.unet.config.guidance_input:  # a distilled student (distill.py): see check_student_options
-            check_student_options(sampler, interval, self.config.diffusion.num_timesteps, eta)
-        return {"guidance_scale": float(guidance_scale), "steps": steps, "sampler": sampler, "eta": float(eta),
-                "guidance_interval": interval, "spacing": spacing, "autoguidance_scale": float(autoguidance_scale)}
+        return replace(s, guidance_scale=float(s.guidance_scale), eta=float(s.eta),
+                       autoguidance_scale=float(s.autoguidance_scale))
 
     def check_batch_size(self, batch_size: int | None) -> int:
         """``batch_size``, or the measured default: 256 on CPU (throughput peaks there), 4096 on a GPU."""
@@ -214,15 +184,31 @@ class LatentDiffusion:
         return torch.arange(n, dtype=torch.int64) + seed
 
     def compile(self, mode: str = "reduce-overhead") -> "LatentDiffusion":
-        """torch.compile the UNet and VAE decoder for sampling; "reduce-overhead" adds CUDA graphs on a GPU.
+        """torch.compile the UNet (and guide) and the VAE decoder for sampling; "reduce-overhead" adds CUDA graphs on a GPU.
 
-        Each new batch shape compiles once (tens of seconds), so keep ``batch_size`` fixed. Returns self.
+        Each new batch shape compiles once (tens of seconds); with fixed tiles (``tile_size``) that is one
+        shape per network. Returns self.
         """
-        self._unet_fn = torch.compile(self.unet, mode=mode, dynamic=False)
+        self.compiled = {"unet": torch.compile(self.unet, mode=mode, dynamic=False),
+                         "decode": torch.compile(self.vae._decode, mode=mode, dynamic=False)}
         if self.guide is not None:
-            self._guide_fn = torch.compile(self.guide, mode=mode, dynamic=False)
-        self._decode_fn = torch.compile(self.vae._decode, mode=mode, dynamic=False)
+            self.compiled["guide"] = torch.compile(self.guide, mode=mode, dynamic=False)
         return self
+
+    @property
+    def denoiser(self) -> Denoiser:
+        """The UNet as a ``Denoiser`` (x_t, t, labels[, w]) -> (x0, eps): its schedule and prediction type, run in
+        fixed tiles as fits the device; a distilled student takes the guidance scale as an input."""
+        net = _unet_call(self.compiled.get("unet", self.unet), self.device, self.tile_size)
+        return Denoiser(net, self.alphas_cumprod, self.config.diffusion.prediction, self.unet.config.guidance_input)
+
+    @property
+    def guide_denoiser(self) -> Denoiser | None:
+        """The autoguidance guide UNet as a ``Denoiser`` (None without a guide)."""
+        if self.guide is None:
+            return None
+        net = _unet_call(self.compiled.get("guide", self.guide), self.device, self.tile_size)
+        return Denoiser(net, self.alphas_cumprod, self.config.diffusion.prediction)
 
     # ------------------------------------------------------------------ building blocks (latentdiff.edit uses these)
     def noise(self, seeds: torch.Tensor, stream: int = 0) -> torch.Tensor:
@@ -244,7 +230,7 @@ class LatentDiffusion:
         if not torch.isfinite(latents).all():  # one sync per batch; NaN digits would hide where things broke
             raise ValueError(f"decode got latents with {int((~torch.isfinite(latents)).sum())} NaN/inf value(s): they "
                              "come from upstream (a diverged model, an extreme guidance_scale, corrupt input); pass finite latents")
-        decoder = getattr(self, "_decode_fn", self.vae._decode)
+        decoder = self.compiled.get("decode", self.vae._decode)
 
         def decode(z: torch.Tensor) -> torch.Tensor:
             if z.device.type == "cpu":  # NHWC: oneDNN runs the decoder's convolutions ~1.4x faster (docs/scale.md)
@@ -255,43 +241,33 @@ class LatentDiffusion:
         return ((images + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
-    def denoise(self, latents: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor | None, *, guidance_scale: float,
-                steps: int, sampler: str, eta: float = 0.0, guidance_interval: tuple[int, int] | None = None,
-                spacing: str = "uniform", timesteps: torch.Tensor | None = None,
-                callback: StepCallback | None = None, noise_fn: NoiseFn | None = None,
-                progress: bool = False, autoguidance_scale: float = 1.0) -> torch.Tensor:
-        """Run a sampler from ``latents`` (B, 4, 7, 7) to clean scaled latents, with CFG towards ``labels``.
+    def denoise(self, latents: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor | None, settings: SampleConfig, *,
+                timesteps: torch.Tensor | None = None, callback: StepCallback | None = None,
+                noise_fn: NoiseFn | None = None, progress: bool = False) -> torch.Tensor:
+        """Run the sampler of ``settings`` from ``latents`` (B, 4, 7, 7) to clean scaled latents, guided towards ``labels``.
 
-        One batch, no checks (take the settings from ``sampling_options``). labels: (B,) class indices,
-        or (B, num_classes + 1) float weights over the label embeddings (interpolation). seeds (B,):
-        step i of a stochastic sampler draws noise stream i + 1 of each sample's seed, unless
-        ``noise_fn(i)`` gives that noise. ``timesteps`` and ``callback`` are the samplers' hooks (start
-        part way; inspect or replace the state after each step); without ``timesteps`` the sampler visits
-        ``steps`` timesteps placed by ``spacing``. ``guidance_interval`` limits CFG to lo <= t <= hi.
-        ``autoguidance_scale`` != 1 adds autoguidance by ``self.guide`` (see ``cfg_model_fn``).
+        One batch, no checks (take ``settings`` from ``self.settings(...)``). labels: (B,) class indices, or
+        (B, num_classes + 1) float weights over the label embeddings (interpolation). seeds (B,): step i of a
+        stochastic sampler draws noise stream i + 1 of each sample's seed, unless ``noise_fn(i)`` gives that
+        noise. ``timesteps`` and ``callback`` are the samplers' hooks (start part way; inspect or replace the
+        state after each step); without ``timesteps`` the sampler visits ``settings.steps`` timesteps placed by
+        ``settings.spacing``.
         """
-        device = self.device
-        x, y = latents.to(device), labels.to(device)
+        x, y = latents.to(self.device), labels.to(self.device)
         if noise_fn is None:
             if seeds is None:
                 raise ValueError("denoise needs seeds (one per sample) or a noise_fn for the sampler's step noise")
-            seeds = seeds.to(device)
+            seeds = seeds.to(self.device)
 
             def noise_fn(i: int) -> torch.Tensor:
                 return seeded_normal(seeds, self.vae.latent_shape, stream=i + 1)
-        model = _unet_call(getattr(self, "_unet_fn", self.unet), device, self.tile_size)
-        if self.unet.config.guidance_input:  # a student takes the scale as an input: one undoubled batch per step
-            w = torch.full((x.shape[0],), float(guidance_scale), device=device)
-            model_fn = lambda xx, tt: model(xx, tt, y, w)  # noqa: E731
-        else:
-            guide = None if self.guide is None else _unet_call(getattr(self, "_guide_fn", self.guide), device, self.tile_size)
-            model_fn = cfg_model_fn(model, y, guidance_scale, null_label=self.num_classes,
-                                    guidance_interval=guidance_interval, guide=guide, autoguidance_scale=autoguidance_scale)
-        kwargs = {"eta": eta} if sampler == "ddim" else {}
+        s = settings
+        denoiser = guided(self.denoiser, y, s.guidance_scale, self.num_classes, s.guidance_interval,
+                          self.guide_denoiser, s.autoguidance_scale)
         if timesteps is None:
-            timesteps = make_timesteps(self.alphas_cumprod, steps, spacing)
-        return SAMPLERS[sampler](model_fn, x, self.alphas_cumprod, None, self.config.diffusion.prediction,
-                                 noise_fn=noise_fn, progress=progress, timesteps=timesteps, callback=callback, **kwargs)
+            timesteps = make_timesteps(self.alphas_cumprod, s.steps, s.spacing)
+        options = {"eta": s.eta} if s.sampler == "ddim" else {}
+        return SAMPLERS[s.sampler](denoiser, x, timesteps, noise_fn, callback, progress, **options)
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
@@ -315,18 +291,17 @@ class LatentDiffusion:
         config.json); combines with CFG: out = cfg + (w - 1) * (cond - guide).
         """
         y = self.check_labels(labels)
-        opts = self.sampling_options(guidance_scale, steps, sampler, eta, guidance_interval, spacing, autoguidance_scale)
+        settings = self.settings(guidance_scale=guidance_scale, steps=steps, sampler=sampler, eta=eta,
+                                 guidance_interval=guidance_interval, spacing=spacing,
+                                 autoguidance_scale=autoguidance_scale)
         batch_size = self.check_batch_size(batch_size)
         seeds = self.seeds(len(y), seed, generator)
         out = []
         for start in range(0, len(y), batch_size):
-            sl = slice(start, start + batch_size)
-            out.append(self._sample_batch(y[sl], seeds[sl], opts, progress))
+            part = slice(start, start + batch_size)
+            latents = self.noise(seeds[part])  # (B, 4, 7, 7): stream 0 of each seed
+            out.append(self.decode(self.denoise(latents, y[part], seeds[part], settings, progress=progress)))
         return torch.cat(out)
-
-    def _sample_batch(self, y: torch.Tensor, seeds: torch.Tensor, opts: dict, progress: bool) -> torch.Tensor:
-        x = self.noise(seeds)  # (B, 4, 7, 7): stream 0 of each seed
-        return self.decode(self.denoise(x, y, seeds, progress=progress, **opts))
 
 
 def _check_count(name: str, value, alternative: str = "") -> int:

@@ -14,8 +14,9 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
-from .diffusion import predict_x0_eps, q_sample
+from .diffusion import q_sample, renoise, target
 from .noise import seeded_normal, uniform_bits
+from .sampling import Denoiser, guided
 from .timesteps import make_timesteps
 
 
@@ -36,9 +37,8 @@ def _abar_at(abar: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def ddim_to(abar: torch.Tensor, s: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """DDIM (eta 0) to timestep s from the estimates (x0, eps); x0 itself at the end (s = -1)."""
-    a_s = _abar_at(abar, s)
-    return a_s.sqrt() * x0 + (1 - a_s).sqrt() * eps
+    """DDIM (eta 0) to timesteps s (B,) from the estimates (x0, eps); x0 itself at the end (s = -1)."""
+    return renoise(x0, eps, _abar_at(abar, s))
 
 
 def one_step_target(abar: torch.Tensor, x_t, t, x_s, s, prediction: str) -> torch.Tensor:
@@ -49,19 +49,14 @@ def one_step_target(abar: torch.Tensor, x_t, t, x_s, s, prediction: str) -> torc
     not_end = (s >= 0).view(-1, 1, 1, 1)
     x0 = torch.where(not_end, (x_s - sig_s / sig_t * x_t) / (a_s.sqrt() - sig_s / sig_t * a_t.sqrt()), x_s)
     eps = (x_t - a_t.sqrt() * x0) / sig_t
-    return eps if prediction == "eps" else a_t.sqrt() * eps - sig_t * x0
+    return target(x0, eps, a_t, prediction)
 
 
-def teacher_estimates(unet, guided: bool, x, t, y, w, abar, prediction: str, null_label: int):
-    """(x0, eps) of a teacher at (x, t): CFG with scale w (B,) for the LDM (``guided``), the w input for a student.
-    With ``ddim_to`` also the LCD loss's teacher step (distill.lcd_loss)."""
-    if guided:
-        null = torch.full_like(y, null_label)
-        cond, uncond = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)  # 2 x (B, ...)
-        out = uncond + w.view(-1, 1, 1, 1) * (cond - uncond)
-    else:
-        out = unet(x, t, y, w).float()
-    return predict_x0_eps(out, x, abar[t], prediction)
+def teacher_estimates(unet, guided_teacher: bool, x, t, y, w, abar, prediction: str, null_label: int):
+    """(x0, eps) of a teacher at (x, t), guided with scale w (B,): CFG for the LDM (``guided_teacher``), the w input
+    for a student (``sampling.guided`` either way). With ``ddim_to`` also the LCD loss's teacher step."""
+    teacher = Denoiser(lambda *a: unet(*a).float(), abar, prediction, takes_scale=not guided_teacher)
+    return guided(teacher, y, w, null_label)(x, t)
 
 
 def progressive_loss(student, teacher, guided: bool, x0: torch.Tensor, y: torch.Tensor, seeds: torch.Tensor,

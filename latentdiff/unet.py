@@ -76,7 +76,7 @@ class UNet(nn.Module):
                 raise ValueError("this UNet is a distilled student: pass its guidance scale w (B,) as well")
             emb = emb + self.guidance_embed(timestep_embedding(w * self.config.guidance_embed_scale, self.config.channels[0]))
         elif w is not None:
-            raise ValueError("this UNet does not take a guidance scale input; guide it with cfg_model_fn")
+            raise ValueError("this UNet does not take a guidance scale input; guide it with latentdiff.sampling.guided")
         h = self.conv_in(x)
         skips = [h]
         for blocks in self.down:

@@ -12,7 +12,7 @@ from conftest import tiny_pipeline
 
 from latentdiff import LatentDiffusion, make_grid, to_pil
 from latentdiff.errors import ModelLoadError
-from latentdiff.sampling import SAMPLERS, cfg_model_fn
+from latentdiff.sampling import SAMPLERS, Denoiser, guided
 from latentdiff.timesteps import make_timesteps
 
 LABELS = [0, 1, 2, 3, 4, 5, 6, 7]
@@ -273,10 +273,11 @@ def test_cpu_channels_last_matches_nchw_and_returns_nchw(pipe):
     y, seeds = torch.tensor([0, 1, 2, 3, 4]), torch.arange(5)
     seen, forward = [], pipe.unet.forward
     pipe.unet.forward = lambda x, *a: seen.append(x.is_contiguous(memory_format=torch.channels_last)) or forward(x, *a)
-    out = pipe.denoise(pipe.noise(seeds), y, seeds, guidance_scale=2.0, steps=4, sampler="dpm++")
+    settings = pipe.settings(guidance_scale=2.0, steps=4, sampler="dpm++", guidance_interval=None)
+    out = pipe.denoise(pipe.noise(seeds), y, seeds, settings)
     del pipe.unet.forward
     assert out.is_contiguous() and seen and all(seen)  # the UNet saw NHWC inputs at every call
-    fn = cfg_model_fn(pipe.unet, y, 2.0, null_label=pipe.num_classes)  # the plain NCHW UNet call
-    ref = SAMPLERS["dpm++"](fn, pipe.noise(seeds), pipe.alphas_cumprod, None, pipe.config.diffusion.prediction,
-                            noise_fn=lambda i: None, timesteps=make_timesteps(pipe.alphas_cumprod, 4, "uniform"))
+    plain = Denoiser(pipe.unet, pipe.alphas_cumprod, pipe.config.diffusion.prediction)  # the plain NCHW UNet call
+    ref = SAMPLERS["dpm++"](guided(plain, y, 2.0, pipe.num_classes), pipe.noise(seeds),
+                            make_timesteps(pipe.alphas_cumprod, 4, "uniform"))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)

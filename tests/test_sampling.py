@@ -1,4 +1,4 @@
-"""Samplers against oracle models (exact eps / v for a known x0), Gaussian data, and the CFG wrapper."""
+"""Samplers against oracle models (exact eps / v for a known x0), Gaussian data, the denoiser and guidance."""
 
 from __future__ import annotations
 
@@ -8,12 +8,24 @@ import pytest
 import torch
 
 from latentdiff.diffusion import make_schedule
-from latentdiff.sampling import (SAMPLERS, cfg_model_fn, check_guidance_interval, ddim, ddpm, dpm_solver_pp_2m,
-                                 sampling_timesteps)
-from latentdiff.timesteps import make_timesteps
+from latentdiff.sampling import SAMPLERS, Denoiser, check_guidance_interval, guided
+from latentdiff.timesteps import make_timesteps, sampling_timesteps
 
 # (name, sampler kwargs): every sampler and DDIM's eta settings.
 SAMPLER_CASES = [("ddpm", {}), ("ddim", {"eta": 0.0}), ("ddim", {"eta": 0.5}), ("ddim", {"eta": 1.0}), ("dpm++", {})]
+
+
+def run(name: str, net, x: torch.Tensor, abar: torch.Tensor, steps: int | None, prediction: str = "v",
+        timesteps: torch.Tensor | None = None, noise=None, callback=None, **kwargs) -> torch.Tensor:
+    """Sampler ``name`` over the network function ``net(x_t, t)`` wrapped as a Denoiser, ``steps`` uniform timesteps."""
+    ts = timesteps if timesteps is not None else sampling_timesteps(abar.shape[0], steps)
+    return SAMPLERS[name](Denoiser(net, abar, prediction), x, ts, noise, callback, **kwargs)
+
+
+def cfg(model, labels: torch.Tensor, scale: float, null_label: int, interval=None, guide=None, autoguidance_scale=1.0):
+    """The guided network function (x, t) -> output of ``guided`` over ``model(x, t, labels)``."""
+    wrap = lambda net: Denoiser(net, torch.ones(1000), "v")  # noqa: E731  (the schedule is unused by .net)
+    return guided(wrap(model), labels, scale, null_label, interval, guide and wrap(guide), autoguidance_scale).net
 
 
 def oracle(x0: torch.Tensor, abar: torch.Tensor, prediction: str, calls: list | None = None):
@@ -40,8 +52,8 @@ def test_oracle_recovers_x0(name, kwargs, steps, prediction, schedule):
     x0 = torch.randn(3, 4, 7, 7, generator=g, dtype=torch.float64)
     x_T = torch.randn(3, 4, 7, 7, generator=g, dtype=torch.float64)
     calls: list = []
-    out = SAMPLERS[name](oracle(x0, abar, prediction, calls), x_T.clone(), abar, steps, prediction,
-                         generator=torch.Generator().manual_seed(1), **kwargs)
+    out = run(name, oracle(x0, abar, prediction, calls), x_T.clone(), abar, steps, prediction,
+                         noise=torch.Generator().manual_seed(1), **kwargs)
     assert out.shape == x0.shape and out.dtype == torch.float64
     assert torch.allclose(out, x0, atol=1e-6), (out - x0).abs().max()
     # Exactly `steps` model calls, from T-1 down to 0.
@@ -56,19 +68,9 @@ def test_oracle_float32(name, kwargs, prediction):
     abar = make_schedule("cosine", 1000)
     g = torch.Generator().manual_seed(0)
     x0, x_T = torch.randn(2, 4, 7, 7, generator=g), torch.randn(2, 4, 7, 7, generator=g)
-    out = SAMPLERS[name](oracle(x0, abar, prediction), x_T, abar, 10, prediction,
-                         generator=torch.Generator().manual_seed(1), **kwargs)
+    out = run(name, oracle(x0, abar, prediction), x_T, abar, 10, prediction,
+                         noise=torch.Generator().manual_seed(1), **kwargs)
     assert out.dtype == torch.float32 and torch.allclose(out, x0, atol=1e-4)
-
-
-def test_ddpm_defaults_to_all_timesteps():
-    abar = make_schedule("linear", 50)
-    x0 = torch.randn(1, 1, 2, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    calls: list = []
-    out = ddpm(oracle(x0, abar, "eps", calls), torch.zeros_like(x0), abar, prediction="eps",
-               generator=torch.Generator().manual_seed(0))
-    assert calls == list(range(49, -1, -1))
-    assert torch.allclose(out, x0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- Gaussian data
@@ -92,7 +94,7 @@ def _pf_ode_error(name: str, steps: int, prediction: str, schedule: str = "cosin
     x_T -> MU + S0 (x_T - sqrt(a) MU) / sqrt(a S0^2 + 1 - a), a = abar at T-1 (the standardised value is conserved)."""
     abar = make_schedule(schedule, 1000)
     x_T = torch.linspace(-3, 3, 61, dtype=torch.float64).view(-1, 1, 1, 1)
-    out = SAMPLERS[name](gaussian_denoiser(abar, prediction), x_T, abar, steps, prediction)
+    out = run(name, gaussian_denoiser(abar, prediction), x_T, abar, steps, prediction)
     a = abar[-1].item()
     exact = MU + S0 * (x_T - math.sqrt(a) * MU) / math.sqrt(a * S0**2 + 1 - a)
     return (out - exact).abs().max().item()
@@ -133,7 +135,7 @@ def test_stochastic_samplers_reach_the_data_distribution(name, kwargs):
     abar = make_schedule("cosine", 1000)
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(4000, 1, 1, 1, generator=g, dtype=torch.float64)
-    out = SAMPLERS[name](gaussian_denoiser(abar, "v"), x_T, abar, 1000, "v", generator=g, **kwargs)
+    out = run(name, gaussian_denoiser(abar, "v"), x_T, abar, 1000, "v", noise=g, **kwargs)
     assert out.mean().item() == pytest.approx(MU, abs=0.015)  # ~3 standard errors
     assert out.std().item() == pytest.approx(S0, abs=0.01)
 
@@ -143,9 +145,9 @@ def test_stochastic_sampler_randomness_is_injectable():
     abar = make_schedule("cosine", 100)
     model = lambda x, t: 0.3 * x  # noqa: E731  (not an oracle: the noise matters)
     x = torch.randn(2, 4, 7, 7, generator=torch.Generator().manual_seed(0))
-    a = ddpm(model, x, abar, 10, generator=torch.Generator().manual_seed(1))
-    b = ddpm(model, x, abar, 10, generator=torch.Generator().manual_seed(1))
-    c = ddpm(model, x, abar, 10, generator=torch.Generator().manual_seed(2))
+    a = run("ddpm", model, x, abar, 10, noise=torch.Generator().manual_seed(1))
+    b = run("ddpm", model, x, abar, 10, noise=torch.Generator().manual_seed(1))
+    c = run("ddpm", model, x, abar, 10, noise=torch.Generator().manual_seed(2))
     assert torch.equal(a, b) and not torch.equal(a, c)
     used: list = []
 
@@ -153,15 +155,15 @@ def test_stochastic_sampler_randomness_is_injectable():
         used.append(i)
         return torch.zeros_like(x)
 
-    d = ddim(model, x, abar, 10, eta=1.0, noise_fn=noise_fn)
-    e = ddim(model, x, abar, 10, eta=1.0, noise_fn=noise_fn)
+    d = run("ddim", model, x, abar, 10, eta=1.0, noise=noise_fn)
+    e = run("ddim", model, x, abar, 10, eta=1.0, noise=noise_fn)
     assert torch.equal(d, e)
     assert used and all(0 <= i < 10 for i in used)
     # eta=0 never draws noise.
     used.clear()
-    ddim(model, x, abar, 10, eta=0.0, noise_fn=noise_fn)
+    run("ddim", model, x, abar, 10, eta=0.0, noise=noise_fn)
     assert used == []
-    assert torch.equal(dpm_solver_pp_2m(model, x, abar, 10), dpm_solver_pp_2m(model, x, abar, 10))
+    assert torch.equal(run("dpm++", model, x, abar, 10), run("dpm++", model, x, abar, 10))
 
 
 def test_sampling_timesteps():
@@ -178,7 +180,7 @@ def test_sampling_timesteps():
 def test_negative_eta_rejected():
     abar = make_schedule("cosine", 10)
     with pytest.raises(ValueError, match="eta"):
-        ddim(lambda x, t: x, torch.zeros(1, 1, 1, 1), abar, 2, eta=-0.1)
+        run("ddim", lambda x, t: x, torch.zeros(1, 1, 1, 1), abar, 2, eta=-0.1)
 
 
 # ---------------------------------------------------------------------------------------------- CFG
@@ -202,14 +204,14 @@ def _inputs(b: int = 3):
 def test_cfg_scale_one_is_the_conditional_model():
     m = RecordingModel()
     x, t, y = _inputs()
-    assert torch.equal(cfg_model_fn(m, y, 1.0, 10)(x, t), m(x, t, y))
+    assert torch.equal(cfg(m, y, 1.0, 10)(x, t), m(x, t, y))
 
 
 def test_cfg_scale_zero_is_the_unconditional_model():
     m = RecordingModel()
     x, t, y = _inputs()
     null = torch.full_like(y, 10)
-    assert torch.equal(cfg_model_fn(m, y, 0.0, 10)(x, t), m(x, t, null))
+    assert torch.equal(cfg(m, y, 0.0, 10)(x, t), m(x, t, null))
 
 
 @pytest.mark.parametrize("s", [0.5, 2.0, 3.0, 7.5])
@@ -218,7 +220,7 @@ def test_cfg_combination(s):
     x, t, y = _inputs()
     cond, uncond = m(x, t, y), m(x, t, torch.full_like(y, 10))
     m.calls.clear()
-    out = cfg_model_fn(m, y, s, 10)(x, t)
+    out = cfg(m, y, s, 10)(x, t)
     assert torch.allclose(out, uncond + s * (cond - uncond), atol=1e-5)
     # One doubled batch: conditional labels first, then the null label.
     assert len(m.calls) == 1 and m.calls[0][0] == 6
@@ -231,7 +233,7 @@ def test_cfg_one_model_call_per_step(name, s, batch):
     m = RecordingModel()
     x, _, y = _inputs()
     abar = make_schedule("cosine", 100)
-    SAMPLERS[name](cfg_model_fn(m, y, s, 10), x, abar, 7, "v", generator=torch.Generator().manual_seed(0))
+    run(name, cfg(m, y, s, 10), x, abar, 7, "v", noise=torch.Generator().manual_seed(0))
     assert len(m.calls) == 7
     assert all(b == batch for b, _ in m.calls)
 
@@ -244,9 +246,9 @@ def test_cfg_with_a_unet():
     x, t, y = _inputs()
     with torch.no_grad():
         cond, uncond = unet(x, t, y), unet(x, t, torch.full_like(y, 10))
-        assert torch.allclose(cfg_model_fn(unet, y, 1.0, 10)(x, t), cond)
-        assert torch.allclose(cfg_model_fn(unet, y, 0.0, 10)(x, t), uncond)
-        assert torch.allclose(cfg_model_fn(unet, y, 4.0, 10)(x, t), uncond + 4 * (cond - uncond), atol=1e-5)
+        assert torch.allclose(cfg(unet, y, 1.0, 10)(x, t), cond)
+        assert torch.allclose(cfg(unet, y, 0.0, 10)(x, t), uncond)
+        assert torch.allclose(cfg(unet, y, 4.0, 10)(x, t), uncond + 4 * (cond - uncond), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- hooks
@@ -260,8 +262,8 @@ def test_explicit_timesteps_start_part_way(name, kwargs):
     x = a.sqrt() * x0 + (1 - a).sqrt() * torch.randn(x0.shape, generator=g, dtype=torch.float64)
     ts = torch.tensor([400, 300, 150, 40, 0])
     calls: list = []
-    out = SAMPLERS[name](oracle(x0, abar, "v", calls), x, abar, None, "v", timesteps=ts,
-                         generator=torch.Generator().manual_seed(1), **kwargs)
+    out = run(name, oracle(x0, abar, "v", calls), x, abar, None, "v", timesteps=ts,
+                         noise=torch.Generator().manual_seed(1), **kwargs)
     assert calls == ts.tolist()
     assert torch.allclose(out, x0, atol=1e-6)
 
@@ -271,9 +273,9 @@ def test_explicit_timesteps_equal_the_default_sequence(name, kwargs):
     abar = make_schedule("cosine", 1000)
     model = gaussian_denoiser(abar, "eps")
     x = torch.randn(2, 1, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    a = SAMPLERS[name](model, x.clone(), abar, 8, "eps", generator=torch.Generator().manual_seed(1), **kwargs)
-    b = SAMPLERS[name](model, x.clone(), abar, None, "eps", timesteps=sampling_timesteps(1000, 8),
-                       generator=torch.Generator().manual_seed(1), **kwargs)
+    a = run(name, model, x.clone(), abar, 8, "eps", noise=torch.Generator().manual_seed(1), **kwargs)
+    b = run(name, model, x.clone(), abar, None, "eps", timesteps=sampling_timesteps(1000, 8),
+                       noise=torch.Generator().manual_seed(1), **kwargs)
     assert torch.equal(a, b)
 
 
@@ -287,11 +289,11 @@ def test_callback_sees_every_step_and_can_replace_the_state(name, kwargs):
     def record(i, t_next, xt, x0):
         seen.append((i, t_next, xt.shape, x0.shape))
 
-    SAMPLERS[name](model, x.clone(), abar, 6, "v", generator=torch.Generator().manual_seed(1), callback=record, **kwargs)
+    run(name, model, x.clone(), abar, 6, "v", noise=torch.Generator().manual_seed(1), callback=record, **kwargs)
     ts = sampling_timesteps(1000, 6).tolist()
     assert [s[:2] for s in seen] == list(zip(range(6), ts[1:] + [-1]))
     # A callback that pins the state to a constant: the final sample is that constant.
-    out = SAMPLERS[name](model, x.clone(), abar, 6, "v", generator=torch.Generator().manual_seed(1),
+    out = run(name, model, x.clone(), abar, 6, "v", noise=torch.Generator().manual_seed(1),
                          callback=lambda i, t, xt, x0: torch.full_like(xt, 0.25), **kwargs)
     assert torch.equal(out, torch.full_like(x, 0.25))
 
@@ -300,7 +302,7 @@ def test_callback_sees_every_step_and_can_replace_the_state(name, kwargs):
 def test_bad_explicit_timesteps_rejected(bad):
     abar = make_schedule("cosine", 1000)
     with pytest.raises(ValueError, match="timesteps"):
-        ddim(gaussian_denoiser(abar, "v"), torch.zeros(1, 1, 2, 2), abar, None, "v", timesteps=torch.tensor(bad))
+        run("ddim", gaussian_denoiser(abar, "v"), torch.zeros(1, 1, 2, 2), abar, None, "v", timesteps=torch.tensor(bad))
 
 
 # ---------------------------------------------------------------------------------------------- spacings
@@ -314,8 +316,8 @@ def test_oracle_recovers_x0_with_every_spacing(name, kwargs, spacing, schedule):
     for steps in (1, 3, 10):
         ts = make_timesteps(abar, steps, spacing)
         calls: list = []
-        out = SAMPLERS[name](oracle(x0, abar, "v", calls), x_T.clone(), abar, None, "v", timesteps=ts,
-                             generator=torch.Generator().manual_seed(1), **kwargs)
+        out = run(name, oracle(x0, abar, "v", calls), x_T.clone(), abar, None, "v", timesteps=ts,
+                             noise=torch.Generator().manual_seed(1), **kwargs)
         assert calls == ts.tolist()
         assert torch.allclose(out, x0, atol=1e-6), (steps, (out - x0).abs().max())
 
@@ -332,7 +334,7 @@ def _run_with_interval(interval, s: float = 3.0, steps: int = 8):
         seen_t.append(int(tt[0]))
         return m(xx, tt, yy)
 
-    out = dpm_solver_pp_2m(cfg_model_fn(model, y, s, 10, guidance_interval=interval), x.clone(), abar, steps, "v")
+    out = run("dpm++", cfg(model, y, s, 10, interval), x.clone(), abar, steps, "v")
     return out, [b for b, _ in m.calls], seen_t
 
 
@@ -358,7 +360,7 @@ def test_interval_guides_exactly_the_steps_inside_it():
     # Per call: the guided combination inside, the conditional output outside.
     m = RecordingModel()
     x, t, y = _inputs()
-    fn = cfg_model_fn(m, y, 2.0, 10, guidance_interval=(5, 5))
+    fn = cfg(m, y, 2.0, 10, (5, 5))
     cond, uncond = m(x, t, y), m(x, t, torch.full_like(y, 10))
     assert torch.allclose(fn(x, t), uncond + 2.0 * (cond - uncond), atol=1e-5)
     assert torch.equal(fn(x, t + 1), m(x, t + 1, y))
@@ -367,14 +369,12 @@ def test_interval_guides_exactly_the_steps_inside_it():
 def test_interval_at_scale_zero_is_unconditional_inside():
     m = RecordingModel()
     x, t, y = _inputs()
-    fn = cfg_model_fn(m, y, 0.0, 10, guidance_interval=(0, 5))
+    fn = cfg(m, y, 0.0, 10, (0, 5))
     assert torch.equal(fn(x, t), m(x, t, torch.full_like(y, 10))) and torch.equal(fn(x, t + 1), m(x, t + 1, y))
 
 
 @pytest.mark.parametrize("bad", [(5, 4), (-1, 3), (1,), (1, 2, 3), (1.0, 2), (True, 3), "0 9", 7])
 def test_bad_guidance_interval_rejected(bad):
-    with pytest.raises(ValueError, match="guidance_interval"):
-        cfg_model_fn(RecordingModel(), torch.tensor([1]), 2.0, 10, guidance_interval=bad)
     with pytest.raises(ValueError, match="guidance_interval"):
         check_guidance_interval(bad, 1000)
 
@@ -388,7 +388,7 @@ def test_guidance_interval_beyond_the_schedule_rejected():
 @pytest.mark.parametrize("interval, s", [(None, 3.0), ((0, 999), 3.0), ((143, 714), 3.0), ((500, 510), 3.0),
                                          ((143, 714), 1.0), (None, 0.0)])
 def test_unet_rows_counts_what_cfg_runs(interval, s):
-    """unet_rows (used by the benchmarks' FLOP counts) equals the rows cfg_model_fn really sends, per digit."""
+    """unet_rows (used by the benchmarks' FLOP counts) equals the rows guided really sends, per digit."""
     from latentdiff.sampling import unet_rows
     _, batches, _ = _run_with_interval(interval, s=s)
     assert unet_rows(sampling_timesteps(1000, 8), s, interval) == sum(batches) // 3

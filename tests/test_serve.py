@@ -90,7 +90,8 @@ def test_generate_grid_settings_and_seed_reproduce(client):
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["settings"] == {"labels": [3, 7], "per_label": 3, "guidance_scale": 2.0, "steps": 3,
-                               "sampler": "dpm++", "eta": 0.0, "seed": 11, "autoguidance_scale": 1.0}
+                               "sampler": "dpm++", "eta": 0.0, "seed": 11, "autoguidance_scale": 1.0,
+                               "spacing": "uniform"}
     assert out["count"] == 6 and out["columns"] == 3 and out["seconds"] > 0
     grid = decode_png(out["image"])
     assert grid.shape == (2 + 2 * 30, 2 + 3 * 30)  # 2 rows x 3 columns of 28 px + 2 px padding

@@ -124,8 +124,8 @@ def load_guide(path: str | Path, pipe):
 def cmd_ldm(args) -> dict:
     pipe = load_pipe(args)  # fail fast, before the classifier
     interval = _interval_option(args, pipe)
-    pipe.sampling_options(args.guidance, args.steps, args.sampler, None, interval, args.spacing,
-                          args.autoguidance)  # checks them too
+    pipe.settings(guidance_scale=args.guidance, steps=args.steps, sampler=args.sampler, guidance_interval=interval,
+                  spacing=args.spacing, autoguidance_scale=args.autoguidance)  # checks them too
     clf, ref, info = _setup(args)
     r = evaluate_ldm(pipe, clf, ref, args.n_per_class, args.guidance, args.sampler, args.steps, args.seed, args.batch_size,
                      guidance_interval=interval, spacing=args.spacing, autoguidance_scale=args.autoguidance)
@@ -169,7 +169,7 @@ def cmd_sweep(args) -> dict:
     T = pipe.config.diffusion.num_timesteps
     interval = _interval_option(args, pipe)
     intervals = [parse_interval(s, T) for s in args.intervals] if args.intervals else [None]
-    pipe.sampling_options(args.sampler_guidance, None, None, None, interval, args.spacing)  # checks them too
+    pipe.settings(guidance_scale=args.sampler_guidance, guidance_interval=interval, spacing=args.spacing)  # checks them
     fixed, vary, settings = sweep_options(pipe, args.set, args.vary, args.settings, args.spacing)
     clf, ref, info = _setup(args)
     floor = real_floor(clf, args.data_dir, ref, args.n_per_class, args.seed)

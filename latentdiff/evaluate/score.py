@@ -78,15 +78,16 @@ def generate_balanced(pipe, n_per_class: int, guidance: float | None = None, sam
 def run_settings(pipe, guidance: float | None = None, sampler: str | None = None, steps: int | None = None,
                  guidance_interval: Sequence[int] | None = None, spacing: str | None = None,
                  eta: float | None = None, autoguidance_scale: float | None = None) -> dict:
-    """The sampling settings a run uses, the model's defaults filled in (and checked) by ``pipe.sampling_options``.
+    """The sampling settings a run uses, the model's defaults filled in (and checked) by ``pipe.settings``.
 
     The interval is always explicit: the model's "every step" (None) is recorded as [0, T-1].
     """
-    opts = pipe.sampling_options(guidance, steps, sampler, eta, guidance_interval, spacing, autoguidance_scale)
-    interval = opts["guidance_interval"] or (0, pipe.config.diffusion.num_timesteps - 1)
-    return {"guidance_scale": opts["guidance_scale"], "sampler": opts["sampler"], "steps": opts["steps"],
-            "guidance_interval": list(interval), "spacing": opts["spacing"], "eta": opts["eta"],
-            "autoguidance_scale": opts["autoguidance_scale"]}
+    s = pipe.settings(guidance_scale=guidance, steps=steps, sampler=sampler, eta=eta, guidance_interval=guidance_interval,
+                      spacing=spacing, autoguidance_scale=autoguidance_scale)
+    interval = s.guidance_interval or (0, pipe.config.diffusion.num_timesteps - 1)
+    return {"guidance_scale": s.guidance_scale, "sampler": s.sampler, "steps": s.steps,
+            "guidance_interval": list(interval), "spacing": s.spacing, "eta": s.eta,
+            "autoguidance_scale": s.autoguidance_scale}
 
 
 def rows_per_digit(pipe, settings: dict) -> int:

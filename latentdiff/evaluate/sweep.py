@@ -110,10 +110,11 @@ def sweep_options(pipe, sets: Sequence[str] | None, varies: Sequence[Sequence[st
     check_generate_keys(pipe, [*fixed, *vary], "--set / --vary")
     for setting in settings:
         check_generate_keys(pipe, setting, "--settings", allow_own=True)
-    # The keywords the pipeline knows are checked now (by sampling_options), not after the first runs.
+    # The keywords the pipeline knows are checked now (by pipe.settings), not after the first runs.
     for c in [{**fixed, **s} for s in settings] + [{**fixed, k: v} for k, vs in vary.items() for v in vs] + [fixed]:
-        pipe.sampling_options(c.get("guidance_scale"), c.get("steps"), c.get("sampler"), c.get("eta"),
-                              resolve_interval(c.get("guidance_interval"), T), c.get("spacing", spacing))
+        pipe.settings(guidance_scale=c.get("guidance_scale"), steps=c.get("steps"), sampler=c.get("sampler"),
+                      eta=c.get("eta"), guidance_interval=resolve_interval(c.get("guidance_interval"), T),
+                      spacing=c.get("spacing", spacing))
     return fixed, vary, settings
 
 

@@ -29,8 +29,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from .. import edit
+from ..config import SampleConfig
 from ..pipeline import LatentDiffusion
-from ..sampling import SAMPLERS
 from . import schema
 from .batcher import Batcher, QueueFull, Work, generate_work
 from .metrics import CountRequests, Metrics
@@ -51,6 +51,8 @@ class Limits:
 
     max_images: int = 100  # digits per request (classes x per_label, or edit variants)
     max_steps: int = 200  # sampler steps (also capped by the model's num_timesteps)
+    max_scale: float = 100.0  # guidance_scale and autoguidance_scale (SampleConfig's own range has no top)
+    max_eta: float = 1.0  # DDIM's eta (1 = DDPM's ancestral noise)
     max_image_side: int = 512  # uploaded images: square, 28..this many pixels a side
     max_body_bytes: int = 4 * 1024 * 1024  # request body (two 512x512 RGBA PNGs in base64 fit)
 
@@ -79,11 +81,15 @@ class ModelService:
         self.edits = list(EDITS)
         n, lim = pipe.num_classes, limits
         self.max_steps = min(lim.max_steps, pipe.config.diffusion.num_timesteps)
+        # The sampling fields: their ranges and choices are SampleConfig's (capped by the server's limits); absent or
+        # null means the model's default (``settings``), and ``pipe.settings`` checks the whole once more.
+        caps = {"guidance_scale": lim.max_scale, "autoguidance_scale": lim.max_scale, "eta": lim.max_eta}
+        low = SampleConfig.NUMBERS
         sampling = {
-            "guidance_scale": Field(schema.number(0, 100)),
-            "autoguidance_scale": Field(schema.number(0, 100)),
+            **{k: Field(schema.number(low[k][0], caps[k])) for k in ("guidance_scale", "autoguidance_scale")},
             "steps": Field(schema.integer(1, self.max_steps)),
-            "sampler": Field(schema.choice(sorted(SAMPLERS))),
+            "sampler": Field(schema.choice(SampleConfig.choices("sampler"))),
+            "spacing": Field(schema.choice(SampleConfig.choices("spacing"))),
             "seed": Field(schema.integer(0, schema.MAX_SEED)),
             "format": Field(schema.choice(["json", "png"]), default="json"),
         }
@@ -93,7 +99,7 @@ class ModelService:
         self.specs = {
             "generate": {"labels": Field(schema.integer_list(0, n - 1, lim.max_images), required=True),
                          "per_label": Field(schema.integer(1, lim.max_images), default=1),
-                         "eta": Field(schema.number(0, 1)), **sampling},
+                         "eta": Field(schema.number(low["eta"][0], caps["eta"])), **sampling},
             "img2img": {"strength": Field(schema.number(0, 1), default=DEFAULT_STRENGTH), **edit},
             "inpaint": {"mask": image, **edit},
         }
@@ -102,22 +108,21 @@ class ModelService:
         sc = self.pipe.config.sample
         return {
             "model": self.model_dir, "device": str(self.pipe.device), "classes": list(range(self.pipe.num_classes)),
-            "samplers": sorted(SAMPLERS), "edits": self.edits,
-            "defaults": {"sampler": sc.sampler, "steps": sc.steps, "guidance_scale": sc.guidance_scale, "eta": sc.eta,
-                         "autoguidance_scale": sc.autoguidance_scale, "has_guide": self.pipe.guide is not None,
+            "samplers": SampleConfig.choices("sampler"), "spacings": SampleConfig.choices("spacing"), "edits": self.edits,
+            "defaults": {**sc.to_kwargs(), "has_guide": self.pipe.guide is not None,
                          "per_label": 1, "strength": DEFAULT_STRENGTH, "count": 1},
             "limits": {**asdict(self.limits), "max_steps": self.max_steps, "max_seed": schema.MAX_SEED},
             "batching": asdict(self.batching),
         }
 
     def settings(self, req: dict[str, Any]) -> dict[str, Any]:
-        """The request with the model's defaults and a drawn seed filled in: sending it back reproduces the result."""
-        sc = self.pipe.config.sample
+        """The request with the model's defaults and a drawn seed filled in: sending it back reproduces the result.
+        The sampling fields become one checked ``SampleConfig`` (``pipe.settings``): a bad combination, e.g.
+        autoguidance without a guide model, is a 422 here."""
         out = {k: v for k, v in req.items() if k not in ("image", "mask", "format")}
-        for key in ("guidance_scale", "steps", "sampler", "autoguidance_scale"):
-            out[key] = getattr(sc, key) if out[key] is None else out[key]
-        if "eta" in out and out["eta"] is None:
-            out["eta"] = sc.eta
+        given = {k: out[k] for k in SampleConfig.CALL_KEYS if k in out}
+        resolved = self.pipe.settings(**given).to_kwargs()
+        out.update({k: resolved[k] for k in given})
         if out["seed"] is None:
             out["seed"] = random.SystemRandom().randrange(2**31)
         return out
@@ -143,16 +148,13 @@ class ModelService:
                                     f"{len(s['labels']) * s['per_label']} digits; the limit is {self.limits.max_images}",
                                "per_label")
         labels = [c for c in s["labels"] for _ in range(s["per_label"])]  # one grid row per class
-        settings = {k: s[k] for k in ("guidance_scale", "steps", "sampler", "eta", "autoguidance_scale")}
-        self.pipe.sampling_options(**settings)  # bad settings (e.g. autoguidance without a guide): 422 here
+        settings = {k: s[k] for k in SampleConfig.CALL_KEYS if k in s}
         return generate_work(labels, s["seed"], settings), s["per_label"]
 
     def edit_work(self, name: str, s: dict, image: torch.Tensor, mask: torch.Tensor | None) -> tuple[Work, int]:
         """Edits run alone through the same queue: the editing functions take one seed per call, not one per digit."""
         n = s["count"]
-        kwargs = dict(guidance_scale=s["guidance_scale"], steps=s["steps"], sampler=s["sampler"], seed=s["seed"],
-                      autoguidance_scale=s["autoguidance_scale"])
-        self.pipe.sampling_options(**{k: v for k, v in kwargs.items() if k != "seed"})  # bad settings: 422 here
+        kwargs = {**{k: s[k] for k in SampleConfig.CALL_KEYS if k in s}, "seed": s["seed"]}
         images, labels = image.expand(n, -1, -1, -1), [s["label"]] * n  # variants i use seed + i
         if name == "img2img":
             fn = lambda: edit.img2img(self.pipe, images, labels, s["strength"], **kwargs)  # noqa: E731

@@ -45,7 +45,7 @@ class Work:
 
 
 def generate_work(labels: list[int], seed: int, settings: dict) -> Work:
-    """Digit i of the request gets seed + i, as in pipe.generate; settings: sampling_options keywords."""
+    """Digit i of the request gets seed + i, as in pipe.generate; settings: ``pipe.settings`` keywords."""
     key = tuple(sorted(settings.items()))
     return Work(size=len(labels), key=key, labels=list(labels), seeds=[seed + i for i in range(len(labels))],
                 settings=dict(settings))
@@ -170,12 +170,12 @@ class Batcher:
         merged or alone, since the network runs on the pipeline's fixed tiles.
         """
         pipe = self.pipe
-        opts = pipe.sampling_options(**batch[0].settings)
+        settings = pipe.settings(**batch[0].settings)
         y = torch.tensor([c for w in batch for c in w.labels], dtype=torch.long)
         seeds = torch.tensor([s for w in batch for s in w.seeds], dtype=torch.int64)
         chunk = pipe.check_batch_size(None)
         out = []
         for a in range(0, len(y), chunk):  # what pipe.generate does per batch, with each digit's own seed
             sl = slice(a, a + chunk)
-            out.append(pipe.decode(pipe.denoise(pipe.noise(seeds[sl]), y[sl], seeds[sl], **opts)))
+            out.append(pipe.decode(pipe.denoise(pipe.noise(seeds[sl]), y[sl], seeds[sl], settings)))
         return list(torch.cat(out).split([w.size for w in batch]))
