@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, write_user_folder
 
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -44,12 +45,16 @@ def test_python_snippets_run(page, user_folder, monkeypatch, fake_download):
     blocks = [(line, code) for line, code, reason in snippets(page) if reason is None]
     monkeypatch.chdir(user_folder)
     namespace: dict = {"__name__": "__docs__"}
-    for line, code in blocks:
-        try:
-            exec(compile(code, f"{page.name}:{line}", "exec"), namespace)
-        except Exception as e:  # name the page and line: the test id alone does not say which block broke
-            raise AssertionError(f"the Python snippet at {page.relative_to(REPO)}:{line} fails: "
-                                 f"{type(e).__name__}: {e}") from e
+    grad = torch.is_grad_enabled()
+    try:
+        for line, code in blocks:
+            try:
+                exec(compile(code, f"{page.name}:{line}", "exec"), namespace)
+            except Exception as e:  # name the page and line: the test id alone does not say which block broke
+                raise AssertionError(f"the Python snippet at {page.relative_to(REPO)}:{line} fails: "
+                                     f"{type(e).__name__}: {e}") from e
+    finally:
+        torch.set_grad_enabled(grad)  # a page may turn gradients off, as a script would; the next test expects them
 
 
 def test_snippets_are_found_and_skips_are_rare():
