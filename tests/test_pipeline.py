@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_pipeline
 
 from latentdiff import LatentDiffusion, make_grid, to_pil
+from latentdiff.config import SampleConfig
 from latentdiff.errors import ModelLoadError
 from latentdiff.sampling import SAMPLERS, Denoiser, guided
 from latentdiff.timesteps import make_timesteps
@@ -281,3 +282,30 @@ def test_cpu_channels_last_matches_nchw_and_returns_nchw(pipe):
     ref = SAMPLERS["dpm++"](guided(plain, y, 2.0, pipe.num_classes), pipe.noise(seeds),
                             make_timesteps(pipe.alphas_cumprod, 4, "uniform"))
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+def test_settings_are_one_checked_sample_config(pipe):
+    """generate's keywords, the editing functions' and the server's all become one SampleConfig, checked once."""
+    s = pipe.settings(guidance_scale=2, steps=3, guidance_interval=[0, 50], eta=None)
+    assert isinstance(s, SampleConfig) and s.guidance_scale == 2.0 and isinstance(s.guidance_scale, float)
+    assert s.guidance_interval == (0, 50) and s.eta == pipe.config.sample.eta and s.steps == 3
+    assert s.to_kwargs() == {"guidance_scale": 2.0, "steps": 3, "sampler": s.sampler, "eta": s.eta,
+                             "guidance_interval": [0, 50], "spacing": s.spacing, "autoguidance_scale": 1.0}
+    assert pipe.settings(**s.to_kwargs()) == s  # a round trip through JSON-ready keywords
+    with pytest.raises(ValueError, match="unknown sampling setting 'tile_size'"):
+        pipe.settings(tile_size=8)
+    for bad, word in [({"steps": "3"}, "steps"), ({"steps": 101}, "1..100"), ({"guidance_scale": float("nan")}, "finite"),
+                      ({"eta": True}, "eta"), ({"sampler": "euler"}, "choose one of"), ({"spacing": 3}, "spacing")]:
+        with pytest.raises(ValueError, match=word):
+            pipe.settings(**bad)
+
+
+def test_a_students_settings_are_checked_at_the_same_place(pipe):
+    from latentdiff.distill import make_student
+
+    student = LatentDiffusion(make_student(pipe.unet), pipe.vae, pipe.config)
+    assert student.settings(sampler="lcm", steps=2).sampler == "lcm"
+    assert student.settings(sampler="ddim", eta=0).sampler == "ddim"
+    for bad in ({"sampler": "dpm++"}, {"sampler": "ddim", "eta": 0.5}, {"sampler": "lcm", "guidance_interval": [0, 5]}):
+        with pytest.raises(ValueError, match="needs the teacher"):
+            student.settings(**bad)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from latentdiff.diffusion import make_schedule
+from latentdiff.diffusion import make_schedule, renoise
 from latentdiff.sampling import SAMPLERS, Denoiser, check_guidance_interval, guided
 from latentdiff.timesteps import make_timesteps, sampling_timesteps
 
@@ -392,3 +392,58 @@ def test_unet_rows_counts_what_cfg_runs(interval, s):
     from latentdiff.sampling import unet_rows
     _, batches, _ = _run_with_interval(interval, s=s)
     assert unet_rows(sampling_timesteps(1000, 8), s, interval) == sum(batches) // 3
+
+
+# ---------------------------------------------------------------------------------------------- the denoiser
+def test_denoiser_gives_the_estimates_of_its_network_output():
+    from latentdiff.diffusion import predict_x0_eps
+
+    abar = make_schedule("cosine", 100)
+    net = lambda x, t, y: 0.5 * x + y.view(-1, 1, 1, 1)  # noqa: E731
+    x, t, y = torch.randn(3, 4, 7, 7), torch.tensor([5, 50, 99]), torch.tensor([1.0, 2.0, 3.0])
+    for prediction in ("eps", "v"):
+        x0, eps = Denoiser(net, abar, prediction)(x, t, y)
+        want = predict_x0_eps(net(x, t, y), x, abar[t].float(), prediction)
+        assert torch.equal(x0, want[0]) and torch.equal(eps, want[1])
+        # and x_t = sqrt(abar) x0 + sqrt(1 - abar) eps: the estimates are consistent with the input
+        torch.testing.assert_close(renoise(x0, eps, abar[t].view(-1, 1, 1, 1)), x, atol=1e-5, rtol=1e-5)
+
+
+def test_renoise_is_the_forward_process_and_the_ddim_step():
+    from latentdiff.diffusion import q_sample
+
+    abar = make_schedule("cosine", 100)
+    x0, eps, t = torch.randn(4, 4, 7, 7), torch.randn(4, 4, 7, 7), torch.tensor([0, 10, 60, 99])
+    assert torch.equal(q_sample(x0, t, eps, abar), renoise(x0, eps, abar[t].view(-1, 1, 1, 1)))
+    assert torch.equal(renoise(x0, eps, 1.0), x0)  # abar = 1: the clean end
+    a, sigma = torch.tensor(0.5, dtype=torch.float64), torch.tensor(0.3, dtype=torch.float64)
+    want = math.sqrt(0.5) * x0 + math.sqrt(1 - 0.5 - 0.09) * eps
+    torch.testing.assert_close(renoise(x0, eps, a, sigma), want)
+
+
+def test_per_example_scales_equal_one_call_per_scale():
+    """A (B,) tensor of scales (distillation's teachers) guides row i exactly as the float scale[i] does."""
+    m = RecordingModel()
+    x, t, y = _inputs()
+    scales = torch.tensor([0.5, 2.0, 3.0])
+    out = cfg(m, y, scales, 10)(x, t)
+    for i, s in enumerate(scales.tolist()):
+        one = cfg(m, y[i:i + 1], s, 10)(x[i:i + 1], t[i:i + 1])
+        assert torch.equal(out[i:i + 1], one), s
+
+
+def test_a_student_gets_the_scale_as_its_input():
+    seen = []
+
+    def student(x, t, y, w):
+        seen.append((x.shape[0], w.clone()))
+        return x * w.view(-1, 1, 1, 1)
+
+    x, t, y = _inputs()
+    d = guided(Denoiser(student, make_schedule("cosine", 1000), "v", takes_scale=True), y, 2.5, 10, interval=(0, 5))
+    assert not d.takes_scale
+    d(x, t)
+    assert seen[0][0] == 3 and seen[0][1].tolist() == [2.5] * 3  # one undoubled batch, the scale as input
+    d = guided(Denoiser(student, make_schedule("cosine", 1000), "v", takes_scale=True), y, torch.tensor([1.0, 2, 3]), 10)
+    d(x, t)
+    assert seen[1][1].tolist() == [1.0, 2.0, 3.0]

@@ -156,6 +156,7 @@ BAD_GENERATE = [
     ({"labels": [1], "eta": 2}, "eta", "0..1"),
     ({"labels": [1], "seed": -1}, "seed", "0..9007199254740991"),
     ({"labels": [1], "seed": 2**70}, "seed", "0..9007199254740991"),
+    ({"labels": [1], "spacing": "cubic"}, "spacing", "karras"),
     ({"labels": [1], "format": "gif"}, "format", "json"),
     ({"labels": [1], "colour": "red"}, "colour", "valid fields"),
 ]
@@ -397,3 +398,14 @@ def test_favicon_is_served(client):
     assert r.status_code == 200 and r.headers["content-type"] == "image/x-icon"
     assert Image.open(io.BytesIO(r.content)).format == "ICO"
     assert 'rel="icon"' in client.get("/").text
+
+
+def test_the_sampling_fields_come_from_the_settings_type(client):
+    """The server's sampling fields are SampleConfig's: its choices, its lower bounds, its defaults (info)."""
+    from latentdiff.config import SampleConfig
+
+    info = client.get("/api/info").json()
+    assert info["samplers"] == SampleConfig.choices("sampler") and info["spacings"] == SampleConfig.choices("spacing")
+    assert set(SampleConfig.CALL_KEYS) <= set(info["defaults"])
+    r = client.post("/api/generate", json={"labels": [2], "steps": 2, "spacing": "trailing", "seed": 1})
+    assert r.status_code == 200 and r.json()["settings"]["spacing"] == "trailing", r.text
