@@ -1,7 +1,7 @@
 """Editing and exploring digits with a trained LatentDiffusion: class swap, inpainting, interpolation, trajectories.
 
 Every function takes the pipeline first and is built on its public pieces: ``encode`` / ``decode``
-(images in [0, 1] <-> scaled latents), ``noise`` (per-seed Gaussian noise), ``denoise`` (a guided
+(images in [0, 1] <-> scaled latents), ``noise`` (per-seed Gaussian noise), ``sample`` (a guided
 sampler started from any latents at any timestep, with a per-step callback) and ``settings`` (the
 model's sampling defaults with a call's overrides, checked: one ``SampleConfig``). Sampling keywords
 (``guidance_scale``, ``steps``, ``sampler``, ``eta``, ...) default to the model's config, as in ``generate``. Randomness:
@@ -130,7 +130,7 @@ def img2img(pipe: LatentDiffusion, images: torch.Tensor, labels, strength: float
             return pipe.decode(z)
         eps = pipe.noise(seeds[sl])  # stream 0, the noise generate() starts from
         start = eps if s == 1 else _noised(pipe, z, eps, int(ts[0]))
-        return pipe.decode(pipe.denoise(start, y[sl], seeds[sl], settings, timesteps=ts))
+        return pipe.decode(pipe.sample(start, y[sl], seeds[sl], settings, timesteps=ts))
 
     return _batched(n, batch_size, run)
 
@@ -169,7 +169,7 @@ def inpaint(pipe: LatentDiffusion, images: torch.Tensor, mask, labels, *, seed: 
         def keep_known(i: int, t_next: int, state: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
             return m * _noised(pipe, z, eps, t_next) + (1 - m) * state
 
-        return pipe.decode(pipe.denoise(eps, y[sl], seeds[sl], settings, callback=keep_known))
+        return pipe.decode(pipe.sample(eps, y[sl], seeds[sl], settings, callback=keep_known))
 
     return _batched(n, batch_size, run)
 
@@ -224,7 +224,7 @@ def interpolate_seeds(pipe: LatentDiffusion, label: int, seed_a: int, seed_b: in
             return slerp(pipe.noise(sa, i + 1), pipe.noise(sb, i + 1), ws)
 
         start = slerp(pipe.noise(sa), pipe.noise(sb), ws)
-        return pipe.decode(pipe.denoise(start, y.expand(len(ws)), None, settings, noise_fn=noise_fn))
+        return pipe.decode(pipe.sample(start, y.expand(len(ws)), None, settings, noise_fn=noise_fn))
 
     return _batched(len(w), batch_size, run)
 
@@ -246,7 +246,7 @@ def interpolate_classes(pipe: LatentDiffusion, label_a: int, label_b: int, seed:
     seeds = torch.full((len(w),), seed, dtype=torch.int64)  # every frame shares the seed's noise
 
     def run(sl: slice) -> torch.Tensor:
-        return pipe.decode(pipe.denoise(pipe.noise(seeds[sl]), weights[sl], seeds[sl], settings))
+        return pipe.decode(pipe.sample(pipe.noise(seeds[sl]), weights[sl], seeds[sl], settings))
 
     return _batched(len(w), batch_size, run)
 
@@ -280,7 +280,7 @@ def trajectory(pipe: LatentDiffusion, labels, *, seed: int | None = None, genera
             states.append(state.float())
             times.append(t_next)
 
-        z = pipe.denoise(pipe.noise(seeds[sl]), y[sl], seeds[sl], settings, callback=record)
+        z = pipe.sample(pipe.noise(seeds[sl]), y[sl], seeds[sl], settings, callback=record)
         parts.append((torch.stack(x0s, 1), torch.stack(states, 1)))
         return pipe.decode(z)
 

@@ -1,6 +1,6 @@
 """LatentDiffusion: VAE + UNet + schedule. ``generate()`` turns labels into digits.
 
-``generate`` is ``decode(denoise(noise(seeds)))`` over batches; those three steps are public so that
+``generate`` is ``decode(sample(noise(seeds)))`` over batches; those three steps are public so that
 ``latentdiff.edit`` (class swap, inpainting, interpolation, trajectories) can be written on top of the
 pipeline. Imports run one way: this module never imports its editors, the server, the evaluator or
 the trainer (tests/test_imports.py checks it).
@@ -241,9 +241,9 @@ class LatentDiffusion:
         return ((images + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
-    def denoise(self, latents: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor | None, settings: SampleConfig, *,
-                timesteps: torch.Tensor | None = None, callback: StepCallback | None = None,
-                noise_fn: NoiseFn | None = None, progress: bool = False) -> torch.Tensor:
+    def sample(self, latents: torch.Tensor, labels: torch.Tensor, seeds: torch.Tensor | None, settings: SampleConfig, *,
+               timesteps: torch.Tensor | None = None, callback: StepCallback | None = None,
+               noise_fn: NoiseFn | None = None, progress: bool = False) -> torch.Tensor:
         """Run the sampler of ``settings`` from ``latents`` (B, 4, 7, 7) to clean scaled latents, guided towards ``labels``.
 
         One batch, no checks (take ``settings`` from ``self.settings(...)``). labels: (B,) class indices, or
@@ -256,7 +256,7 @@ class LatentDiffusion:
         x, y = latents.to(self.device), labels.to(self.device)
         if noise_fn is None:
             if seeds is None:
-                raise ValueError("denoise needs seeds (one per sample) or a noise_fn for the sampler's step noise")
+                raise ValueError("sample needs seeds (one per sample) or a noise_fn for the sampler's step noise")
             seeds = seeds.to(self.device)
 
             def noise_fn(i: int) -> torch.Tensor:
@@ -300,7 +300,7 @@ class LatentDiffusion:
         for start in range(0, len(y), batch_size):
             part = slice(start, start + batch_size)
             latents = self.noise(seeds[part])  # (B, 4, 7, 7): stream 0 of each seed
-            out.append(self.decode(self.denoise(latents, y[part], seeds[part], settings, progress=progress)))
+            out.append(self.decode(self.sample(latents, y[part], seeds[part], settings, progress=progress)))
         return torch.cat(out)
 
 

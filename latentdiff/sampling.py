@@ -13,7 +13,7 @@ Hooks for editing and inspection: ``noise(i)`` gives the fresh noise of step i (
 ``torch.Generator`` to draw it from; stochastic samplers only), and ``callback(i, t_next, x, x0)`` is called
 after step i with the new state ``x`` (at timestep ``t_next``; -1 once ``x`` is the final sample) and that
 step's clean estimate ``x0``; a callback that returns a tensor replaces ``x`` (inpainting re-imposes the known
-region this way). ``LatentDiffusion.denoise`` runs all of this for a pipeline; docs/how-a-digit-is-made.md
+region this way). ``LatentDiffusion.sample`` runs all of this for a pipeline; docs/how-a-digit-is-made.md
 runs it inline.
 """
 

@@ -275,7 +275,7 @@ def test_cpu_channels_last_matches_nchw_and_returns_nchw(pipe):
     seen, forward = [], pipe.unet.forward
     pipe.unet.forward = lambda x, *a: seen.append(x.is_contiguous(memory_format=torch.channels_last)) or forward(x, *a)
     settings = pipe.settings(guidance_scale=2.0, steps=4, sampler="dpm++", guidance_interval=None)
-    out = pipe.denoise(pipe.noise(seeds), y, seeds, settings)
+    out = pipe.sample(pipe.noise(seeds), y, seeds, settings)
     del pipe.unet.forward
     assert out.is_contiguous() and seen and all(seen)  # the UNet saw NHWC inputs at every call
     plain = Denoiser(pipe.unet, pipe.alphas_cumprod, pipe.config.diffusion.prediction)  # the plain NCHW UNet call

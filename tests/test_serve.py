@@ -175,7 +175,7 @@ def test_pipeline_value_errors_become_422(client, monkeypatch):
     """A check only the pipeline makes still reaches the client as a 422 with the pipeline's message."""
     def refuse(*a, **k):
         raise ValueError("steps must be an integer in 1..100, got 99999")
-    monkeypatch.setattr(LatentDiffusion, "denoise", refuse)  # what the batcher's model call runs
+    monkeypatch.setattr(LatentDiffusion, "sample", refuse)  # what the batcher's model call runs
     r = client.post("/api/generate", json={"labels": [1]})
     assert r.status_code == 422 and r.json() == {"error": "steps must be an integer in 1..100, got 99999"}
 
@@ -183,7 +183,7 @@ def test_pipeline_value_errors_become_422(client, monkeypatch):
 def test_unexpected_errors_are_a_json_500_without_a_trace(client, monkeypatch):
     def crash(*a, **k):
         raise RuntimeError("secret internals at /some/path.py line 3")
-    monkeypatch.setattr(LatentDiffusion, "denoise", crash)  # what the batcher's model call runs
+    monkeypatch.setattr(LatentDiffusion, "sample", crash)  # what the batcher's model call runs
     r = client.post("/api/generate", json={"labels": [1]})
     assert r.status_code == 500 and r.json() == {"error": "internal server error; the server log has the details"}
 

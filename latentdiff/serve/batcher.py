@@ -1,7 +1,7 @@
 """Dynamic batching for the server: a bounded queue of requests -> one model call per group of equal settings -> split.
 
 One worker thread owns the model. Generate requests with the same sampler settings are merged, up to
-``max_batch`` digits, into one call of the pipeline's building blocks (noise -> denoise -> decode) with each
+``max_batch`` digits, into one call of the pipeline's building blocks (noise -> sample -> decode) with each
 digit's own seed, so a request gets the digits ``pipe.generate(labels, seed=seed, ...)`` gives it, bit for
 bit (the pipeline's network calls run on fixed tiles, whatever the merged batch's size). A batch starts when
 it is full, ``max_wait_ms`` after the worker is free (or its oldest request arrived, if later), or as soon
@@ -177,5 +177,5 @@ class Batcher:
         out = []
         for a in range(0, len(y), chunk):  # what pipe.generate does per batch, with each digit's own seed
             sl = slice(a, a + chunk)
-            out.append(pipe.decode(pipe.denoise(pipe.noise(seeds[sl]), y[sl], seeds[sl], settings)))
+            out.append(pipe.decode(pipe.sample(pipe.noise(seeds[sl]), y[sl], seeds[sl], settings)))
         return list(torch.cat(out).split([w.size for w in batch]))
