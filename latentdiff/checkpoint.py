@@ -176,6 +176,11 @@ def _optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint after ``step`` steps lives: checkpoints/step_00001000/ (complete once state.json is in it)."""
+    return Path(run_dir) / CKPT_DIR / f"step_{step:08d}"
+
+
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, ema: torch.nn.Module | None,
                     optimizer: torch.optim.Optimizer, keep: int, extra: dict | None = None) -> Path:
     """Write checkpoints/step_N atomically (temporary folder + rename), then keep only the last ``keep``."""
@@ -183,9 +188,8 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, ema: torch
     if bad:
         raise TrainingDiverged(f"weights became NaN/inf by step {step} ({bad[0]}); not checkpointing them. "
                                f"Last good checkpoint: {(list_checkpoints(run_dir) or ['none'])[-1]}")
-    root = run_dir / CKPT_DIR
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp-step_{step:08d}"
+    final = checkpoint_dir(run_dir, step)
+    root, tmp = final.parent, final.parent / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tensors, meta = _optimizer_to_flat(optimizer)
     parts = [model.state_dict(), tensors] + ([ema.state_dict()] if ema is not None else [])

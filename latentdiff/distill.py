@@ -12,7 +12,7 @@ f = c_skip x + c_out x0_hat, with f(x, 0) = x (``sampling.consistency_x0``). The
 Progressive: the same w-input student learns, stage by stage, one DDIM step per two of its teacher; every
 finished stage is saved as a student folder of its own under ``stages/`` (and teaches the next stage).
 
-The loop, checkpoints, exact resume, run lock, logging and previews are train.py's (``_run_loop``).
+The loop, checkpoints, exact resume, run lock, logging and previews are train.py's (``train_loop``).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from .progressive import ddim_to, progressive_loss, stage_grids, teacher_estimat
 from .sampling import consistency_x0
 from .serialization import CONFIG_NAME
 from .timesteps import make_timesteps
-from .train import _check_batching, _end, _run_loop, _seed_all, encode_dataset, lr_at, make_accelerator
+from .train import (Schedule, TrainTask, check_batching, encode_dataset, finish_run, lr_at, make_accelerator, seed_all,
+                    train_loop)
 from .unet import UNet
 
 STAGES_DIR = "stages"  # progressive: stages/<n>_steps/, the student after each stage but the last (the run itself)
@@ -204,9 +205,9 @@ def distill_ldm(cfg: DistillRunConfig, resume: str | None = None, overwrite: boo
             raise ConfigError(f"cannot resume {cfg.out_dir} with train.steps={cfg.train.steps}: a progressive run's "
                               f"stages are set by train.steps; resume with train.steps={saved}")
     images_u8, labels = load_mnist(cfg.data.root, "train", cfg.data.download)
-    _check_batching(len(images_u8), cfg.train, accel)
+    check_batching(len(images_u8), cfg.train, accel)
     with claim_run_dir(cfg, resume, overwrite, accel) as (run_dir, resume):  # one run per folder (a lock)
-        _seed_all(cfg.train.seed)
+        seed_all(cfg.train.seed)
         teacher_unet, vae = teacher.unet.requires_grad_(False), teacher.vae
         model = make_student(teacher_unet, cfg.distill.guidance_embed_scale)
         target = copy.deepcopy(model).requires_grad_(False)  # the EMA target network; also the saved student
@@ -219,11 +220,12 @@ def distill_ldm(cfg: DistillRunConfig, resume: str | None = None, overwrite: boo
             return LatentDiffusion(unet, vae, PipelineConfig(diffusion=diffusion, sample=sample))
 
         if cfg.distill.method == "progressive":
-            loss_fn, on_step, lr_fn = _progressive(cfg, accel, run_dir, resume, teacher, model, target, latents, labels,
-                                                   alphas_cumprod, pipeline)
+            stages = ProgressiveStages(cfg, accel, run_dir, teacher, model, target, latents, labels, alphas_cumprod,
+                                       pipeline)
+            loss_fn, schedule = stages.loss, stages
         else:
             grid = solver_grid(teacher.alphas_cumprod, cfg.distill.solver_steps)
-            on_step = lr_fn = None
+            schedule = Schedule(cfg.train)
 
             def loss_fn(m, idx, seeds):
                 return lcd_loss(m, target, teacher_unet, latents[idx], labels[idx], seeds, alphas_cumprod, grid,
@@ -235,57 +237,68 @@ def distill_ldm(cfg: DistillRunConfig, resume: str | None = None, overwrite: boo
             make_grid(images, nrow=8).save(path)
 
         model.train()
-        _run_loop(cfg, accel, run_dir, model, target, len(latents), loss_fn, preview, resume, "distill", on_step, lr_fn)
+        train_loop(cfg, accel, run_dir, TrainTask(model, target, len(latents), loss_fn, preview, "distill", schedule),
+                   resume)
         if accel.is_main_process:
             pipeline(target).save_pretrained(run_dir)
-            _end(accel, run_dir, preview, cfg.train.steps)
+            finish_run(accel, run_dir, preview, cfg.train.steps)
             accel.print(f"saved the {cfg.sample.steps}-step student to {run_dir}")
         accel.wait_for_everyone()
     return run_dir
 
 
-def _progressive(cfg: DistillRunConfig, accel, run_dir: Path, resume, teacher: LatentDiffusion, model: UNet, ema: UNet,
-                 latents, labels, alphas_cumprod, pipeline):
-    """Loss, stage switch (``on_step``) and per-stage learning rate of a progressive run.
+class ProgressiveStages(Schedule):
+    """The stages of a progressive run: the loss of the current stage, its learning rate and the stage switch.
 
     Stage k (1-based) trains steps [e_(k-1), e_k) (``DistillConfig.stage_ends``; equal lengths unless
-    distill.stage_steps), each with its own warm-up and decay. After step e_k the EMA (stage k's student) is saved
-    as stages/<n>_steps/, becomes the teacher, and the student restarts from it with a fresh optimizer state; a
-    resume inside stage k reloads its teacher from there.
+    distill.stage_steps), each with its own warm-up and decay (``lr``). After step e_k (``after_step``) the EMA
+    (stage k's student) is saved as stages/<n>_steps/, becomes the teacher, and the student restarts from it with a
+    fresh optimizer state; a resume inside stage k reloads its teacher from there. ``stage`` and ``teacher``: the
+    current stage (1-based) and its teacher network.
     """
-    dc, tc = cfg.distill, cfg.train
-    ends = dc.stage_ends(tc.steps)
-    starts = [0] + ends[:-1]
-    prediction, null = teacher.config.diffusion.prediction, teacher.num_classes
-    grids = [stage_grids(teacher.alphas_cumprod.cpu(), dc.solver_steps, k) for k in range(1, dc.stages + 1)]
-    state = {"stage": 1, "teacher": teacher.unet, "resuming": resume is not None}
 
-    def folder(stage: int) -> Path:
-        return run_dir / STAGES_DIR / f"{dc.solver_steps // 2 ** stage}_steps"
+    def __init__(self, cfg: DistillRunConfig, accel, run_dir: Path, teacher: LatentDiffusion, model: UNet, ema: UNet,
+                 latents, labels, alphas_cumprod, pipeline):
+        super().__init__(cfg.train)
+        self.dc, self.accel, self.run_dir, self.model, self.ema, self.pipeline = (cfg.distill, accel, run_dir, model,
+                                                                                  ema, pipeline)
+        self.latents, self.labels, self.alphas_cumprod = latents, labels, alphas_cumprod
+        self.ends = self.dc.stage_ends(self.tc.steps)
+        self.starts = [0] + self.ends[:-1]
+        self.prediction, self.null = teacher.config.diffusion.prediction, teacher.num_classes
+        self.grids = [stage_grids(teacher.alphas_cumprod.cpu(), self.dc.solver_steps, k)
+                      for k in range(1, self.dc.stages + 1)]
+        self.stage, self.teacher = 1, teacher.unet
 
-    def on_step(done: int, optimizer) -> None:
-        resuming, state["resuming"] = state["resuming"], False
-        finished = bisect.bisect_right(ends, done)  # stages whose last step is done
-        if done in ends[:-1] and not resuming:
+    def folder(self, stage: int) -> Path:
+        """Where stage ``stage``'s student is saved (the last stage's is the run folder itself)."""
+        return self.run_dir / STAGES_DIR / f"{self.dc.solver_steps // 2 ** stage}_steps"
+
+    def after_step(self, done: int, optimizer, resumed: bool = False) -> None:
+        """Switch stages after a stage's last step (a resume from that step's checkpoint has switched already);
+        after a resume inside a later stage, load its teacher."""
+        dc, accel = self.dc, self.accel
+        finished = bisect.bisect_right(self.ends, done)  # stages whose last step is done
+        if done in self.ends[:-1] and not resumed:
             if accel.is_main_process:
-                pipeline(ema, dc.solver_steps // 2 ** finished).save_pretrained(folder(finished))
+                self.pipeline(self.ema, dc.solver_steps // 2 ** finished).save_pretrained(self.folder(finished))
             accel.wait_for_everyone()
-            model.load_state_dict(ema.state_dict())  # the next stage starts from this stage's student
+            self.model.load_state_dict(self.ema.state_dict())  # the next stage starts from this stage's student
             optimizer.state.clear()  # and from fresh Adam moments (the bias correction restarts)
-        if finished + 1 != state["stage"] and finished < dc.stages:
-            path = folder(finished)
+        if finished + 1 != self.stage and finished < dc.stages:
+            path = self.folder(finished)
             if not (path / CONFIG_NAME).is_file():
                 raise RunDirError(f"resuming at step {done}, in stage {finished + 1} of {dc.stages}, but its teacher "
                                   f"{path} (stage {finished}'s student) is missing; restore it, or start again with --overwrite")
-            state["stage"], state["teacher"] = finished + 1, UNet.from_pretrained(path / "unet", accel.device).requires_grad_(False)
+            self.stage, self.teacher = finished + 1, UNet.from_pretrained(path / "unet", accel.device).requires_grad_(False)
 
-    def loss_fn(m, idx, seeds):
-        k = state["stage"]
-        return progressive_loss(m, state["teacher"], k == 1, latents[idx], labels[idx], seeds, alphas_cumprod,
-                                grids[k - 1], (dc.guidance_min, dc.guidance_max), prediction, null, accel.autocast)
+    def loss(self, m, idx, seeds):
+        """The loss of the current stage: one student DDIM step against two of its teacher (progressive_loss)."""
+        k, dc = self.stage, self.dc
+        return progressive_loss(m, self.teacher, k == 1, self.latents[idx], self.labels[idx], seeds, self.alphas_cumprod,
+                                self.grids[k - 1], (dc.guidance_min, dc.guidance_max), self.prediction, self.null,
+                                self.accel.autocast)
 
-    def lr_fn(step: int) -> float:
-        k = min(bisect.bisect_right(ends, step), dc.stages - 1)  # 0-based stage of this step
-        return lr_at(step - starts[k], replace(tc, steps=ends[k] - starts[k]))
-
-    return loss_fn, on_step, lr_fn
+    def lr(self, step: int) -> float:
+        k = min(bisect.bisect_right(self.ends, step), self.dc.stages - 1)  # 0-based stage of this step
+        return lr_at(step - self.starts[k], replace(self.tc, steps=self.ends[k] - self.starts[k]))

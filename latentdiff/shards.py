@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -27,8 +25,6 @@ from .serialization import atomic_save_safetensors, atomic_write_bytes
 
 FORMAT = "latentdiff-shards/1"
 JOB_NAME, INDEX_NAME = "job.json", "index.json"
-# Test hook: SIGKILL this process once the given shard's file is in place but before its sidecar, as a pre-emption would.
-_KILL_AFTER_SHARD = int(os.environ.get("LATENTDIFF_TEST_KILL_AFTER_SHARD", "-1"))
 
 
 @dataclass(frozen=True)
@@ -138,8 +134,6 @@ def make_shard(pipe, job: Job, k: int, out_dir: Path, batch_size: int, on_batch:
     need = sum(t.numel() * t.element_size() for t in tensors.values()) + 4096
     with disk_full_errors(out_dir, need, f"shard {path.name}", lambda: None):  # the atomic writers remove their temp files
         atomic_save_safetensors(tensors, path, metadata={"format": FORMAT})  # one key: safetensors writes a map in random order
-        if k == _KILL_AFTER_SHARD:
-            os.kill(os.getpid(), signal.SIGKILL)
         meta = {"file": path.name, "start": start, "count": stop - start, "sha256": sha256(path)}
         atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta).encode())
     return meta

@@ -9,9 +9,12 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -179,10 +182,7 @@ def run_cmd(args: list[str], cwd: Path = REPO, timeout: float = 300, env: dict |
             check: bool = True) -> subprocess.CompletedProcess:
     """Run a command (no network, 1 thread per process), capture output, fail with the output shown.
     ``env`` adds variables; a value None removes one."""
-    full_env = {k: v for k, v in os.environ.items() if k != "LATENTDIFF_DATA"}
-    full_env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
-                     "PYTHONUNBUFFERED": "1", **(env or {})})
-    full_env = {k: v for k, v in full_env.items() if v is not None}
+    full_env = _subprocess_env(env)
     # A session of its own, so a timeout kills the whole tree (torchrun's workers too), not just the launcher.
     with subprocess.Popen([str(a) for a in args], cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True, start_new_session=True) as popen:
@@ -198,6 +198,53 @@ def run_cmd(args: list[str], cwd: Path = REPO, timeout: float = 300, env: dict |
         raise AssertionError(f"command failed ({proc.returncode}): {' '.join(map(str, args))}\n"
                              f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc
+
+
+def _subprocess_env(env: dict | None) -> dict:
+    full_env = {k: v for k, v in os.environ.items() if k != "LATENTDIFF_DATA"}
+    full_env.update({"OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1",
+                     "PYTHONUNBUFFERED": "1", **(env or {})})
+    return {k: v for k, v in full_env.items() if v is not None}
+
+
+def kill_when(args: list, path: Path, cwd: Path = REPO, timeout: float = 300,
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """Start a command as run_cmd does, wait until ``path`` exists (e.g. a checkpoint folder, checkpoint.checkpoint_dir),
+    then SIGKILL its whole process group from outside, as a pre-emption does: the kill lands wherever the run has got
+    to by then. A command that ends first is returned as it ended (returncode 0: it finished before the kill)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        popen = subprocess.Popen([str(a) for a in args], cwd=cwd, env=_subprocess_env(env), stdout=out, stderr=err,
+                                 text=True, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        try:
+            while popen.poll() is None and not Path(path).exists():
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{path} did not appear within {timeout}s: {' '.join(map(str, args))}")
+                time.sleep(0.01)
+        finally:
+            if popen.poll() is None:
+                os.killpg(popen.pid, signal.SIGKILL)
+            popen.wait()
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(popen.args, popen.returncode, out.read(), err.read())
+
+
+def as_killed_after(run: Path, step: int) -> Path:
+    """Turn a finished run folder into what a kill right after the checkpoint of ``step`` leaves behind: no final model,
+    loss curve or final preview, no later checkpoint. Snapshots saved along the way (stages/, guide/) stay: remove
+    those a kill at ``step`` would not have left. The metrics log keeps its later lines, as after a kill between log
+    lines and checkpoints: a resume drops them."""
+    from latentdiff.checkpoint import list_checkpoints
+
+    assert (run / "checkpoints" / f"step_{step:08d}" / "state.json").is_file(), f"{run} has no checkpoint of step {step}"
+    for ckpt in list_checkpoints(run):
+        if int(ckpt.name.split("_")[1]) > step:
+            shutil.rmtree(ckpt)
+    for name in ("config.json", "model.safetensors", "loss.png", "previews/final.png"):
+        (run / name).unlink(missing_ok=True)
+    for name in ("unet", "vae"):
+        shutil.rmtree(run / name, ignore_errors=True)
+    return run
 
 
 def accelerate_launch(script: str, *args) -> list[str]:

@@ -44,10 +44,11 @@ def main() -> None:
     if own.sgd:
         train.torch.optim.AdamW = lambda params, lr, weight_decay=0.0, fused=None: torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
 
-    original_loop = train._run_loop
+    original_loop = train.train_loop
 
-    def loop_then_dump(cfg, accel, run_dir, model, ema, *args, **kwargs):
-        original_loop(cfg, accel, run_dir, model, ema, *args, **kwargs)
+    def loop_then_dump(cfg, accel, run_dir, task, resume):
+        original_loop(cfg, accel, run_dir, task, resume)
+        model = task.model
         dump.mkdir(parents=True, exist_ok=True)
         r = accel.process_index
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(dump / f"rank{r}.safetensors"))
@@ -56,7 +57,7 @@ def main() -> None:
                 "initialized": torch.distributed.is_available() and torch.distributed.is_initialized()}
         (dump / f"rank{r}.json").write_text(json.dumps(info))
 
-    train._run_loop = loop_then_dump
+    train.train_loop = loop_then_dump
     if own.stage == "vae":
         args = training_parser("vae", "").parse_args(rest)
         train.train_vae(load_run_config(VAERunConfig, args, "vae"), overwrite=args.overwrite)

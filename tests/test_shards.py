@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +17,7 @@ from latentdiff import shards
 from latentdiff.checkpoint import DiskFullError
 from latentdiff.errors import RunDirError
 
-from conftest import BIN, REPO, run_cmd, tiny_pipeline
+from conftest import BIN, REPO, kill_when, run_cmd, tiny_pipeline
 
 SETTINGS = {"steps": 2}
 
@@ -141,14 +142,28 @@ def test_torchrun_and_accelerate_two_processes_equal_one_and_a_killed_job_resume
     assert "on 2 process(es)" in acc.stdout, acc.stdout + acc.stderr
     assert digest(tmp_path / "one") == digest(tmp_path / "acc")
 
-    # SIGKILL after shard 2's file is in place but before its sidecar: shards 0 and 1 are kept, 2 is made again.
-    killed = run_cmd(sample_cmd(model_dir, tmp_path / "killed"), env={"LATENTDIFF_TEST_KILL_AFTER_SHARD": "2"},
-                     check=False)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    assert not (tmp_path / "killed" / "index.json").exists()
-    again = run_cmd(sample_cmd(model_dir, tmp_path / "killed"))
+    # A kill after shard 2's file is in place but before its sidecar leaves this: shards 0 and 1 are kept, 2 is made
+    # again (and 3, 4); a shard cut short (shard 1 here, its sidecar in place) fails its checksum and is made again.
+    killed = tmp_path / "killed"
+    shutil.copytree(tmp_path / "one", killed)
+    for name in ("index.json", "shard-00002.json", "shard-00003.safetensors", "shard-00003.json",
+                 "shard-00004.safetensors", "shard-00004.json"):
+        (killed / name).unlink()
+    again = run_cmd(sample_cmd(model_dir, killed))
     assert "made 25" in again.stdout and "kept 20" in again.stdout, again.stdout
-    assert digest(tmp_path / "killed") == digest(tmp_path / "one")
+    assert digest(killed) == digest(tmp_path / "one")
+    shard = killed / "shard-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    again = run_cmd(sample_cmd(model_dir, killed))
+    assert "made 10" in again.stdout and "kept 35" in again.stdout, again.stdout
+    assert digest(killed) == digest(tmp_path / "one")
+    # SIGKILL from outside once shard 1 is finished: the kill lands wherever the job has got to; a rerun completes it.
+    cut = tmp_path / "cut"
+    proc = kill_when(sample_cmd(model_dir, cut), cut / "shard-00001.json", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode in (-9, 0), proc.stderr[-2000:]  # 0: it finished before the kill landed
+    again = run_cmd(sample_cmd(model_dir, cut))
+    assert "kept" in again.stdout and "made" in again.stdout, again.stdout
+    assert digest(cut) == digest(tmp_path / "one")
 
     # Changing a setting that matters is refused with one line; the folder is untouched. The tile size is one.
     before = digest(tmp_path / "one")

@@ -12,7 +12,7 @@ from conftest import tiny_vae
 from latentdiff import ConfigError, RunDirError
 from latentdiff.checkpoint import RUN_CONFIG, prepare_run_dir, starts_fresh
 from latentdiff.config import TrainConfig, VAERunConfig, apply_overrides
-from latentdiff.train import _micro_batches, lr_at, step_seed
+from latentdiff.train import lr_at, micro_batches, step_seed
 from latentdiff.vae import latent_stats
 
 
@@ -47,7 +47,7 @@ def test_micro_batches_partition_the_global_batch(world, accum):
     idx = torch.randperm(32, generator=torch.Generator().manual_seed(0))
     parts = []
     for rank in range(world):
-        micro = _micro_batches(idx, SimpleNamespace(num_processes=world, process_index=rank), accum)
+        micro = micro_batches(idx, SimpleNamespace(num_processes=world, process_index=rank), accum)
         assert len(micro) == accum and all(m.numel() == 32 // (world * accum) for m in micro)
         parts += micro
     assert sorted(torch.cat(parts).tolist()) == sorted(idx.tolist())
@@ -55,7 +55,7 @@ def test_micro_batches_partition_the_global_batch(world, accum):
 
 def test_micro_batches_must_divide():
     with pytest.raises(ValueError, match="divisible"):
-        _micro_batches(torch.arange(10), SimpleNamespace(num_processes=3, process_index=0), 1)
+        micro_batches(torch.arange(10), SimpleNamespace(num_processes=3, process_index=0), 1)
 
 
 def test_latent_stats_normalise_the_latents():
