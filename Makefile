@@ -29,9 +29,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-compile -e '.[serve]'
 	touch $@
 
-# What `make test` adds: pytest and friends, and tensorboard (the tracker tests).
+# What `make test` adds: pytest and friends, tensorboard (the tracker tests), onnx (the export tests).
 $(VENV)/.test-installed: $(VENV)/.installed
-	$(PY) -m pip install -q --no-compile -e '.[test,serve,tensorboard]'
+	$(PY) -m pip install -q --no-compile -e '.[test,serve,tensorboard,onnx]'
 	touch $@
 
 venv: $(VENV)/.installed

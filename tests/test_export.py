@@ -1,0 +1,164 @@
+"""ONNX export (latentdiff.export) and its runner (latentdiff.onnx_runner) on tiny models: ONNX Runtime vs PyTorch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import perturb_, run_cmd, tiny_pipeline, tiny_unet
+
+pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install -e '.[onnx]'")
+pytest.importorskip("onnx", reason="the onnx extra is not installed: pip install -e '.[onnx]'")
+
+from latentdiff import LatentDiffusion  # noqa: E402
+from latentdiff.distill import make_student  # noqa: E402
+from latentdiff.errors import ModelLoadError  # noqa: E402
+from latentdiff.export import (MANIFEST, TOLERANCE, ExportError, build_page, example_inputs, export,  # noqa: E402
+                               graph_specs, session)
+from latentdiff.onnx_runner import MATCH_TOLERANCE, OnnxDiffusion  # noqa: E402
+from latentdiff.timesteps import make_timesteps  # noqa: E402
+
+
+def tiny_student_pipeline() -> LatentDiffusion:
+    """A tiny consistency student (lcm, 2 trailing steps) whose scale input does something."""
+    pipe = tiny_pipeline()
+    student = make_student(pipe.unet, 1000.0)
+    perturb_(student.guidance_embed, 5)  # zero-initialised: a fresh student ignores its scale
+    sample = dataclasses.replace(pipe.config.sample, sampler="lcm", steps=2, spacing="trailing", guidance_scale=2.0)
+    return LatentDiffusion(student.eval(), pipe.vae, dataclasses.replace(pipe.config, sample=sample))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> dict:
+    """name -> (run folder, export folder, pipeline), for a tiny teacher and a tiny student, exported once."""
+    torch.set_grad_enabled(False)
+    root, out = tmp_path_factory.mktemp("export"), {}
+    for name, pipe in (("teacher", tiny_pipeline()), ("student", tiny_student_pipeline())):
+        pipe.save_pretrained(root / name)
+        export(root / name, root / f"{name}_onnx")
+        out[name] = (root / name, root / f"{name}_onnx", LatentDiffusion.from_pretrained(root / name))
+    yield out
+    torch.set_grad_enabled(True)
+
+
+@pytest.mark.parametrize("kind", ["teacher", "student"])
+def test_export_round_trip_every_graph_matches_pytorch_at_any_batch(exported, kind):
+    _, folder, pipe = exported[kind]
+    info = json.loads((folder / MANIFEST).read_text())
+    assert set(info["graphs"]) == ({"step", "decode", "encode"} | ({"step_cond"} if kind == "teacher" else set()))
+    assert all(0 <= v <= TOLERANCE for v in info["check"]["max_rel_difference"].values())
+    for name, (module, inputs, _) in graph_specs(pipe).items():
+        sess = session(folder / info["graphs"][name])
+        for batch in (2, 5):  # the export's check used batches 1 and 3: the batch axis is dynamic
+            feed = example_inputs(pipe, inputs, batch, seed=10 + batch)
+            want = module(*feed.values())
+            got = sess.run(None, {k: v.numpy() for k, v in feed.items()})
+            for w, g in zip(want if isinstance(want, tuple) else (want,), got):
+                assert g.shape == tuple(w.shape)
+                assert (torch.from_numpy(g) - w).abs().max() / w.abs().max().clamp(min=1) <= TOLERANCE
+
+
+def test_student_step_takes_the_scale(exported):
+    _, folder, pipe = exported["student"]
+    sess = session(folder / "step.onnx")
+    feed = {k: v.numpy() for k, v in example_inputs(pipe, ["x", "t", "labels", "scale"], 3).items()}
+    a = sess.run(None, feed)[0]
+    feed["scale"] = feed["scale"] + 1
+    assert abs(sess.run(None, feed)[0] - a).max() > 1e-3
+
+
+def test_manifest_holds_what_a_runner_needs(exported):
+    for kind in ("teacher", "student"):
+        _, folder, pipe = exported[kind]
+        info = json.loads((folder / MANIFEST).read_text())
+        s = pipe.settings()
+        assert info["format"] == "latentdiff-onnx/1" and info["kind"] == kind
+        assert torch.equal(torch.tensor(info["alphas_cumprod"], dtype=torch.float64), pipe.alphas_cumprod)
+        assert info["timesteps"] == make_timesteps(pipe.alphas_cumprod, s.steps, s.spacing).tolist()
+        assert info["sample"] == s.to_kwargs()
+        assert info["latent_shape"] == [4, 7, 7] and info["image_shape"] == [1, 28, 28]
+        assert (info["latent_scale"], info["latent_shift"]) == (pipe.vae.config.scaling_factor, pipe.vae.config.shift_factor)
+        assert info["num_classes"] == 10 and info["null_label"] == 10 and info["class_names"] == list("0123456789")
+        assert info["prediction"] == "v" and info["num_timesteps"] == 100 and "stream i + 1" in info["noise"]
+        assert (info["guidance_embed_scale"] == 1000.0) == (kind == "student")
+        assert all((folder / f).is_file() for f in info["graphs"].values())
+    assert json.loads((exported["student"][1] / MANIFEST).read_text())["sample"]["sampler"] == "lcm"
+
+
+@pytest.mark.parametrize("kind,settings", [
+    ("teacher", {}),  # dpm++ with guidance at every step
+    ("teacher", {"sampler": "ddpm", "guidance_interval": [10, 80], "steps": 5}),  # stochastic; cond-only steps
+    ("teacher", {"sampler": "ddim", "eta": 0.5, "guidance_scale": 0.0}),  # the unconditional step
+    ("teacher", {"guidance_scale": 1.0}),
+    ("student", {}),  # lcm, 2 steps, its scale input
+    ("student", {"sampler": "ddim", "steps": 3, "guidance_scale": 4.0}),
+])
+def test_runner_gives_pytorchs_digits(exported, kind, settings):
+    _, folder, pipe = exported[kind]
+    labels = [c for c in range(10) for _ in range(2)]
+    want = pipe.generate(labels, seed=7, **settings)
+    got = OnnxDiffusion(folder, threads=1).generate(labels, seed=7, batch_size=7, **settings)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= MATCH_TOLERANCE
+    assert ((got * 255).round() - (want * 255).round()).abs().max() <= 1  # grey levels
+
+
+def test_runner_encodes_as_the_pipeline(exported):
+    _, folder, pipe = exported["teacher"]
+    images = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    assert (OnnxDiffusion(folder).encode(images) - pipe.encode(images)).abs().max() <= 1e-4
+
+
+def test_runner_refuses_bad_settings_and_folders(exported, tmp_path):
+    runner = OnnxDiffusion(exported["student"][1])
+    with pytest.raises(ValueError, match="needs the teacher"):
+        runner.generate([1], sampler="dpm++")
+    with pytest.raises(ValueError, match="labels must be class indices in 0..9"):
+        runner.generate([10])
+    with pytest.raises(ModelLoadError, match="python -m latentdiff.export"):
+        OnnxDiffusion(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ refusals
+def test_export_refuses_what_it_cannot_export(tmp_path, monkeypatch):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        export(tmp_path / "missing", tmp_path / "out")
+    pipe = tiny_pipeline()
+    pipe.vae.save_pretrained(tmp_path / "vae")
+    with pytest.raises(ModelLoadError, match="not an LDM run folder"):
+        export(tmp_path / "vae", tmp_path / "out")
+    (tmp_path / "file").write_text("")
+    pipe.save_pretrained(tmp_path / "ldm")
+    with pytest.raises(ExportError, match="is a file; pass a folder"):
+        export(tmp_path / "ldm", tmp_path / "file")
+    with pytest.raises(ValueError, match="steps"):
+        export(tmp_path / "ldm", tmp_path / "out", steps=0)
+    sample = dataclasses.replace(pipe.config.sample, autoguidance_scale=1.5)
+    LatentDiffusion(pipe.unet, pipe.vae, dataclasses.replace(pipe.config, sample=sample),
+                    guide=tiny_unet(1)).save_pretrained(tmp_path / "auto")
+    with pytest.raises(ExportError, match="no guide network: pass --autoguidance-scale 1"):
+        export(tmp_path / "auto", tmp_path / "out")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ExportError, match=r"onnxruntime is missing\): pip install -e '\.\[onnx\]'"):
+        export(tmp_path / "ldm", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_page_refuses_a_teacher(exported, tmp_path):
+    with pytest.raises(ExportError, match="the page samples distilled students"):
+        build_page(exported["teacher"][1], tmp_path / "page")
+
+
+def test_cli_exports_and_refuses_in_one_line(exported, tmp_path):
+    run, _, _ = exported["student"]
+    ok = run_cmd([sys.executable, "-m", "latentdiff.export", "--model", run, "--out", tmp_path / "ex",
+                  "--autoguidance-scale", "1"])
+    assert "exported student" in ok.stdout and "max relative difference: step" in ok.stdout
+    assert (tmp_path / "ex" / MANIFEST).is_file()
+    bad = run_cmd([sys.executable, "-m", "latentdiff.export", "--model", tmp_path / "nope", "--out", tmp_path / "x"],
+                  check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: ")
