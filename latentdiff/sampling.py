@@ -157,6 +157,24 @@ def ddim(denoiser: Denoiser, x: torch.Tensor, timesteps, noise: NoiseFn | torch.
 
 
 @torch.no_grad()
+def ddim_inverse(denoiser: Denoiser, x: torch.Tensor, timesteps, callback: StepCallback | None = None,
+                 progress: bool = False) -> torch.Tensor:
+    """DDIM inversion (Song et al. 2021, sec. 4.3; Dhariwal & Nichol 2021, app. F): the deterministic DDIM ODE run
+    from a clean ``x`` up to the noisiest of ``timesteps``, returning the noise that ``ddim`` (eta 0) over the same
+    timesteps maps back to ``x`` (up to the discretisation: each step uses the estimates at its start).
+
+    timesteps: the descending sequence ``ddim`` would visit; the walk goes up it, from x at timesteps[-1]
+    (treated as clean) to timesteps[0]. callback(i, t, x, x0) after each step, as the samplers'.
+    """
+    ts = check_timesteps(timesteps, denoiser.alphas_cumprod.shape[0]).flip(0)  # ascending
+    abar = denoiser.alphas_cumprod.to("cpu", torch.float64)
+    for i in tqdm(range(len(ts) - 1), disable=not progress, desc="ddim inversion", leave=False):
+        x0, eps = denoiser(x, _t(ts, i, x))
+        x = _after_step(callback, i, int(ts[i + 1]), renoise(x0, eps, abar[ts[i + 1]]), x0)
+    return x
+
+
+@torch.no_grad()
 def ddpm(denoiser: Denoiser, x: torch.Tensor, timesteps, noise: NoiseFn | torch.Generator | None = None,
          callback: StepCallback | None = None, progress: bool = False) -> torch.Tensor:
     """Ancestral DDPM sampling (Ho et al. 2020, Alg. 2): DDIM with eta = 1. Meant for all T timesteps; with

@@ -367,3 +367,82 @@ def test_cli_decode_bad_file(saved, tmp_path, monkeypatch, capsys):
                              "--out", tmp_path / "g.png"], monkeypatch, capsys)
     assert code == 2 and "not found" in err
 
+
+
+# ---------------------------------------------------------------------------------------------- your hand in every class
+def test_ddim_inversion_is_exact_where_ddim_is():
+    """With the exact model of single-point data, DDIM is exact at any step count, so the walk up (ddim_inverse) and
+    the walk down (ddim) over the same timesteps meet: the source comes back to float precision."""
+    from conftest import single_point_oracle
+
+    from latentdiff.diffusion import make_schedule
+    from latentdiff.sampling import Denoiser, ddim, ddim_inverse
+    from latentdiff.timesteps import make_timesteps
+
+    abar = make_schedule("cosine", 1000)
+    x0 = torch.randn(3, 4, 7, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    d = Denoiser(single_point_oracle(x0, abar), abar, "v")
+    for steps, spacing in [(5, "uniform"), (20, "logsnr"), (50, "trailing")]:
+        ts = make_timesteps(abar, steps, spacing)
+        noise = ddim_inverse(d, x0, ts)
+        torch.testing.assert_close(ddim(d, noise, ts), x0, atol=1e-9, rtol=0)
+
+
+def test_invert_then_sample_back_returns_the_source_latent(tiny, digits):
+    """The stated tolerance on a (random, rough) tiny UNet: the round trip's error shrinks with the steps and, at
+    every timestep of the schedule (T = 100), is below 0.1 on latents of scale ~1."""
+    z = tiny.encode(digits)
+    errors = []
+    for steps in (10, 100):
+        noise, ts = edit.invert(tiny, digits, LABELS, steps=steps)
+        settings = tiny.settings(sampler="ddim", steps=steps, guidance_scale=1.0)
+        back = tiny.sample(noise, torch.tensor(LABELS), None, settings, timesteps=ts, noise_fn=edit._no_noise)
+        errors.append((back - z).abs().max().item())
+    assert errors[1] < errors[0] and errors[1] < 0.1, errors
+
+
+def test_swap_class_keeps_the_source_and_changes_the_class(tiny, digits):
+    same = edit.swap_class(tiny, digits, LABELS, LABELS, steps=100, guidance_scale=1.0)
+    assert (same - recon(tiny, digits)).abs().max() < 0.1  # same class, no guidance: the reconstruction
+    other = edit.swap_class(tiny, digits, LABELS, 0, steps=10, guidance_scale=3.0)
+    weak = edit.swap_class(tiny, digits, LABELS, 0, steps=10, guidance_scale=1.0)
+    assert other.shape == digits.shape and not close(other, weak, atol=1e-3)
+    assert not close(other, edit.swap_class(tiny, digits.flip(0), LABELS[::-1], 0, steps=10, guidance_scale=3.0), 1e-3)
+    uncond = edit.swap_class(tiny, digits, None, 0, steps=10, guidance_scale=3.0)  # no source label: null label
+    assert uncond.shape == digits.shape and not close(uncond, other, atol=1e-3)
+
+
+@pytest.mark.exactness
+def test_swap_class_is_the_same_whatever_the_batch(tiny, digits):
+    full = edit.swap_class(tiny, digits, LABELS, [2, 7, 0, 8, 6, 3], steps=6)
+    assert torch.equal(full, edit.swap_class(tiny, digits, LABELS, [2, 7, 0, 8, 6, 3], steps=6, batch_size=4))
+    assert torch.equal(full[1:3], edit.swap_class(tiny, digits[1:3], LABELS[1:3], [7, 0], steps=6))
+
+
+def test_every_class_is_swap_class_to_each_class(tiny, digits):
+    out = edit.every_class(tiny, digits[:1], 3, steps=6)
+    assert out.shape == (10, 1, 28, 28)
+    assert torch.equal(out[5:6], edit.swap_class(tiny, digits[:1], 3, 5, steps=6))
+
+
+@pytest.mark.parametrize("call, word", [
+    (lambda p, x: edit.swap_class(p, x, LABELS, 0, sampler="dpm++"), "sampler must be 'ddim'"),
+    (lambda p, x: edit.swap_class(p, x, LABELS, 0, eta=0.5), "eta=0"),
+    (lambda p, x: edit.swap_class(p, x, LABELS, [1, 2]), "one label per image"),
+    (lambda p, x: edit.swap_class(p, x, LABELS, 10), "out of range"),
+    (lambda p, x: edit.swap_class(p, x, LABELS, 1, strength=1.5), "strength"),
+    (lambda p, x: edit.every_class(p, x, 3), "one image"),
+    (lambda p, x: edit.invert(p, x * 2, LABELS), r"\[0, 1\]"),
+])
+def test_inversion_bad_inputs(tiny, digits, call, word):
+    with pytest.raises(ValueError, match=word):
+        call(tiny, digits)
+
+
+def test_inversion_refuses_a_student(tiny, digits):
+    from latentdiff import LatentDiffusion
+    from latentdiff.distill import make_student
+
+    student = LatentDiffusion(make_student(tiny.unet), tiny.vae, tiny.config)
+    with pytest.raises(ValueError, match="needs the teacher"):
+        edit.swap_class(student, digits, LABELS, 0)
