@@ -1,6 +1,7 @@
 """Edit and explore digits with a trained LDM: class swap, inpainting, interpolation, trajectories, latents.
 
     python edit.py swap        --model runs/ldm --data-dir DIR --indices 0 1 2 --to 8 --strengths 0 0.3 0.5 0.7 0.9 1
+    python edit.py every-class --model runs/ldm --data-dir DIR --indices 0 1 2     (or --image my_3.png --label 3)
     python edit.py inpaint     --model runs/ldm --data-dir DIR --indices 0 1 2 --keep left --labels 3
     python edit.py interp-seeds   --model runs/ldm --labels 0 1 2 --seed-a 0 --seed-b 1 --frames 8
     python edit.py interp-classes --model runs/ldm --pairs 3:8 1:7 --seed 0 --frames 8
@@ -53,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     source_args(s)
     s.add_argument("--to", type=int, nargs="+", required=True, help="target class (one, or one per digit)")
     s.add_argument("--strengths", type=float, nargs="+", default=[0.0, 0.3, 0.5, 0.7, 0.9, 1.0])
+    s = sub.add_parser("every-class", help="each digit's hand in every class (DDIM inversion): source + one column per class")
+    sampling_args(s)
+    source_args(s)
+    s.add_argument("--image", help="or one PNG of a digit (white on black, any square size; scaled to 28x28)")
+    s.add_argument("--label", type=int, help="with --image: the digit it shows (default: invert without a label)")
+    s.add_argument("--strength", type=float, default=1.0, help="how far to invert: 1 = all the way to noise")
     s = sub.add_parser("inpaint", help="fill part of each digit: rows source / masked / result")
     sampling_args(s)
     source_args(s)
@@ -95,12 +102,24 @@ def sampling(args) -> dict:
             "batch_size": args.batch_size}
 
 
-def load_sources(args) -> torch.Tensor:
-    images, _ = load_mnist(args.data_dir, args.split)
+def load_sources(args, with_labels: bool = False):
+    images, labels = load_mnist(args.data_dir, args.split)
     bad = [i for i in args.indices if not 0 <= i < len(images)]
     if bad:
         raise ValueError(f"--indices {bad[0]} is out of range; the {args.split} split has {len(images)} digits")
-    return images[args.indices].float().div(255).unsqueeze(1)  # (N, 1, 28, 28) in [0, 1]
+    x = images[args.indices].float().div(255).unsqueeze(1)  # (N, 1, 28, 28) in [0, 1]
+    return (x, labels[args.indices].tolist()) if with_labels else x
+
+
+def read_digit(path: str) -> torch.Tensor:
+    """A PNG of one digit -> (1, 1, 28, 28) in [0, 1] (grey levels; square images of any size are resized)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image {path} not found; pass a PNG of one digit, white on black")
+    img = Image.open(path).convert("L")
+    if img.width != img.height:
+        raise ValueError(f"image {path} is {img.width}x{img.height}; pass a square PNG (it is scaled to 28x28)")
+    arr = np.asarray(img.resize((28, 28), Image.BILINEAR), dtype=np.float32) / 255
+    return torch.from_numpy(arr)[None, None]
 
 
 def save_png(image, path: str, zoom: int) -> None:
@@ -143,6 +162,16 @@ def main() -> None:
         src = load_sources(args)
         cols = [src.to(pipe.device)] + [edit.img2img(pipe, src, args.to, s, seed=args.seed, **kw) for s in args.strengths]
         grid, nrow = torch.stack(cols, 1).flatten(0, 1), len(cols)  # (N * cols, 1, 28, 28), one row per digit
+    elif args.cmd == "every-class":
+        if args.image:
+            src, labels = read_digit(args.image), [args.label]
+        else:
+            if args.label is not None:
+                raise ValueError("--label goes with --image (MNIST digits come with their own labels)")
+            src, labels = load_sources(args, with_labels=True)
+        rows = [torch.cat([x[None].to(pipe.device), edit.every_class(pipe, x[None], c, strength=args.strength, **kw)])
+                for x, c in zip(src, labels)]
+        grid, nrow = torch.cat(rows), pipe.num_classes + 1
     elif args.cmd == "inpaint":
         if (args.keep is None) == (args.mask is None):
             raise ValueError("pass exactly one of --keep left|right|top|bottom and --mask PNG")

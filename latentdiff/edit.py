@@ -258,7 +258,7 @@ def _ddim_settings(pipe: LatentDiffusion, sampling: dict):
     if pipe.unet.config.guidance_input:
         raise ValueError("inversion needs the teacher: this model is a distilled student; pass the LDM it was "
                          "distilled from")
-    settings = pipe.settings(**{"sampler": "ddim", "eta": 0.0, **sampling})
+    settings = pipe.settings(**{"sampler": "ddim", "eta": 0.0, **{k: v for k, v in sampling.items() if v is not None}})
     if settings.sampler != "ddim" or settings.eta != 0:
         raise ValueError(f"inversion runs deterministic DDIM both ways: sampler must be 'ddim' with eta=0, got "
                          f"{settings.sampler!r} with eta={settings.eta:g}; leave sampler and eta out")

@@ -315,13 +315,14 @@ def saved(tmp_path_factory):
 @pytest.mark.parametrize("cmd, extra, size", [
     ("swap", ["--indices", "0", "1", "--to", "7", "--strengths", "0", "0.5", "1"], (4 * 30 + 2, 2 * 30 + 2)),
     ("inpaint", ["--indices", "0", "1", "2", "--keep", "top", "--labels", "5"], (3 * 30 + 2, 3 * 30 + 2)),
+    ("every-class", ["--indices", "0", "1", "--steps", "3"], (11 * 30 + 2, 2 * 30 + 2)),
     ("interp-seeds", ["--labels", "1", "2", "--frames", "3"], (3 * 30 + 2, 2 * 30 + 2)),
     ("interp-classes", ["--pairs", "3:8", "--frames", "4"], (4 * 30 + 2, 30 + 2)),
     ("trajectory", ["--labels", "3", "--steps", "3"], (3 * 30 + 2, 2 * 30 + 2)),
 ])
 def test_cli_pictures(saved, mnist_dir, tmp_path, monkeypatch, capsys, cmd, extra, size):
     out = tmp_path / "x.png"
-    data = ["--data-dir", mnist_dir] if cmd in ("swap", "inpaint") else []
+    data = ["--data-dir", mnist_dir] if cmd in ("swap", "inpaint", "every-class") else []
     code, stdout, err = run_edit([cmd, "--model", saved, "--device", "cpu", "--out", out, *data, *extra], monkeypatch, capsys)
     assert code == 0 and "wrote" in stdout, err
     assert Image.open(out).size == size
@@ -354,9 +355,12 @@ def test_cli_encode_decode(saved, mnist_dir, tmp_path, monkeypatch, capsys):
     (["interp-classes", "--pairs", "3-8"], "A:B"),
     (["trajectory", "--steps", "0"], "steps"),
     (["trajectory", "--zoom", "0"], "zoom"),
+    (["every-class", "--label", "3"], "--label goes with --image"),
+    (["every-class", "--image", "missing.png"], "missing.png"),
+    (["every-class", "--sampler", "ddpm"], "sampler must be 'ddim'"),
 ])
 def test_cli_bad_input_is_one_line(saved, mnist_dir, tmp_path, monkeypatch, capsys, args, word):
-    data = ["--data-dir", mnist_dir] if args[0] in ("swap", "inpaint") else []
+    data = ["--data-dir", mnist_dir] if args[0] in ("swap", "inpaint", "every-class") else []
     code, _, err = run_edit([*args, "--model", saved, "--out", tmp_path / "x.png", *data], monkeypatch, capsys)
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and word in err, err
     assert not (tmp_path / "x.png").exists()
@@ -446,3 +450,12 @@ def test_inversion_refuses_a_student(tiny, digits):
     student = LatentDiffusion(make_student(tiny.unet), tiny.vae, tiny.config)
     with pytest.raises(ValueError, match="needs the teacher"):
         edit.swap_class(student, digits, LABELS, 0)
+
+
+def test_cli_every_class_from_a_png(saved, tmp_path, monkeypatch, capsys):
+    digit = np.zeros((56, 56), dtype=np.uint8)
+    digit[10:46, 24:32] = 255  # a thick "1", drawn at twice the size
+    Image.fromarray(digit).save(tmp_path / "one.png")
+    code, stdout, err = run_edit(["every-class", "--model", saved, "--image", tmp_path / "one.png", "--label", "1",
+                                  "--steps", "3", "--out", tmp_path / "x.png"], monkeypatch, capsys)
+    assert code == 0 and Image.open(tmp_path / "x.png").size == (11 * 30 + 2, 30 + 2), err
