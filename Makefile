@@ -20,7 +20,7 @@ RUNS ?= runs
 LAUNCH := $(VENV)/bin/accelerate launch --num_processes 1 --num_machines 1 --dynamo_backend no --mixed_precision no \
           --num_cpu_threads_per_process $(shell nproc)
 
-.PHONY: venv test docs demo distill sample clean
+.PHONY: venv test docs demo distill sample clean web
 
 # What `make demo` needs: the package and the serve extra (the web page after the demo). --no-compile skips
 # byte-compiling all of torch up front (~30 s of a fresh `make demo`); Python compiles what it imports.
@@ -36,10 +36,18 @@ $(VENV)/.test-installed: $(VENV)/.installed
 
 venv: $(VENV)/.installed
 
+# The browser page's one npm package, onnxruntime-web, at the version web/package-lock.json pins (from the npm
+# registry; vendored into the built page, never loaded from a CDN). `make test` installs it where npm exists.
+ORT_WEB := web/node_modules/.package-lock.json
+$(ORT_WEB): web/package.json web/package-lock.json
+	npm ci --prefix web --ignore-scripts --no-audit --no-fund --loglevel=error
+	touch $@
+TEST_WEB := $(if $(shell command -v npm),$(ORT_WEB))
+
 # One pytest worker per core, at most 4 (pytest-xdist): the training tests run one-thread subprocesses, so a
 # single worker leaves the other cores idle. TEST_JOBS=0 runs everything in one process.
 TEST_JOBS ?= auto
-test: $(VENV)/.test-installed
+test: $(VENV)/.test-installed $(TEST_WEB)
 	$(PY) -m pytest -q -n $(TEST_JOBS) --maxprocesses 4 --dist worksteal tests
 
 # The documentation site into site/ (the docs extra on first use); --strict fails on a broken link or reference.
@@ -49,6 +57,17 @@ $(VENV)/.docs-installed: $(VENV)/.installed
 
 docs: $(VENV)/.docs-installed
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+
+# The static page that samples a distilled student in the browser (docs/onnx.md) into $(WEB_OUT): export
+# $(WEB_MODEL) to ONNX, add web/'s page and the vendored onnxruntime-web. Serve the folder with any static server.
+WEB_MODEL ?= $(RUNS)/ldm_fast
+WEB_OUT ?= build/web
+$(VENV)/.onnx-installed: $(VENV)/.installed
+	$(PY) -m pip install -q --no-compile -e '.[serve,onnx]'
+	touch $@
+
+web: $(VENV)/.onnx-installed $(ORT_WEB)
+	$(PY) -m latentdiff.export --model $(WEB_MODEL) --out $(WEB_OUT) --page
 
 demo: venv
 	$(LAUNCH) train_vae.py --config $(PRESET) --out $(RUNS)/vae $(DATA_ARG) $(ARGS)
@@ -66,4 +85,4 @@ distill: venv
 	@echo "samples of the student: $(RUNS)/samples_fast.png"
 
 clean:
-	rm -rf $(VENV) .pytest_cache site
+	rm -rf $(VENV) .pytest_cache site build web/node_modules
