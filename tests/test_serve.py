@@ -71,7 +71,7 @@ def test_health_and_info(client, model_dir):
     info = client.get("/api/info").json()
     assert info["model"] == str(model_dir) and info["device"] == "cpu" and info["classes"] == list(range(10))
     assert info["defaults"]["steps"] == 4 and info["defaults"]["sampler"] == "dpm++"
-    assert info["samplers"] == ["ddim", "ddpm", "dpm++", "lcm"] and info["edits"] == ["img2img", "inpaint"]
+    assert info["samplers"] == ["ddim", "ddpm", "dpm++", "lcm"] and info["edits"] == ["img2img", "inpaint", "every_class"]
     assert info["limits"]["max_images"] == 12 and info["limits"]["max_steps"] == 50
 
 
@@ -272,6 +272,26 @@ def test_img2img_returns_variants_the_input_and_reproduces(client):
     x = decode_image("image", body["image"], 64)
     expected = img2img(pipe, x.expand(3, -1, -1, -1), [7] * 3, 0.5, seed=4, steps=4)
     assert np.array_equal(decode_png(out["image"])[2:30, 2:30], (expected[0, 0] * 255).round().byte().numpy())
+
+
+def test_every_class_writes_the_drawing_in_every_class(client):
+    body = {"image": png_b64(digit()), "label": 1, "steps": 4, "guidance_scale": 2.0}
+    r = client.post("/api/every_class", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["count"] == 10 and out["columns"] == 10 and decode_png(out["image"]).shape == (32, 302)
+    assert out["settings"] == {"label": 1, "strength": 1.0, "guidance_scale": 2.0, "steps": 4, "spacing": "uniform"}
+    from latentdiff.edit import every_class
+    x = decode_image("image", body["image"], 64)
+    expected = every_class(tiny_pipeline(), x, 1, steps=4, guidance_scale=2.0)
+    assert np.array_equal(decode_png(out["image"])[2:30, 2 + 30 * 7:30 + 30 * 7],
+                          (expected[7, 0] * 255).round().byte().numpy())
+    unlabelled = client.post("/api/every_class", json={k: v for k, v in body.items() if k != "label"})
+    assert unlabelled.status_code == 200 and unlabelled.json()["image"] != out["image"]
+    for change, field in [({"seed": 1}, "seed"), ({"label": 10}, "label"), ({"strength": 2}, "strength"),
+                          ({"sampler": "ddim"}, "sampler")]:
+        bad = client.post("/api/every_class", json={**body, **change})
+        assert bad.status_code == 422 and bad.json()["field"] == field, bad.text
 
 
 def test_inpaint_keeps_white_mask_pixels(client):

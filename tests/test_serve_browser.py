@@ -187,6 +187,15 @@ def test_page_generates_draws_edits_and_reproduces_from_its_url(browser, server,
     wait.until(lambda _: d.find_element(By.ID, "edit-output").get_attribute("src") != filled)
     wait.until(lambda _: js(loaded, "edit-output"))
     assert re.match(r"redrawn as 7: 4 digits in \d+\.\d\d s", d.find_element(By.ID, "edit-time").text)
+    redrawn = d.find_element(By.ID, "edit-output").get_attribute("src")
+
+    # The drawing in every class (DDIM inversion), told what was drawn.
+    Select(d.find_element(By.ID, "drawn")).select_by_visible_text("1")
+    d.find_element(By.ID, "every_class").click()
+    wait.until(lambda _: d.find_element(By.ID, "edit-output").get_attribute("src") != redrawn)
+    wait.until(lambda _: js(loaded, "edit-output"))
+    assert re.match(r"your hand in every class: 10 digits in \d+\.\d\d s", d.find_element(By.ID, "edit-time").text)
+    assert d.find_element(By.ID, "edit-error").get_attribute("hidden")
 
     shot = Path(os.environ.get("LATENTDIFF_SCREENSHOT") or tmp_path / "serve_page.png")
     shot.parent.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ from .images import data_url, decode_image_sized, png_bytes
 from .schema import Field, RequestError
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-EDITS = ("img2img", "inpaint")
+EDITS = ("img2img", "inpaint", "every_class")
 # img2img: on the quick model a drawn 1 turns into a 7 in most variants from about 0.7, and keeps its
 # stroke layout up to about 0.8 (tried at guidance 1.5 and 3, strengths 0.6-0.9)
 DEFAULT_STRENGTH = 0.75
@@ -102,6 +102,11 @@ class ModelService:
                          "eta": Field(schema.number(low["eta"][0], caps["eta"])), **sampling},
             "img2img": {"strength": Field(schema.number(0, 1), default=DEFAULT_STRENGTH), **edit},
             "inpaint": {"mask": image, **edit},
+            # the drawn digit in every class by DDIM inversion (edit.every_class): deterministic, so no seed or
+            # sampler; label is the drawn digit's own class (absent: inverted without a label)
+            "every_class": {"image": image, "label": Field(schema.integer(0, n - 1)),
+                            "strength": Field(schema.number(0, 1), default=1.0), "format": sampling["format"],
+                            **{k: sampling[k] for k in ("guidance_scale", "steps", "spacing")}},
         }
 
     def info(self) -> dict:
@@ -123,7 +128,7 @@ class ModelService:
         given = {k: out[k] for k in SampleConfig.CALL_KEYS if k in out}
         resolved = self.pipe.settings(**given).to_kwargs()
         out.update({k: resolved[k] for k in given})
-        if out["seed"] is None:
+        if out.get("seed", 0) is None:
             out["seed"] = random.SystemRandom().randrange(2**31)
         return out
 
@@ -153,6 +158,10 @@ class ModelService:
 
     def edit_work(self, name: str, s: dict, image: torch.Tensor, mask: torch.Tensor | None) -> tuple[Work, int]:
         """Edits run alone through the same queue: the editing functions take one seed per call, not one per digit."""
+        if name == "every_class":
+            kwargs = {k: s[k] for k in ("guidance_scale", "steps", "spacing")}
+            fn = lambda: edit.every_class(self.pipe, image, s["label"], strength=s["strength"], **kwargs)  # noqa: E731
+            return Work(size=self.pipe.num_classes, key=None, fn=fn), self.pipe.num_classes
         n = s["count"]
         kwargs = {**{k: s[k] for k in SampleConfig.CALL_KEYS if k in s}, "seed": s["seed"]}
         images, labels = image.expand(n, -1, -1, -1), [s["label"]] * n  # variants i use seed + i

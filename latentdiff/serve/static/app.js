@@ -37,8 +37,9 @@ function sampling() {
 function setGuidance(v) { $("guidance").value = v; $("guidance-num").value = v; }
 
 function timing(r, n) {
+  const seed = r.settings.seed === undefined ? "" : ` · seed ${r.settings.seed}`;
   return `${n} digit${n === 1 ? "" : "s"} in ${r.seconds.toFixed(2)} s on the model ` +
-         `(${r.roundTrip.toFixed(2)} s round trip) · seed ${r.settings.seed}`;
+         `(${r.roundTrip.toFixed(2)} s round trip)${seed}`;
 }
 
 function scaleImage(img, scale) {
@@ -137,20 +138,33 @@ function keepMask() {
   return out.toDataURL("image/png");
 }
 
+function editBody(kind) {
+  const image = draw.toDataURL("image/png");
+  if (kind === "every_class") {  // deterministic (DDIM inversion): no seed, no sampler; label = what was drawn
+    const body = {image, guidance_scale: Number($("guidance-num").value), steps: Number($("steps").value)};
+    if ($("drawn").value !== "") body.label = Number($("drawn").value);
+    return body;
+  }
+  const body = {image, label: Number($("target").value), count: Number($("count").value), ...sampling()};
+  if (kind === "img2img") body.strength = Number($("strength").value);
+  else body.mask = keepMask();
+  return body;
+}
+
+const EDIT_DONE = {img2img: (r) => `redrawn as ${r.settings.label}`, inpaint: (r) => `filled as ${r.settings.label}`,
+                   every_class: () => "your hand in every class"};
+
 async function edit(kind) {
   showError("edit-error", null);
   if (kind === "inpaint" && !maskPainted) { showError("edit-error", "paint the area to fill with the Mask brush first"); return; }
-  const body = {image: draw.toDataURL("image/png"), label: Number($("target").value), count: Number($("count").value),
-                ...sampling()};
-  if (kind === "img2img") body.strength = Number($("strength").value);
-  else body.mask = keepMask();
+  const body = editBody(kind);
   let r;
   try { r = await api(`/api/${kind}`, body); } catch (e) { showError("edit-error", e); return; }
   scaleImage($("edit-input"), 3);
   scaleImage($("edit-output"), r.count > 4 ? 2 : 3);
   $("edit-input").src = r.input;
   $("edit-output").src = r.image;
-  $("edit-time").textContent = `${kind === "img2img" ? "redrawn" : "filled"} as ${r.settings.label}: ` + timing(r, r.count);
+  $("edit-time").textContent = `${EDIT_DONE[kind](r)}: ` + timing(r, r.count);
   $("edit-result").hidden = false;
 }
 
@@ -162,13 +176,14 @@ async function start() {
   $("classes").innerHTML = info.classes.map((c) =>
     `<label><input type="checkbox" value="${c}" checked><span>${c}</span></label>`).join("");
   $("target").innerHTML = info.classes.map((c) => `<option>${c}</option>`).join("");
+  $("drawn").innerHTML = `<option value="">?</option>` + info.classes.map((c) => `<option>${c}</option>`).join("");
   $("sampler").innerHTML = info.samplers.map((s) => `<option>${s}</option>`).join("");
   $("sampler").value = d.sampler;
   $("steps").value = d.steps; $("steps").max = info.limits.max_steps;
   $("seed").max = info.limits.max_seed;
   setGuidance(d.guidance_scale);
   $("per-label").max = $("count").max = info.limits.max_images;
-  for (const kind of ["img2img", "inpaint"]) {
+  for (const kind of ["img2img", "inpaint", "every_class"]) {
     if (!info.edits.includes(kind)) { $(kind).disabled = true; $(kind).title = "this server has no " + kind; }
   }
   $("guidance").oninput = () => { $("guidance-num").value = $("guidance").value; };
@@ -185,6 +200,7 @@ async function start() {
   $("clear-mask").onclick = clearMask;
   $("img2img").onclick = () => busy($("img2img"), () => edit("img2img"));
   $("inpaint").onclick = () => busy($("inpaint"), () => edit("inpaint"));
+  $("every_class").onclick = () => busy($("every_class"), () => edit("every_class"));
   setupCanvas();
   if (applyQuery()) busy($("generate"), generate);  // a shared link shows its grid straight away
 }
