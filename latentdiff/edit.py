@@ -271,13 +271,15 @@ def _no_noise(i: int) -> torch.Tensor:
 
 @torch.no_grad()
 def invert(pipe: LatentDiffusion, images: torch.Tensor, labels=None, *, strength: float = 1.0,
-           inversion_scale: float = 1.0, batch_size: int | None = None, **sampling) -> tuple[torch.Tensor, torch.Tensor]:
+           inversion_scale: float = 1.0, refine: int = 0, batch_size: int | None = None,
+           **sampling) -> tuple[torch.Tensor, torch.Tensor]:
     """DDIM inversion of ``images`` under their own class: (latents (N, 4, 7, 7) at the noise level strength x (T-1),
     the descending timesteps that lead back from there).
 
     labels: the images' classes (one per image, or one for all), or None to invert with the null label
     (unconditional). inversion_scale: the CFG scale of the inversion (1 = conditional only: CFG's
-    extrapolation makes the walk up and the walk down disagree). ``sampling``: steps and spacing (the
+    extrapolation makes the walk up and the walk down disagree). refine: fixed-point iterations per step
+    (``sampling.ddim_inverse``: a closer round trip for one more UNet call per step each). ``sampling``: steps and spacing (the
     model's unless given); the way back with ``pipe.sample`` at guidance 1 under the same labels returns
     the source latents up to the discretisation.
     """
@@ -292,14 +294,15 @@ def invert(pipe: LatentDiffusion, images: torch.Tensor, labels=None, *, strength
         z = pipe.encode(x[sl])
         labels_sl = (null if y is None else y)[sl].to(pipe.device)
         denoiser = guided(pipe.denoiser, labels_sl, float(inversion_scale), pipe.num_classes)
-        return ddim_inverse(denoiser, z, ts)
+        return ddim_inverse(denoiser, z, ts, refine=refine)
 
     return _batched(n, batch_size, run), ts
 
 
 @torch.no_grad()
 def swap_class(pipe: LatentDiffusion, images: torch.Tensor, labels, targets, *, strength: float = 1.0,
-               inversion_scale: float = 1.0, batch_size: int | None = None, **sampling) -> torch.Tensor:
+               inversion_scale: float = 1.0, refine: int = 0, batch_size: int | None = None,
+               **sampling) -> torch.Tensor:
     """The same hand writing another class: DDIM-invert each image under its own class (``invert``), then run
     deterministic DDIM back to a clean digit under its target class with the settings' guidance.
 
@@ -312,8 +315,8 @@ def swap_class(pipe: LatentDiffusion, images: torch.Tensor, labels, targets, *, 
     n = x.shape[0]
     y_target = _labels_for(pipe, targets, n)
     settings, batch_size = _ddim_settings(pipe, sampling), pipe.check_batch_size(batch_size)
-    latents, ts = invert(pipe, x, labels, strength=strength, inversion_scale=inversion_scale, batch_size=batch_size,
-                         **sampling)
+    latents, ts = invert(pipe, x, labels, strength=strength, inversion_scale=inversion_scale, refine=refine,
+                         batch_size=batch_size, **sampling)
 
     def run(sl: slice) -> torch.Tensor:
         return pipe.decode(pipe.sample(latents[sl], y_target[sl], None, settings, timesteps=ts, noise_fn=_no_noise))

@@ -158,19 +158,28 @@ def ddim(denoiser: Denoiser, x: torch.Tensor, timesteps, noise: NoiseFn | torch.
 
 @torch.no_grad()
 def ddim_inverse(denoiser: Denoiser, x: torch.Tensor, timesteps, callback: StepCallback | None = None,
-                 progress: bool = False) -> torch.Tensor:
+                 progress: bool = False, refine: int = 0) -> torch.Tensor:
     """DDIM inversion (Song et al. 2021, sec. 4.3; Dhariwal & Nichol 2021, app. F): the deterministic DDIM ODE run
     from a clean ``x`` up to the noisiest of ``timesteps``, returning the noise that ``ddim`` (eta 0) over the same
-    timesteps maps back to ``x`` (up to the discretisation: each step uses the estimates at its start).
+    timesteps maps back to ``x``, up to the discretisation: a plain step uses the estimates at its start, where
+    the DDIM step down uses those at its end.
 
-    timesteps: the descending sequence ``ddim`` would visit; the walk goes up it, from x at timesteps[-1]
-    (treated as clean) to timesteps[0]. callback(i, t, x, x0) after each step, as the samplers'.
+    refine: fixed-point iterations per step (as in Pan et al. 2023 and ReNoise, Garibi et al. 2024): re-evaluate
+    the denoiser at the step's end and re-solve the DDIM step down for its start, so the walk down lands back on
+    the walk up's points (each costs one more denoiser call per step). timesteps: the descending sequence
+    ``ddim`` would visit; the walk goes up it, from x at timesteps[-1] (treated as clean) to timesteps[0].
+    callback(i, t, x, x0) after each step, as the samplers'.
     """
     ts = check_timesteps(timesteps, denoiser.alphas_cumprod.shape[0]).flip(0)  # ascending
     abar = denoiser.alphas_cumprod.to("cpu", torch.float64)
     for i in tqdm(range(len(ts) - 1), disable=not progress, desc="ddim inversion", leave=False):
         x0, eps = denoiser(x, _t(ts, i, x))
-        x = _after_step(callback, i, int(ts[i + 1]), renoise(x0, eps, abar[ts[i + 1]]), x0)
+        up = renoise(x0, eps, abar[ts[i + 1]])
+        for _ in range(refine):  # the point whose DDIM step down (with its own eps) lands on x
+            _, eps = denoiser(up, _t(ts, i + 1, x))
+            x0 = (x - (1 - abar[ts[i]]).sqrt().to(x.dtype) * eps) / abar[ts[i]].sqrt().to(x.dtype)
+            up = renoise(x0, eps, abar[ts[i + 1]])
+        x = _after_step(callback, i, int(ts[i + 1]), up, x0)
     return x
 
 

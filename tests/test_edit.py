@@ -403,6 +403,14 @@ def test_invert_then_sample_back_returns_the_source_latent(tiny, digits):
         back = tiny.sample(noise, torch.tensor(LABELS), None, settings, timesteps=ts, noise_fn=edit._no_noise)
         errors.append((back - z).abs().max().item())
     assert errors[1] < errors[0] and errors[1] < 0.1, errors
+    # fixed-point refinement closes most of the gap at few steps (measured here: 0.69 -> 0.16 -> 0.11 at 10 steps)
+    refined = []
+    for refine in (1, 3):
+        noise, ts = edit.invert(tiny, digits, LABELS, steps=10, refine=refine)
+        settings = tiny.settings(sampler="ddim", steps=10, guidance_scale=1.0)
+        back = tiny.sample(noise, torch.tensor(LABELS), None, settings, timesteps=ts, noise_fn=edit._no_noise)
+        refined.append((back - z).abs().max().item())
+    assert refined[1] < refined[0] < errors[0] / 2, (errors, refined)
 
 
 def test_swap_class_keeps_the_source_and_changes_the_class(tiny, digits):
