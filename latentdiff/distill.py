@@ -34,9 +34,9 @@ from .data import load_mnist
 from .diffusion import q_sample
 from .errors import ConfigError, ModelLoadError, RunDirError
 from .noise import seeded_normal, uniform_bits
-from .pipeline import LatentDiffusion, PipelineConfig, check_student_options, make_grid
+from .pipeline import LatentDiffusion, PipelineConfig, make_grid
 from .progressive import ddim_to, progressive_loss, stage_grids, teacher_estimates
-from .sampling import consistency_x0
+from .sampling import Denoiser, consistency_x0
 from .serialization import CONFIG_NAME
 from .timesteps import make_timesteps
 from .train import (Schedule, TrainTask, check_batching, encode_dataset, finish_run, lr_at, make_accelerator, seed_all,
@@ -106,12 +106,8 @@ class DistillRunConfig:
 
     def validate(self) -> None:
         self.distill.validate()
-        self.sample.validate()
+        self.sample.validate(student=True)
         self.train.validate()
-        try:
-            check_student_options(self.sample.sampler, self.sample.guidance_interval, eta=self.sample.eta)
-        except ValueError as e:
-            raise ConfigError(f"sample: {e}") from None
         _require(self.train.ema_decay > 0, "train.ema_decay must be > 0: its EMA is the consistency target network "
                  "(lcd) or the next stage's teacher (progressive), and the saved student")
         n = self.distill.student_steps
@@ -180,8 +176,8 @@ def lcd_loss(student, target, teacher, x0: torch.Tensor, y: torch.Tensor, seeds:
     with torch.no_grad():  # one guided DDIM step (eta 0) of the teacher: t -> s
         x_s = ddim_to(alphas_cumprod, s, *teacher_estimates(teacher, True, x_t, t, y, w, alphas_cumprod, prediction,
                                                             null_label))
-        f_target = consistency_x0(target(x_s, s, y, w), x_s, s, alphas_cumprod, prediction)
-    f = consistency_x0(student(x_t, t, y, w), x_t, t, alphas_cumprod, prediction)
+        f_target = consistency_x0(Denoiser(target, alphas_cumprod, prediction)(x_s, s, y, w)[0], x_s, s)
+    f = consistency_x0(Denoiser(student, alphas_cumprod, prediction)(x_t, t, y, w)[0], x_t, t)
     if dc.huber_c > 0:
         d = ((f.float() - f_target.float()).square().flatten(1).mean(1) + dc.huber_c**2).sqrt() - dc.huber_c
         return d.mean(), {}

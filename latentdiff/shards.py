@@ -36,7 +36,7 @@ class Job:
     num_digits: int
     seed: int
     shard_size: int
-    settings: dict  # sampler settings with the model's defaults filled in (pipe.sampling_options)
+    settings: dict  # sampler settings with the model's defaults filled in (``pipe.settings(...).to_kwargs()``)
     tile_size: int  # rows per network call (pipe.tile_size): a digit's bits depend on it, so every process uses the job's
 
     def __post_init__(self) -> None:

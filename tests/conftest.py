@@ -276,7 +276,7 @@ def write_user_folder(root: Path, num_timesteps: int = 100) -> Path:
     pipe.save_pretrained(root / "runs" / "ldm")
     pipe.vae.save_pretrained(root / "runs" / "vae")
     job = shards.Job(model=str(root / "runs" / "ldm"), labels=list(range(10)), num_digits=20, seed=0, shard_size=10,
-                     settings=pipe.sampling_options(steps=2), tile_size=pipe.tile_size)
+                     settings=pipe.settings(steps=2).to_kwargs(), tile_size=pipe.tile_size)
     out = root / "data" / "mnist_synth"
     shards.start_job(out, job)
     shards.run_shards(pipe, job, out, 0, 1, 10, lambda n: None)

@@ -15,7 +15,8 @@ from latentdiff import edit
 from latentdiff.checkpoint import checkpoint_dir
 from latentdiff.config import GuideConfig, LDMRunConfig, apply_overrides
 from latentdiff.diffusion import make_schedule
-from latentdiff.sampling import cfg_model_fn, dpm_solver_pp_2m, sampling_timesteps, unet_rows
+from latentdiff.sampling import Denoiser, dpm_solver_pp_2m, guided, unet_rows
+from latentdiff.timesteps import sampling_timesteps
 
 
 class Linear:
@@ -29,6 +30,12 @@ class Linear:
         return x * (self.gain + y.view(-1, 1, 1, 1).float()) + t.view(-1, 1, 1, 1).float() / 100
 
 
+def cfg(model, y, s: float, null: int, interval=None, guide=None, autoguidance_scale: float = 1.0):
+    """``guided`` over model(x, t, y) (and a guide of the same kind), as the network function (x, t) -> output."""
+    wrap = lambda net: Denoiser(net, make_schedule("cosine", 1000), "v")  # noqa: E731
+    return guided(wrap(model), y, s, null, interval, guide and wrap(guide), autoguidance_scale).net
+
+
 def _xty():
     g = torch.Generator().manual_seed(0)
     return torch.randn(3, 4, 7, 7, generator=g), torch.full((3,), 500), torch.tensor([1, 4, 7])
@@ -39,9 +46,9 @@ def test_guide_equal_to_the_model_leaves_cfg_unchanged(s):
     """cond - guide = 0 when the guide is the model: autoguidance with itself changes nothing (s = 1: the conditional model)."""
     m = Linear(1.0)
     x, t, y = _xty()
-    assert torch.allclose(cfg_model_fn(m, y, s, 10, guide=m, autoguidance_scale=2.5)(x, t), cfg_model_fn(m, y, s, 10)(x, t))
+    assert torch.allclose(cfg(m, y, s, 10, guide=m, autoguidance_scale=2.5)(x, t), cfg(m, y, s, 10)(x, t))
     if s == 1.0:
-        assert torch.equal(cfg_model_fn(m, y, 1.0, 10, guide=m, autoguidance_scale=2.5)(x, t), m(x, t, y))
+        assert torch.equal(cfg(m, y, 1.0, 10, guide=m, autoguidance_scale=2.5)(x, t), m(x, t, y))
 
 
 @pytest.mark.parametrize("s, w", [(1.0, 2.0), (1.0, 0.5), (2.0, 2.0), (0.0, 3.0)])
@@ -50,7 +57,7 @@ def test_autoguidance_formula(s, w):
     m, g = Linear(1.0), Linear(0.3)
     x, t, y = _xty()
     cond, uncond, weak = m(x, t, y), m(x, t, torch.full_like(y, 10)), g(x, t, y)
-    out = cfg_model_fn(m, y, s, 10, guide=g, autoguidance_scale=w)(x, t)
+    out = cfg(m, y, s, 10, guide=g, autoguidance_scale=w)(x, t)
     assert torch.allclose(out, uncond + s * (cond - uncond) + (w - 1) * (cond - weak), atol=1e-5)
     if s == 1.0:
         assert torch.allclose(out, weak + w * (cond - weak), atol=1e-5)
@@ -58,7 +65,7 @@ def test_autoguidance_formula(s, w):
 
 def test_autoguidance_needs_a_guide():
     with pytest.raises(ValueError, match="needs a guide"):
-        cfg_model_fn(Linear(1.0), torch.tensor([1]), 1.0, 10, autoguidance_scale=2.0)
+        cfg(Linear(1.0), torch.tensor([1]), 1.0, 10, autoguidance_scale=2.0)
 
 
 @pytest.mark.parametrize("s, interval, w", [(1.0, None, 2.0), (3.0, None, 2.0), (3.0, (143, 714), 2.0), (3.0, (143, 714), 1.0)])
@@ -67,8 +74,7 @@ def test_unet_rows_counts_guide_rows(s, interval, w):
     x, _, y = _xty()
     abar = make_schedule("cosine", 1000)
     ts = sampling_timesteps(1000, 8)
-    dpm_solver_pp_2m(cfg_model_fn(m, y, s, 10, guidance_interval=interval, guide=g, autoguidance_scale=w), x, abar, None,
-                     "v", timesteps=ts)
+    dpm_solver_pp_2m(Denoiser(cfg(m, y, s, 10, interval, guide=g, autoguidance_scale=w), abar, "v"), x, ts)
     assert unet_rows(ts, s, interval, w) == (m.rows + g.rows) // 3
 
 

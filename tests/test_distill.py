@@ -20,7 +20,7 @@ from latentdiff import LatentDiffusion, UNet
 from latentdiff.checkpoint import checkpoint_dir
 from latentdiff.diffusion import make_schedule, q_sample
 from latentdiff.distill import DistillConfig, lcd_loss, make_student, solver_grid
-from latentdiff.sampling import consistency_x0, lcm
+from latentdiff.sampling import Denoiser, consistency_x0, lcm
 from latentdiff.serialization import CONFIG_NAME
 from latentdiff.timesteps import make_timesteps
 
@@ -89,10 +89,10 @@ def test_consistency_boundary_and_lcm_sampler_with_ansingle_point_oracle():
     abar = make_schedule("cosine", T).float()
     x0, noise = torch.randn(3, 4, 7, 7), torch.randn(3, 4, 7, 7)
     zero = torch.zeros(3, dtype=torch.long)
-    assert torch.equal(consistency_x0(torch.randn(3, 4, 7, 7), x0, zero, abar, "v"), x0)  # f(x, 0) = x
+    assert torch.equal(consistency_x0(torch.randn(3, 4, 7, 7), x0, zero), x0)  # f(x, 0) = x
     for steps in (1, 2, 4):  # trailing: a last step at t = 0 would return its noisy input (the boundary condition)
-        out = lcm(single_point_oracle(x0, abar), q_sample(x0, torch.full((3,), T - 1), noise, abar), abar, None,
-                  noise_fn=lambda i: torch.randn(3, 4, 7, 7), timesteps=make_timesteps(abar, steps, "trailing"))
+        out = lcm(Denoiser(single_point_oracle(x0, abar), abar, "v"), q_sample(x0, torch.full((3,), T - 1), noise, abar),
+                  make_timesteps(abar, steps, "trailing"), lambda i: torch.randn(3, 4, 7, 7))
         torch.testing.assert_close(out, x0, atol=1e-4, rtol=1e-4)
 
 

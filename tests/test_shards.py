@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import re
 import shutil
 
 import numpy as np
@@ -23,7 +24,7 @@ SETTINGS = {"steps": 2}
 
 
 def job(pipe, n=21, shard_size=8, **kw) -> shards.Job:
-    settings = json.loads(json.dumps(pipe.sampling_options(**SETTINGS)))
+    settings = json.loads(json.dumps(pipe.settings(**SETTINGS).to_kwargs()))
     return shards.Job(model="tiny", labels=kw.pop("labels", [3, 1, 4]), num_digits=n, seed=kw.pop("seed", 5),
                       shard_size=shard_size, settings=settings, tile_size=kw.pop("tile_size", pipe.tile_size))
 
@@ -143,7 +144,7 @@ def test_torchrun_and_accelerate_two_processes_equal_one_and_a_killed_job_resume
     assert digest(tmp_path / "one") == digest(tmp_path / "acc")
 
     # A kill after shard 2's file is in place but before its sidecar leaves this: shards 0 and 1 are kept, 2 is made
-    # again (and 3, 4); a shard cut short (shard 1 here, its sidecar in place) fails its checksum and is made again.
+    # again (and 3, 4). (A shard that fails its checksum: test_any_process_count_gives_the_same_bytes_and_reruns...)
     killed = tmp_path / "killed"
     shutil.copytree(tmp_path / "one", killed)
     for name in ("index.json", "shard-00002.json", "shard-00003.safetensors", "shard-00003.json",
@@ -152,17 +153,13 @@ def test_torchrun_and_accelerate_two_processes_equal_one_and_a_killed_job_resume
     again = run_cmd(sample_cmd(model_dir, killed))
     assert "made 25" in again.stdout and "kept 20" in again.stdout, again.stdout
     assert digest(killed) == digest(tmp_path / "one")
-    shard = killed / "shard-00001.safetensors"
-    shard.write_bytes(shard.read_bytes()[:-100])
-    again = run_cmd(sample_cmd(model_dir, killed))
-    assert "made 10" in again.stdout and "kept 35" in again.stdout, again.stdout
-    assert digest(killed) == digest(tmp_path / "one")
     # SIGKILL from outside once shard 1 is finished: the kill lands wherever the job has got to; a rerun completes it.
     cut = tmp_path / "cut"
     proc = kill_when(sample_cmd(model_dir, cut), cut / "shard-00001.json", env={"CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode in (-9, 0), proc.stderr[-2000:]  # 0: it finished before the kill landed
     again = run_cmd(sample_cmd(model_dir, cut))
-    assert "kept" in again.stdout and "made" in again.stdout, again.stdout
+    kept = re.search(r"kept (\d+)", again.stdout)
+    assert kept and int(kept[1]) >= 20, again.stdout  # shards 0 and 1 were finished before the kill
     assert digest(cut) == digest(tmp_path / "one")
 
     # Changing a setting that matters is refused with one line; the folder is untouched. The tile size is one.
