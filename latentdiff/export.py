@@ -140,11 +140,14 @@ def export_graph(module: nn.Module, inputs: dict[str, torch.Tensor], outputs: li
                               "own layers") from None
 
 
-def session(path: Path, threads: int | None = None):
-    """An ONNX Runtime CPU session for one graph, all graph optimisations on; ``threads`` intra-op threads."""
+def session(path: Path, threads: int | None = None, optimization: str = "all"):
+    """An ONNX Runtime CPU session for one graph: ``threads`` intra-op threads (None: one per core), graph
+    optimisations ``optimization`` ("basic", "extended" or "all": with layout changes, the default)."""
     ort = _require_onnx()
+    levels = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}
     options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.graph_optimization_level = levels[optimization]
     if threads:
         options.intra_op_num_threads = threads
     options.log_severity_level = 3  # errors only: the optimiser's notes are not the user's business

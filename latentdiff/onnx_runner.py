@@ -54,17 +54,18 @@ class OnnxDenoiser:
             name = "step_cond"
             if use_cfg and self.scale == 0.0:
                 feed["labels"] = np.full_like(self.labels, self.runner.manifest["null_label"])
-        x0, eps = self.runner.sessions[name].run(None, feed)
+        x0, eps = self.runner.session(name).run(None, feed)
         return torch.from_numpy(x0), torch.from_numpy(eps)
 
 
 class OnnxDiffusion:
     """An exported model in ONNX Runtime: ``generate``, ``sample``, ``decode``, ``encode`` as ``LatentDiffusion``'s.
 
-    threads: intra-op threads per graph (None: ONNX Runtime's default, one per core).
+    threads: intra-op threads per graph (None: ONNX Runtime's default, one per core). optimization: ONNX Runtime's
+    graph optimisations, "basic", "extended" or "all" (docs/onnx.md measures them).
     """
 
-    def __init__(self, folder: str | Path, threads: int | None = None):
+    def __init__(self, folder: str | Path, threads: int | None = None, optimization: str = "all"):
         folder = Path(folder)
         path = folder / MANIFEST
         if not path.is_file():
@@ -73,11 +74,20 @@ class OnnxDiffusion:
         if self.manifest.get("format") != FORMAT:
             raise ModelLoadError(f"{path} is format {self.manifest.get('format')!r}, this runner reads {FORMAT!r}: "
                                  "export the model again with this version")
-        self.sessions = {name: session(folder / file, threads) for name, file in self.manifest["graphs"].items()}
+        self.folder, self.threads, self.optimization = folder, threads, optimization
+        self._sessions: dict[str, object] = {}
         self.student = self.manifest["kind"] == "student"
         self.alphas_cumprod = torch.tensor(self.manifest["alphas_cumprod"], dtype=torch.float64)
         self.latent_shape = tuple(self.manifest["latent_shape"])
         self.num_classes = self.manifest["num_classes"]
+
+    def session(self, name: str):
+        """The ONNX Runtime session of graph ``name`` ("step", "step_cond", "decode", "encode"), made on first use:
+        a session optimises its graph when made (~0.1-0.3 s each), and generating needs neither encode nor,
+        for a teacher at its defaults, step_cond."""
+        if name not in self._sessions:
+            self._sessions[name] = session(self.folder / self.manifest["graphs"][name], self.threads, self.optimization)
+        return self._sessions[name]
 
     def settings(self, **overrides) -> SampleConfig:
         """The manifest's default settings with ``overrides`` (None keeps the default), checked as the pipeline's."""
@@ -106,11 +116,11 @@ class OnnxDiffusion:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, C, h, w) -> images (B, 1, 28, 28) in [0, 1]."""
-        return torch.from_numpy(self.sessions["decode"].run(None, {"latents": latents.float().numpy()})[0])
+        return torch.from_numpy(self.session("decode").run(None, {"latents": latents.float().numpy()})[0])
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 1, 28, 28) in [0, 1] -> scaled latents (the posterior mean)."""
-        return torch.from_numpy(self.sessions["encode"].run(None, {"images": images.float().numpy()})[0])
+        return torch.from_numpy(self.session("encode").run(None, {"images": images.float().numpy()})[0])
 
     @torch.no_grad()
     def generate(self, labels: Sequence[int], seed: int = 0, batch_size: int = 256, **overrides) -> torch.Tensor:
