@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from latentdiff import LatentDiffusion, PipelineConfig, UNet, VAE, load_config  # noqa: E402
 from latentdiff.cli import resolve_config_path  # noqa: E402
-from latentdiff.config import LDMRunConfig, VAERunConfig  # noqa: E402
+from latentdiff.config import DiffusionConfig, LDMRunConfig, VAERunConfig  # noqa: E402
 from latentdiff.diffusion import diffusion_loss, make_schedule  # noqa: E402
 from latentdiff.sampling import unet_rows  # noqa: E402
 from latentdiff.timesteps import make_timesteps  # noqa: E402
@@ -147,7 +147,7 @@ def main() -> None:
                 z = torch.randn(bsz, *shape, device=device)
                 y = torch.randint(0, 10, (bsz,), device=device)
                 def loss_fn():
-                    return diffusion_loss(fwd, z, y, ac, lcfg.diffusion.prediction, 0.1, 10)
+                    return diffusion_loss(fwd, z, y, ac, DiffusionConfig(prediction=lcfg.diffusion.prediction), 10)
 
             def step():
                 for _ in range(args.train_steps):

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from latentdiff import UNet, VAE, load_config  # noqa: E402
 from latentdiff.cli import resolve_config_path  # noqa: E402
-from latentdiff.config import LDMRunConfig, VAERunConfig  # noqa: E402
+from latentdiff.config import DiffusionConfig, LDMRunConfig, VAERunConfig  # noqa: E402
 from latentdiff.diffusion import diffusion_loss, make_schedule  # noqa: E402
 from latentdiff.train import make_optimizer  # noqa: E402
 from latentdiff.vae import vae_loss  # noqa: E402
@@ -56,7 +56,7 @@ def measure(stage: str, cfg, batch: int, compile_: bool, steps: int, warmup: int
         ac = make_schedule(cfg.diffusion.schedule, cfg.diffusion.num_timesteps).float().to(device)
 
         def loss_fn():
-            return diffusion_loss(fwd, z, y, ac, cfg.diffusion.prediction, 0.1, 10,
+            return diffusion_loss(fwd, z, y, ac, DiffusionConfig(prediction=cfg.diffusion.prediction), 10,
                                   seeds=torch.arange(batch, device=device))
 
     def step():

@@ -11,6 +11,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .config import DiffusionConfig
 from .noise import seeded_normal, uniform_bits
 
 
@@ -31,8 +32,7 @@ def cosine_schedule(num_timesteps: int, s: float = 0.008) -> torch.Tensor:
 
 SCHEDULES: dict[str, Callable[[int], torch.Tensor]] = {"cosine": cosine_schedule, "linear": linear_schedule}
 PREDICTIONS = ("eps", "v")
-LOSS_WEIGHTINGS = ("none", "min_snr", "min_snr_plus_one")
-TIMESTEP_SAMPLINGS = ("uniform", "lognormal")
+LOSS_WEIGHTINGS = ("none", "min_snr")
 
 
 def make_schedule(name: str, num_timesteps: int) -> torch.Tensor:
@@ -85,52 +85,20 @@ def predict_x0_eps(out: torch.Tensor, x_t: torch.Tensor, abar: torch.Tensor, pre
     raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
 
 
-def log_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
-    """log(abar / (1 - abar)) per timestep: decreasing in t."""
-    a = alphas_cumprod.double()
-    return (a / (1 - a)).log()
-
-
-def sample_timesteps(u: torch.Tensor, alphas_cumprod: torch.Tensor, sampling: str = "uniform",
-                     logsnr_mean: float = 1.0, logsnr_std: float = 2.4) -> torch.Tensor:
-    """Training timesteps (B,) from uniforms u (B,) in (0, 1).
-
-    "uniform": t uniform on 0..T-1. "lognormal": log-SNR ~ N(mean, std^2), snapped to the schedule's nearest
-    timestep: EDM's log-normal noise levels (Karras et al. 2022, ln sigma ~ N(P_mean, P_std^2)) written for
-    unit-variance latents, where log-SNR = -2 ln sigma; EDM's P_mean = -1.2, P_std = 1.2 at sigma_data = 0.5
-    is log-SNR ~ N(1.0, 2.4^2) here.
-    """
-    T = alphas_cumprod.shape[0]
-    if sampling == "uniform":
-        return (u * T).long().clamp(max=T - 1)
-    if sampling != "lognormal":
-        raise ValueError(f"unknown timestep sampling {sampling!r}; choose one of {TIMESTEP_SAMPLINGS}")
-    z = math.sqrt(2.0) * torch.erfinv(2 * u.double() - 1)  # standard normal quantile of u
-    target_snr = logsnr_mean + logsnr_std * z  # (B,)
-    table = -log_snr(alphas_cumprod).to(u.device)  # increasing in t
-    hi = torch.searchsorted(table, -target_snr).clamp(1, T - 1)  # first index with table >= -target
-    lo = hi - 1
-    nearer_lo = (-target_snr - table[lo]).abs() <= (table[hi] - (-target_snr)).abs()
-    return torch.where(nearer_lo, lo, hi)
-
-
 def drop_labels(y: torch.Tensor, p: float, null_label: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Replace each label by the null label with probability p (classifier-free guidance training)."""
     drop = torch.rand(y.shape, generator=generator, device=y.device) < p
     return torch.where(drop, torch.full_like(y, null_label), y)
 
 
-def min_snr_weight(abar: torch.Tensor, prediction: str, gamma: float = 5.0, plus_one: bool = False) -> torch.Tensor:
+def min_snr_weight(abar: torch.Tensor, prediction: str, gamma: float = 5.0) -> torch.Tensor:
     """Min-SNR-gamma loss weight per example (Hang et al. 2023, eq. 9 / sec. 3.4), SNR = abar / (1 - abar).
 
     Clamping the x0-space weight SNR at gamma stops the low-noise steps dominating training. In the
     network's own target space that is min(SNR, gamma) / SNR for eps and min(SNR, gamma) / (SNR + 1) for v.
-    ``plus_one``: the x0-space weight is min(SNR + 1, gamma + 1) instead (Salimans & Ho 2022's "SNR + 1",
-    which is the plain v loss, clamped the same way): the low-noise steps are capped as before, but the
-    high-noise steps, where min-SNR's weight falls to SNR -> 0, keep the full v-loss weight.
     """
     snr = abar / (1 - abar)
-    x0_weight = (snr + 1).clamp(max=gamma + 1) if plus_one else snr.clamp(max=gamma)
+    x0_weight = snr.clamp(max=gamma)
     if prediction == "eps":
         return x0_weight / snr
     if prediction == "v":
@@ -139,38 +107,33 @@ def min_snr_weight(abar: torch.Tensor, prediction: str, gamma: float = 5.0, plus
 
 
 def diffusion_loss(model: Callable, x0: torch.Tensor, y: torch.Tensor, alphas_cumprod: torch.Tensor,
-                   prediction: str = "v", label_dropout: float = 0.1, null_label: int = 10,
-                   generator: torch.Generator | None = None, seeds: torch.Tensor | None = None,
-                   loss_weighting: str = "none", min_snr_gamma: float = 5.0, timestep_sampling: str = "uniform",
-                   logsnr_mean: float = 1.0, logsnr_std: float = 2.4) -> torch.Tensor:
-    """MSE between model(x_t, t, y') and the target, t from ``sample_timesteps``, y' = labels with CFG dropout.
+                   config: DiffusionConfig | None = None, null_label: int = 10, *, seeds: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """MSE between model(x_t, t, y') and its target at a uniform random timestep t, y' = the labels with the CFG
+    dropout: the objective ``config`` describes (prediction eps or v, label_dropout, loss_weighting: "none" for
+    the plain mean, "min_snr" for ``min_snr_weight`` with gamma min_snr_gamma; default: ``DiffusionConfig()``).
 
-    loss_weighting "min_snr" weights each example's MSE by ``min_snr_weight`` (gamma ``min_snr_gamma``);
-    "none" is the plain mean. Randomness comes from ``generator``, or, with ``seeds`` (B,) int64, from each example's own seed
+    Randomness comes from ``generator``, or, with ``seeds`` (B,) int64, from each example's own seed
     (counter-based), so an example's t, noise and dropout do not depend on how the batch is split.
     """
+    cfg = config if config is not None else DiffusionConfig()
     b, T = x0.shape[0], alphas_cumprod.shape[0]
     if seeds is not None:
         u = uniform_bits(seeds, 2, stream=0)  # (B, 2): timestep, label dropout
-        t = sample_timesteps(u[:, 0], alphas_cumprod, timestep_sampling, logsnr_mean, logsnr_std)
+        t = (u[:, 0] * T).long().clamp(max=T - 1)
         noise = seeded_normal(seeds, tuple(x0.shape[1:]), stream=1, dtype=x0.dtype)
-        y = torch.where(u[:, 1] < label_dropout, torch.full_like(y, null_label), y)  # the CFG label dropout
+        y = torch.where(u[:, 1] < cfg.label_dropout, torch.full_like(y, null_label), y)  # the CFG label dropout
     else:
-        if timestep_sampling == "uniform":
-            t = torch.randint(0, T, (b,), generator=generator, device=x0.device)
-        else:
-            u = torch.rand(b, generator=generator, device=x0.device, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
-            t = sample_timesteps(u, alphas_cumprod.to(x0.device), timestep_sampling, logsnr_mean, logsnr_std)
+        t = torch.randint(0, T, (b,), generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        y = drop_labels(y, label_dropout, null_label, generator)  # the CFG label dropout
+        y = drop_labels(y, cfg.label_dropout, null_label, generator)  # the CFG label dropout
     abar = alphas_cumprod.to(x0.device, torch.float32)[t]
     x_t = q_sample(x0, t, noise, alphas_cumprod.to(torch.float32))
     out = model(x_t, t, y)
-    if loss_weighting == "none":
-        return F.mse_loss(out.float(), target(x0, noise, abar, prediction).float())
-    if loss_weighting not in LOSS_WEIGHTINGS:
-        raise ValueError(f"unknown loss_weighting {loss_weighting!r}; choose one of {LOSS_WEIGHTINGS}")
-    per_example = (out.float() - target(x0, noise, abar, prediction).float()).square().flatten(1).mean(1)  # (B,)
-    weight = min_snr_weight(alphas_cumprod.to(x0.device, torch.float64)[t], prediction, min_snr_gamma,
-                            plus_one=loss_weighting == "min_snr_plus_one")  # (B,)
+    if cfg.loss_weighting == "none":
+        return F.mse_loss(out.float(), target(x0, noise, abar, cfg.prediction).float())
+    if cfg.loss_weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"unknown loss_weighting {cfg.loss_weighting!r}; choose one of {LOSS_WEIGHTINGS}")
+    per_example = (out.float() - target(x0, noise, abar, cfg.prediction).float()).square().flatten(1).mean(1)  # (B,)
+    weight = min_snr_weight(alphas_cumprod.to(x0.device, torch.float64)[t], cfg.prediction, cfg.min_snr_gamma)  # (B,)
     return (weight.float() * per_example).mean()

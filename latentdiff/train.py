@@ -432,10 +432,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None, overwrite: bool = Fa
         dc = cfg.diffusion
 
         def loss_fn(m, idx, seeds):
-            loss = diffusion_loss(m, latents[idx], labels[idx], alphas_cumprod, dc.prediction, dc.label_dropout,
-                                  cfg.model.num_classes, seeds=seeds, loss_weighting=dc.loss_weighting,
-                                  min_snr_gamma=dc.min_snr_gamma, timestep_sampling=dc.timestep_sampling,
-                                  logsnr_mean=dc.logsnr_mean, logsnr_std=dc.logsnr_std)
+            loss = diffusion_loss(m, latents[idx], labels[idx], alphas_cumprod, dc, cfg.model.num_classes, seeds=seeds)
             return loss, {}
 
         pipe_cfg = PipelineConfig(diffusion=dc, sample=cfg.sample)

@@ -25,6 +25,7 @@ from conftest import perturb_, tiny_pipeline, tiny_unet  # noqa: E402
 
 from latentdiff import LatentDiffusion  # noqa: E402
 from latentdiff import edit  # noqa: E402
+from latentdiff.config import DiffusionConfig  # noqa: E402
 from latentdiff.diffusion import diffusion_loss  # noqa: E402
 from latentdiff.distill import DistillConfig, lcd_loss, make_student, solver_grid  # noqa: E402
 from latentdiff.progressive import progressive_loss, stage_grids  # noqa: E402
@@ -119,11 +120,9 @@ def training_outputs() -> dict[str, torch.Tensor]:
         out[f"{name}/grad_first"], out[f"{name}/grad_last"] = params[0].grad.clone(), params[-1].grad.clone()
 
     unet = tiny_unet(0).train()
-    for label, kw in [("v", {}), ("v_min_snr", {"loss_weighting": "min_snr"}),
-                      ("v_lognormal", {"timestep_sampling": "lognormal"}),
-                      ("v_plus_one", {"loss_weighting": "min_snr_plus_one"})]:
-        grads(f"loss/{label}", unet, diffusion_loss(unet, x0, y, abar.float(), "v", seeds=seeds, **kw))
-    grads("loss/eps", unet, diffusion_loss(unet, x0, y, abar.float(), "eps", seeds=seeds))
+    for label, kw in [("v", {}), ("v_min_snr", {"loss_weighting": "min_snr"})]:
+        grads(f"loss/{label}", unet, diffusion_loss(unet, x0, y, abar.float(), DiffusionConfig(**kw), seeds=seeds))
+    grads("loss/eps", unet, diffusion_loss(unet, x0, y, abar.float(), DiffusionConfig(prediction="eps"), seeds=seeds))
 
     teacher = tiny_unet(0).eval().requires_grad_(False)
     student = perturb_(make_student(teacher, 10.0), 7).train()

@@ -73,7 +73,7 @@ def test_ldm_run_under_bf16_encodes_and_trains_with_lognormal_noise_levels(mnist
     run_cmd([sys.executable, REPO / "train_ldm.py", "--data-dir", str(mnist_dir), "--vae", str(tmp_path / "vae"),
              "--out", str(tmp_path / "ldm"),
              *as_set_args(["model.channels=[16,32]", "model.num_heads=2", "guide.fraction=0", "sample.steps=2",
-                           "diffusion.timestep_sampling=lognormal", "diffusion.logsnr_mean=0.5", *common])])
+                           "diffusion.loss_weighting=min_snr", "diffusion.min_snr_gamma=3.0", *common])])
     saved = json.loads((tmp_path / "ldm" / "config.json").read_text())
-    assert saved["diffusion"]["timestep_sampling"] == "lognormal" and saved["diffusion"]["logsnr_mean"] == 0.5
+    assert saved["diffusion"]["loss_weighting"] == "min_snr" and saved["diffusion"]["min_snr_gamma"] == 3.0
     assert (tmp_path / "ldm" / "unet" / "model.safetensors").is_file()
