@@ -55,8 +55,10 @@ $(VENV)/.docs-installed: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[docs]'
 	touch $@
 
+# The browser page, where `make web` built it, becomes the site's try/ (docs/try-it.md frames it).
 docs: $(VENV)/.docs-installed
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
+	if [ -f $(WEB_OUT)/index.html ]; then rm -rf site/try && cp -r $(WEB_OUT) site/try; fi
 
 # The static page that samples a distilled student in the browser (docs/onnx.md) into $(WEB_OUT): export
 # $(WEB_MODEL) to ONNX, add web/'s page and the vendored onnxruntime-web. Serve the folder with any static server.
