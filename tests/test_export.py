@@ -162,3 +162,20 @@ def test_cli_exports_and_refuses_in_one_line(exported, tmp_path):
     bad = run_cmd([sys.executable, "-m", "latentdiff.export", "--model", tmp_path / "nope", "--out", tmp_path / "x"],
                   check=False)
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: ")
+
+
+def test_export_names_the_graph_it_cannot_export_or_check(tmp_path, monkeypatch):
+    import latentdiff.export as ex
+
+    tiny_pipeline().save_pretrained(tmp_path / "ldm")
+
+    def unsupported(*args, **kwargs):
+        raise RuntimeError("Exporting the operator 'aten::fancy' to ONNX opset version 17 is not supported.\nmore")
+    with monkeypatch.context() as m:
+        m.setattr(torch.onnx, "export", unsupported)
+        with pytest.raises(ExportError, match=r"could not export the step graph \(Exporting the operator 'aten::fancy'"):
+            export(tmp_path / "ldm", tmp_path / "out")
+    monkeypatch.setattr(ex, "check_graph", lambda module, path, pipe, names: 0.5 if path.stem == "decode" else 0.0)
+    with pytest.raises(ExportError, match=r"decode graph differs from PyTorch by 0.5 \(> 0.0001\)"):
+        export(tmp_path / "ldm", tmp_path / "out")
+    assert not (tmp_path / "out" / MANIFEST).exists()  # no manifest: no runner takes the folder for a whole export
