@@ -179,3 +179,18 @@ def test_export_names_the_graph_it_cannot_export_or_check(tmp_path, monkeypatch)
     with pytest.raises(ExportError, match=r"decode graph differs from PyTorch by 0.5 \(> 0.0001\)"):
         export(tmp_path / "ldm", tmp_path / "out")
     assert not (tmp_path / "out" / MANIFEST).exists()  # no manifest: no runner takes the folder for a whole export
+
+
+def test_any_latent_shape_and_eps_prediction(tmp_path):
+    """A (2, 14, 14) latent (a VAE with one downsampling), an eps-predicting teacher: the export and runner follow."""
+    from conftest import tiny_vae
+
+    pipe = tiny_pipeline(prediction="eps")
+    vae = tiny_vae(channels=(8, 16), latent_channels=2)
+    unet = tiny_unet(in_channels=2, sample_size=vae.config.latent_size)
+    LatentDiffusion(unet, vae, pipe.config).save_pretrained(tmp_path / "ldm")
+    info = export(tmp_path / "ldm", tmp_path / "onnx")
+    assert info["latent_shape"] == [2, 14, 14] and info["prediction"] == "eps"
+    want = LatentDiffusion.from_pretrained(tmp_path / "ldm").generate([1, 2, 3], seed=3, sampler="ddim")
+    got = OnnxDiffusion(tmp_path / "onnx").generate([1, 2, 3], seed=3, sampler="ddim")
+    assert (got - want).abs().max() <= MATCH_TOLERANCE
