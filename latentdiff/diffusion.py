@@ -11,7 +11,6 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import DiffusionConfig
 from .noise import seeded_normal, uniform_bits
 
 
@@ -106,34 +105,33 @@ def min_snr_weight(abar: torch.Tensor, prediction: str, gamma: float = 5.0) -> t
     raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
 
 
-def diffusion_loss(model: Callable, x0: torch.Tensor, y: torch.Tensor, alphas_cumprod: torch.Tensor,
-                   config: DiffusionConfig | None = None, null_label: int = 10, *, seeds: torch.Tensor | None = None,
+def diffusion_loss(model: Callable, x0: torch.Tensor, y: torch.Tensor, alphas_cumprod: torch.Tensor, config,
+                   null_label: int = 10, *, seeds: torch.Tensor | None = None,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """MSE between model(x_t, t, y') and its target at a uniform random timestep t, y' = the labels with the CFG
-    dropout: the objective ``config`` describes (prediction eps or v, label_dropout, loss_weighting: "none" for
-    the plain mean, "min_snr" for ``min_snr_weight`` with gamma min_snr_gamma; default: ``DiffusionConfig()``).
+    dropout: the objective a ``config.DiffusionConfig`` describes (prediction eps or v, label_dropout,
+    loss_weighting: "none" for the plain mean, "min_snr" for ``min_snr_weight`` with gamma min_snr_gamma).
 
     Randomness comes from ``generator``, or, with ``seeds`` (B,) int64, from each example's own seed
     (counter-based), so an example's t, noise and dropout do not depend on how the batch is split.
     """
-    cfg = config if config is not None else DiffusionConfig()
     b, T = x0.shape[0], alphas_cumprod.shape[0]
     if seeds is not None:
         u = uniform_bits(seeds, 2, stream=0)  # (B, 2): timestep, label dropout
         t = (u[:, 0] * T).long().clamp(max=T - 1)
         noise = seeded_normal(seeds, tuple(x0.shape[1:]), stream=1, dtype=x0.dtype)
-        y = torch.where(u[:, 1] < cfg.label_dropout, torch.full_like(y, null_label), y)  # the CFG label dropout
+        y = torch.where(u[:, 1] < config.label_dropout, torch.full_like(y, null_label), y)  # the CFG label dropout
     else:
         t = torch.randint(0, T, (b,), generator=generator, device=x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        y = drop_labels(y, cfg.label_dropout, null_label, generator)  # the CFG label dropout
+        y = drop_labels(y, config.label_dropout, null_label, generator)  # the CFG label dropout
     abar = alphas_cumprod.to(x0.device, torch.float32)[t]
     x_t = q_sample(x0, t, noise, alphas_cumprod.to(torch.float32))
     out = model(x_t, t, y)
-    if cfg.loss_weighting == "none":
-        return F.mse_loss(out.float(), target(x0, noise, abar, cfg.prediction).float())
-    if cfg.loss_weighting not in LOSS_WEIGHTINGS:
-        raise ValueError(f"unknown loss_weighting {cfg.loss_weighting!r}; choose one of {LOSS_WEIGHTINGS}")
-    per_example = (out.float() - target(x0, noise, abar, cfg.prediction).float()).square().flatten(1).mean(1)  # (B,)
-    weight = min_snr_weight(alphas_cumprod.to(x0.device, torch.float64)[t], cfg.prediction, cfg.min_snr_gamma)  # (B,)
+    if config.loss_weighting == "none":
+        return F.mse_loss(out.float(), target(x0, noise, abar, config.prediction).float())
+    if config.loss_weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"unknown loss_weighting {config.loss_weighting!r}; choose one of {LOSS_WEIGHTINGS}")
+    per_example = (out.float() - target(x0, noise, abar, config.prediction).float()).square().flatten(1).mean(1)  # (B,)
+    weight = min_snr_weight(alphas_cumprod.to(x0.device, torch.float64)[t], config.prediction, config.min_snr_gamma)  # (B,)
     return (weight.float() * per_example).mean()

@@ -152,9 +152,9 @@ def test_diffusion_loss_reproducible_with_generator():
     x0 = torch.randn(8, 4, 7, 7, generator=torch.Generator().manual_seed(0))
     y = torch.arange(8)
     model = lambda x, t, y: x * 0.5  # noqa: E731
-    a = diffusion_loss(model, x0, y, abar, generator=torch.Generator().manual_seed(3))
-    b = diffusion_loss(model, x0, y, abar, generator=torch.Generator().manual_seed(3))
-    c = diffusion_loss(model, x0, y, abar, generator=torch.Generator().manual_seed(4))
+    a = diffusion_loss(model, x0, y, abar, DiffusionConfig(), generator=torch.Generator().manual_seed(3))
+    b = diffusion_loss(model, x0, y, abar, DiffusionConfig(), generator=torch.Generator().manual_seed(3))
+    c = diffusion_loss(model, x0, y, abar, DiffusionConfig(), generator=torch.Generator().manual_seed(4))
     assert a.item() == b.item() != c.item()
 
 
