@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     source_args(s)
     s.add_argument("--image", help="or one PNG of a digit (white on black, any square size; scaled to 28x28)")
     s.add_argument("--label", type=int, help="with --image: the digit it shows (default: invert without a label)")
-    s.add_argument("--strength", type=float, default=1.0, help="how far to invert: 1 = all the way to noise")
+    s.add_argument("--strength", type=float, default=edit.SWAP_STRENGTH,
+                   help=f"how far to invert: 1 = all the way to noise (default {edit.SWAP_STRENGTH}; docs/editing.md)")
     s = sub.add_parser("inpaint", help="fill part of each digit: rows source / masked / result")
     sampling_args(s)
     source_args(s)

@@ -467,3 +467,11 @@ def test_cli_every_class_from_a_png(saved, tmp_path, monkeypatch, capsys):
     code, stdout, err = run_edit(["every-class", "--model", saved, "--image", tmp_path / "one.png", "--label", "1",
                                   "--steps", "3", "--out", tmp_path / "x.png"], monkeypatch, capsys)
     assert code == 0 and Image.open(tmp_path / "x.png").size == (11 * 30 + 2, 30 + 2), err
+
+
+def test_swap_class_defaults_are_its_measured_ones_not_the_models(tiny, digits):
+    """The class must change in the steps below strength 0.7: swap_class guides at SWAP_GUIDANCE unless told."""
+    assert tiny.config.sample.guidance_scale != edit.SWAP_GUIDANCE
+    default = edit.swap_class(tiny, digits[:2], LABELS[:2], 0, steps=5)
+    assert torch.equal(default, edit.swap_class(tiny, digits[:2], LABELS[:2], 0, steps=5, strength=edit.SWAP_STRENGTH,
+                                                guidance_scale=edit.SWAP_GUIDANCE))

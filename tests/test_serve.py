@@ -275,15 +275,15 @@ def test_img2img_returns_variants_the_input_and_reproduces(client):
 
 
 def test_every_class_writes_the_drawing_in_every_class(client):
-    body = {"image": png_b64(digit()), "label": 1, "steps": 4, "guidance_scale": 2.0}
+    body = {"image": png_b64(digit()), "label": 1, "steps": 4}
     r = client.post("/api/every_class", json=body)
     assert r.status_code == 200, r.text
     out = r.json()
     assert out["count"] == 10 and out["columns"] == 10 and decode_png(out["image"]).shape == (32, 302)
-    assert out["settings"] == {"label": 1, "strength": 1.0, "guidance_scale": 2.0, "steps": 4, "spacing": "uniform"}
+    assert out["settings"] == {"label": 1, "strength": 0.7, "guidance_scale": 6.0, "steps": 4, "spacing": "uniform"}
     from latentdiff.edit import every_class
     x = decode_image("image", body["image"], 64)
-    expected = every_class(tiny_pipeline(), x, 1, steps=4, guidance_scale=2.0)
+    expected = every_class(tiny_pipeline(), x, 1, steps=4)  # edit.swap_class's own strength and guidance
     assert np.array_equal(decode_png(out["image"])[2:30, 2 + 30 * 7:30 + 30 * 7],
                           (expected[7, 0] * 255).round().byte().numpy())
     unlabelled = client.post("/api/every_class", json={k: v for k, v in body.items() if k != "label"})

@@ -94,19 +94,20 @@ class ModelService:
             "format": Field(schema.choice(["json", "png"]), default="json"),
         }
         image = Field(schema.text(lim.max_body_bytes), required=True)
-        edit = {"label": Field(schema.integer(0, n - 1), required=True), "count": Field(schema.integer(1, lim.max_images), default=1),
+        edit_fields = {"label": Field(schema.integer(0, n - 1), required=True), "count": Field(schema.integer(1, lim.max_images), default=1),
                 "image": image, **sampling}
         self.specs = {
             "generate": {"labels": Field(schema.integer_list(0, n - 1, lim.max_images), required=True),
                          "per_label": Field(schema.integer(1, lim.max_images), default=1),
                          "eta": Field(schema.number(low["eta"][0], caps["eta"])), **sampling},
-            "img2img": {"strength": Field(schema.number(0, 1), default=DEFAULT_STRENGTH), **edit},
-            "inpaint": {"mask": image, **edit},
+            "img2img": {"strength": Field(schema.number(0, 1), default=DEFAULT_STRENGTH), **edit_fields},
+            "inpaint": {"mask": image, **edit_fields},
             # the drawn digit in every class by DDIM inversion (edit.every_class): deterministic, so no seed or
             # sampler; label is the drawn digit's own class (absent: inverted without a label)
             "every_class": {"image": image, "label": Field(schema.integer(0, n - 1)),
-                            "strength": Field(schema.number(0, 1), default=1.0), "format": sampling["format"],
-                            **{k: sampling[k] for k in ("guidance_scale", "steps", "spacing")}},
+                            "strength": Field(schema.number(0, 1), default=edit.SWAP_STRENGTH), "format": sampling["format"],
+                            "guidance_scale": Field(sampling["guidance_scale"].check, default=edit.SWAP_GUIDANCE),
+                            **{k: sampling[k] for k in ("steps", "spacing")}},
         }
 
     def info(self) -> dict:

@@ -141,7 +141,7 @@ function keepMask() {
 function editBody(kind) {
   const image = draw.toDataURL("image/png");
   if (kind === "every_class") {  // deterministic (DDIM inversion): no seed, no sampler; label = what was drawn
-    const body = {image, guidance_scale: Number($("guidance-num").value), steps: Number($("steps").value)};
+    const body = {image, steps: Number($("steps").value)};  // its own guidance and strength (edit.swap_class's)
     if ($("drawn").value !== "") body.label = Number($("drawn").value);
     return body;
   }
