@@ -204,6 +204,15 @@ class DataConfig:
     # with torchvision into ./data.
     root: Optional[str] = None
     download: bool = True  # allow torchvision to download when no local IDX files are found
+    # Classes left out of training (e.g. [7]: a base model that has never seen a 7, to measure teaching a new
+    # class honestly: bench/teach_protocol.py). Empty: every class.
+    exclude_classes: tuple[int, ...] = ()
+
+    def validate(self) -> None:
+        _require(all(0 <= c <= 9 for c in self.exclude_classes) and len(set(self.exclude_classes)) < 10
+                 and len(set(self.exclude_classes)) == len(self.exclude_classes),
+                 f"data.exclude_classes must be distinct MNIST classes 0..9, leaving at least one, "
+                 f"got {list(self.exclude_classes)}")
 
 
 @dataclass(frozen=True)
@@ -265,6 +274,7 @@ class VAERunConfig:
     def validate(self) -> None:
         _require(self.kl_weight >= 0, "kl_weight must be >= 0")
         self.model.validate()
+        self.data.validate()
         self.train.validate()
 
 
@@ -301,6 +311,7 @@ class LDMRunConfig:
         self.model.validate()
         self.diffusion.validate()
         self.sample.validate(self.diffusion.num_timesteps)
+        self.data.validate()
         self.train.validate()
         self.guide.validate()
         _require(self.sample.autoguidance_scale == 1.0 or self.guide.fraction > 0,

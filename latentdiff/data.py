@@ -110,6 +110,16 @@ def load_mnist(root: str | Path | None = None, split: str = "train", download: b
     return load_idx_folder(root, split)
 
 
+def training_set(data) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training split a run's ``DataConfig`` asks for: ``load_mnist(root, "train")`` without the classes in
+    ``exclude_classes``."""
+    images, labels = load_mnist(data.root, "train", data.download)
+    if data.exclude_classes:
+        keep = ~torch.isin(labels, torch.tensor(data.exclude_classes, dtype=labels.dtype))
+        images, labels = images[keep], labels[keep]
+    return images, labels
+
+
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
     """uint8 (N, H, W) -> float (N, 1, H, W) in [-1, 1]."""
     return images.float().div(127.5).sub(1.0).unsqueeze(1)

@@ -30,7 +30,7 @@ import yaml
 
 from .checkpoint import RUN_CONFIG, claim_run_dir
 from .config import DataConfig, SampleConfig, TrainConfig, _require
-from .data import load_mnist
+from .data import training_set
 from .diffusion import q_sample
 from .errors import ConfigError, ModelLoadError, RunDirError
 from .noise import seeded_normal, uniform_bits
@@ -106,6 +106,7 @@ class DistillRunConfig:
 
     def validate(self) -> None:
         self.distill.validate()
+        self.data.validate()
         self.sample.validate(student=True)
         self.train.validate()
         _require(self.train.ema_decay > 0, "train.ema_decay must be > 0: its EMA is the consistency target network "
@@ -200,7 +201,7 @@ def distill_ldm(cfg: DistillRunConfig, resume: str | None = None, overwrite: boo
         if saved is not None and saved != cfg.train.steps:
             raise ConfigError(f"cannot resume {cfg.out_dir} with train.steps={cfg.train.steps}: a progressive run's "
                               f"stages are set by train.steps; resume with train.steps={saved}")
-    images_u8, labels = load_mnist(cfg.data.root, "train", cfg.data.download)
+    images_u8, labels = training_set(cfg.data)
     check_batching(len(images_u8), cfg.train, accel)
     with claim_run_dir(cfg, resume, overwrite, accel) as (run_dir, resume):  # one run per folder (a lock)
         seed_all(cfg.train.seed)

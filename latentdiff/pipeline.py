@@ -22,13 +22,14 @@ from .diffusion import make_schedule
 from .errors import ModelLoadError
 from .noise import seeded_normal
 from .sampling import SAMPLERS, Denoiser, NoiseFn, StepCallback, guided
-from .serialization import CONFIG_NAME, atomic_write_bytes, read_config
+from .serialization import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, read_config, read_tensors, sha256
 from .timesteps import make_timesteps
 from .unet import UNet
 from .vae import VAE
 
 
 GUIDE_DIR = "guide"  # the autoguidance guide UNet inside an LDM folder (optional)
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter.json", "adapter.safetensors"  # a taught-classes folder (latentdiff.teach)
 # Rows per network call by device type (run_in_tiles). CPU: the speed of batch 256 at a fraction of its
 # padding cost for small requests (docs/scale.md); GPU: enough rows to fill an H100 with the quick UNet.
 DEFAULT_TILE = {"cpu": 64, "cuda": 1024}
@@ -75,6 +76,7 @@ class LatentDiffusion:
         self.config.validate()
         self.alphas_cumprod = make_schedule(self.config.diffusion.schedule, self.config.diffusion.num_timesteps)
         self.tile_size = tile_size
+        self.class_names = [str(c) for c in range(unet.config.num_classes)]  # label i's name; taught classes add theirs
         # The callables sampling runs: the modules themselves, or their compiled versions after ``compile()``.
         self.compiled: dict[str, object] = {}
 
@@ -124,6 +126,8 @@ class LatentDiffusion:
         directory = Path(directory)
         if not directory.is_dir():
             raise ModelLoadError(f"{directory} does not exist; pass the LDM run folder written by train_ldm.py")
+        if (directory / ADAPTER_CONFIG).is_file():
+            return cls._from_adapter(directory, device, tile_size)
         if not (directory / "unet").is_dir():
             raise ModelLoadError(f"{directory} is not an LDM run folder (no unet/ inside); pass the folder written by "
                                  "train_ldm.py (a VAE folder loads with VAE.from_pretrained)")
@@ -132,6 +136,35 @@ class LatentDiffusion:
         vae = VAE.from_pretrained(directory / "vae", device)
         guide = UNet.from_pretrained(directory / GUIDE_DIR, device) if (directory / GUIDE_DIR).is_dir() else None
         return cls(unet, vae, config, guide, tile_size)
+
+    @classmethod
+    def _from_adapter(cls, directory: Path, device, tile_size: int | None) -> "LatentDiffusion":
+        """A taught-classes folder (teach.py): its base model, loaded from where the adapter says, with the taught
+        classes' label embeddings added after the base's own. The base folder is only read."""
+        try:
+            meta = json.loads((directory / ADAPTER_CONFIG).read_text())
+            base, want = Path(meta["base"]), meta["base_unet_sha256"]
+            names = list(meta["class_names"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"{directory / ADAPTER_CONFIG} is invalid ({e}); re-run teach.py") from None
+        if not base.is_absolute():
+            base = (directory / base).resolve()
+        weights = base / "unet" / WEIGHTS_NAME
+        if not weights.is_file():
+            raise ModelLoadError(f"{directory} adds classes to the base model {base}, which is missing; restore it "
+                                 "there, or teach again on the model you have")
+        if sha256(weights) != want:
+            raise ModelLoadError(f"{directory} was taught on another model than the one now at {base} (its UNet's "
+                                 "weights differ); restore that base, or teach again on this one")
+        pipe = cls.from_pretrained(base, device, tile_size)
+        rows = read_tensors(directory / ADAPTER_WEIGHTS, "re-run teach.py")["class_embed"]
+        if rows.shape[0] != len(names):
+            raise ModelLoadError(f"{directory}: {rows.shape[0]} taught embeddings but {len(names)} class names; re-run teach.py")
+        pipe.unet = pipe.unet.with_classes(rows).eval()
+        if pipe.guide is not None:  # autoguidance's guide learned no new class: the taught one samples without it
+            pipe.guide = None
+        pipe.class_names = pipe.class_names + names
+        return pipe
 
     # ------------------------------------------------------------------ inputs
     def check_labels(self, labels) -> torch.Tensor:

@@ -10,7 +10,6 @@ r of W makes shards k with ``k % W == r``. A shard is ``shard-KKKKK.safetensors`
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from safetensors import safe_open
 
 from .checkpoint import disk_full_errors
 from .errors import RunDirError
-from .serialization import atomic_save_safetensors, atomic_write_bytes
+from .serialization import atomic_save_safetensors, atomic_write_bytes, sha256
 
 FORMAT = "latentdiff-shards/1"
 JOB_NAME, INDEX_NAME = "job.json", "index.json"
@@ -61,14 +60,6 @@ class Job:
 
 def shard_path(out_dir: Path, k: int) -> Path:
     return Path(out_dir) / f"shard-{k:05d}.safetensors"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def finished_shard(out_dir: Path, job: Job, k: int) -> dict | None:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import claim_run_dir, load_checkpoint, resolve_resume, save_checkpoint
 from .config import LDMRunConfig, UNetConfig, VAEConfig, VAERunConfig
-from .data import batch_indices, epoch_permutation, load_mnist, to_model_range
+from .data import batch_indices, epoch_permutation, to_model_range, training_set
 from .diffusion import diffusion_loss, make_schedule
 from .ema import EMA, ema_decay_at
 from .errors import ConfigError, RunDirError, TrainingDiverged
@@ -331,7 +331,7 @@ def finish_run(accel: Accelerator, run_dir: Path, preview: PreviewFn, steps: int
 def train_vae(cfg: VAERunConfig, resume: str | None = None, overwrite: bool = False) -> Path:
     """Train the VAE; writes config.json + model.safetensors (with latent stats) into cfg.out_dir."""
     accel = make_accelerator(cfg)
-    images_u8, _ = load_mnist(cfg.data.root, "train", cfg.data.download)  # bad data fails before out_dir is touched
+    images_u8, _ = training_set(cfg.data)  # bad data fails before out_dir is touched
     images = to_model_range(images_u8).to(accel.device)  # (N, 1, 28, 28) in [-1, 1], on the device once
     check_batching(len(images), cfg.train, accel)
     with claim_run_dir(cfg, resume, overwrite, accel) as (run_dir, resume):  # one run per folder (a lock)
@@ -420,7 +420,7 @@ def train_ldm(cfg: LDMRunConfig, resume: str | None = None, overwrite: bool = Fa
     unet_cfg = unet_config_for(cfg.model, vae.config, cfg.vae_path)  # run.yaml keeps the user's null: "follow the VAE"
     if cfg.model.num_classes != 10:
         raise ValueError("train_ldm trains on MNIST, which has 10 classes; set model.num_classes=10")
-    images_u8, labels = load_mnist(cfg.data.root, "train", cfg.data.download)
+    images_u8, labels = training_set(cfg.data)
     check_batching(len(images_u8), cfg.train, accel)
     with claim_run_dir(cfg, resume, overwrite, accel) as (run_dir, resume):  # one run per folder (a lock)
         seed_all(cfg.train.seed)

@@ -94,6 +94,19 @@ class UNet(nn.Module):
                 h = layer(h, emb) if isinstance(layer, ResBlock) else layer(h)
         return self.out(h)
 
+    def with_classes(self, embeddings: torch.Tensor) -> "UNet":
+        """This UNet with k more classes, num_classes .. num_classes + k - 1, whose label embeddings are the rows of
+        ``embeddings`` (k, E); the null label moves to the new end. Every other weight is copied unchanged, so the
+        old classes give the same outputs, bit for bit (a taught class: latentdiff.teach)."""
+        weight = self.class_embed.weight.detach()
+        if embeddings.ndim != 2 or embeddings.shape[1] != weight.shape[1]:
+            raise ValueError(f"class embeddings must be (k, {weight.shape[1]}) for this UNet, got {tuple(embeddings.shape)}")
+        grown = UNet(replace(self.config, num_classes=self.config.num_classes + embeddings.shape[0])).to(weight.device)
+        state = self.state_dict()
+        state["class_embed.weight"] = torch.cat([weight[:-1], embeddings.to(weight), weight[-1:]])
+        grown.load_state_dict(state)
+        return grown.train(self.training)
+
     def save_pretrained(self, directory: str | Path, state_dict: dict | None = None) -> None:
         """Write config.json + model.safetensors (``state_dict`` e.g. the EMA weights)."""
         save_model(self, self.config, directory, state_dict)

@@ -1,0 +1,176 @@
+"""Teach a trained LDM a new class from a few examples: one new label embedding, learned alone.
+
+The UNet's label embedding is a table of vectors, one per class plus the null label, added to the
+timestep embedding of every block. Teaching appends one row for the new class and learns only that row
+with the diffusion loss on the examples (textual inversion, Gal et al. 2022, written for a
+class-conditioned UNet): every other weight stays as it was, so the old classes sample bit for bit as
+before. The result saves as a small adapter folder (``adapter.json`` + ``adapter.safetensors``, a few
+hundred floats) that names its base model and the SHA-256 of the base's UNet weights;
+``LatentDiffusion.from_pretrained(adapter_folder)`` loads the base and adds the row, and refuses a base
+whose weights changed. The base folder is only read.
+
+    pipe = LatentDiffusion.from_pretrained("runs/ldm")
+    row = teach(pipe, examples, TeachConfig())                  # examples (K, 1, 28, 28) in [0, 1]
+    save_adapter("runs/ldm_star", "runs/ldm", ["star"], row)
+    taught = LatentDiffusion.from_pretrained("runs/ldm_star")   # class 10 is "star"
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .diffusion import diffusion_loss
+from .edit import check_images
+from .errors import ConfigError, ModelLoadError, RunDirError, TrainingDiverged
+from .pipeline import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LatentDiffusion
+from .serialization import WEIGHTS_NAME, atomic_save_safetensors, sha256
+
+MIN_EXAMPLES = 2
+
+
+@dataclass(frozen=True)
+class TeachConfig:
+    """How the new class's embedding is learned (defaults measured: docs/teaching.md)."""
+
+    steps: int = 400  # optimizer steps
+    batch_size: int = 64  # examples per step (the few examples, each with its own noise level and augmentation)
+    lr: float = 0.01  # Adam on the one embedding row
+    augment: bool = True  # small random rotations, scales and shifts of the examples, so the row learns the class, not them
+    variants: int = 32  # augmented copies of each example, encoded once up front
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "variants"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"teach {name} must be an integer >= 1, got {v!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"teach lr must be a number > 0, got {self.lr!r}")
+
+
+def _augmented(images: torch.Tensor, cfg: TeachConfig) -> torch.Tensor:
+    """(K, 1, 28, 28) -> (K * variants, 1, 28, 28): each example in ``variants`` small affine variants (the first
+    unchanged), or the examples themselves without augmentation."""
+    if not cfg.augment:
+        return images
+    from .evaluate.classifier import random_affine  # the evaluator's augmentation: +-10 degrees, +-10% scale, +-2 px
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    x = images.repeat_interleave(cfg.variants, 0)
+    moved = random_affine(x, g).clamp(0, 1)
+    moved[::cfg.variants] = images
+    return moved
+
+
+def teach(pipe: LatentDiffusion, images: torch.Tensor, config: TeachConfig | None = None,
+          progress: bool = False) -> torch.Tensor:
+    """Learn one label-embedding row for the class the ``images`` (K, 1, 28, 28) in [0, 1] show: (1, E).
+
+    Starts from the mean of the base's class embeddings; only that row changes (Adam, the model's own
+    diffusion objective without label dropout, each example at a random noise level).
+    """
+    cfg = config or TeachConfig()
+    cfg.validate()
+    x = check_images(images)
+    if x.shape[0] < MIN_EXAMPLES:
+        raise ValueError(f"teach needs at least {MIN_EXAMPLES} examples of the new class, got {x.shape[0]}; "
+                         "draw or collect a few more (5-10 work: docs/teaching.md)")
+    if pipe.unet.config.guidance_input:
+        raise ValueError("teach needs a teacher model, not a distilled student: pass the LDM folder")
+    latents = torch.cat([pipe.encode(part) for part in _augmented(x, cfg).split(256)])  # (N, C, h, w) scaled
+    base = pipe.unet
+    k = base.config.num_classes  # the new class's index; the null label moves to k + 1
+    start = base.class_embed.weight.detach()[:k].mean(0, keepdim=True)
+    unet = base.with_classes(start).train()
+    unet.requires_grad_(False)
+    table = unet.class_embed.weight
+    table.requires_grad_(True)
+    keep = torch.ones_like(table, dtype=torch.bool)
+    keep[k] = False
+    table.register_hook(lambda grad: grad.masked_fill(keep, 0))  # only the new row learns; the others stay exact
+    opt = torch.optim.Adam([table], lr=cfg.lr)
+    g = torch.Generator().manual_seed(cfg.seed)
+    objective = replace(pipe.config.diffusion, label_dropout=0.0)
+    abar = pipe.alphas_cumprod.float().to(pipe.device)
+    labels = torch.full((cfg.batch_size,), k, dtype=torch.long, device=pipe.device)
+    for _ in tqdm(range(cfg.steps), disable=not progress, desc="teach", leave=False):
+        idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=g)
+        loss = diffusion_loss(unet, latents[idx], labels, abar, objective, k + 1, generator=g)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(f"the teaching loss became {loss.item()}; try a lower lr (now {cfg.lr})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return table.detach()[k:k + 1].clone()
+
+
+def base_of(model_dir: str | Path) -> tuple[Path, list[str], torch.Tensor | None]:
+    """(the base LDM folder, the class names an adapter there already adds, its rows or None) of a model folder."""
+    model_dir = Path(model_dir).resolve()
+    meta_path = model_dir / ADAPTER_CONFIG
+    if not meta_path.is_file():
+        return model_dir, [], None
+    meta = json.loads(meta_path.read_text())
+    from .serialization import read_tensors
+
+    base = Path(meta["base"])
+    return (base if base.is_absolute() else (model_dir / base).resolve()), list(meta["class_names"]), \
+        read_tensors(model_dir / ADAPTER_WEIGHTS)["class_embed"]
+
+
+def save_adapter(out_dir: str | Path, base_dir: str | Path, class_names: list[str], rows: torch.Tensor,
+                 info: dict | None = None) -> Path:
+    """Write the taught classes as an adapter folder: adapter.json (base, base UNet SHA-256, names, ``info``) and
+    adapter.safetensors (rows (k, E)). Written to a temporary folder first and moved into place whole."""
+    out_dir, base_dir = Path(out_dir), Path(base_dir).resolve()
+    if rows.shape[0] != len(class_names):
+        raise ValueError(f"{rows.shape[0]} embedding rows for {len(class_names)} class names")
+    weights = base_dir / "unet" / WEIGHTS_NAME
+    if not weights.is_file():
+        raise ModelLoadError(f"{base_dir} is not an LDM folder (no unet/{WEIGHTS_NAME}); pass the base model")
+    meta = {"kind": "taught classes", "base": str(base_dir), "base_unet_sha256": sha256(weights),
+            "class_names": list(class_names), **(info or {})}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        atomic_save_safetensors({"class_embed": rows.detach().float().cpu().contiguous()}, tmp / ADAPTER_WEIGHTS)
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        tmp.replace(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def check_name(pipe: LatentDiffusion, name: str) -> str:
+    """A new class name: non-empty, printable, not one the model already has."""
+    if not isinstance(name, str) or not name.strip() or not name.isprintable() or len(name) > 40:
+        raise ValueError(f"--name must be 1-40 printable characters, got {name!r}")
+    if name.strip() in pipe.class_names:
+        raise ValueError(f"the model already has a class named {name.strip()!r} (its classes: {pipe.class_names}); "
+                         "pick another name")
+    return name.strip()
+
+
+def teach_folder(model_dir: str | Path, images: torch.Tensor, name: str, out_dir: str | Path,
+                 config: TeachConfig | None = None, device: str = "cpu", progress: bool = False) -> Path:
+    """teach.py's work: load ``model_dir`` (an LDM or an earlier adapter), teach ``name`` from ``images``, write the
+    adapter with every class taught so far to ``out_dir`` (a new folder). Nothing is written if anything fails."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise RunDirError(f"{out_dir} exists; pass a new --out folder (the model folders are never overwritten)")
+    pipe = LatentDiffusion.from_pretrained(model_dir, device)
+    name = check_name(pipe, name)
+    cfg = config or TeachConfig()
+    row = teach(pipe, images, cfg, progress)
+    base, names, rows = base_of(model_dir)
+    rows = row if rows is None else torch.cat([rows, row.cpu()])
+    return save_adapter(out_dir, base, [*names, name], rows, {"teach": asdict(cfg), "examples": int(images.shape[0])})
