@@ -178,6 +178,20 @@ def pipe() -> LatentDiffusion:
 
 
 # ----------------------------------------------------------------------------------- subprocesses
+def run_script(script: str, args: list, monkeypatch, capsys) -> tuple[int, str, str]:
+    """Run one of the repo's scripts (e.g. "edit.py") as __main__ in this process: (exit code, stdout, stderr)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [script, *map(str, args)])
+    code = 0
+    try:
+        runpy.run_path(str(REPO / script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def run_cmd(args: list[str], cwd: Path = REPO, timeout: float = 300, env: dict | None = None,
             check: bool = True) -> subprocess.CompletedProcess:
     """Run a command (no network, 1 thread per process), capture output, fail with the output shown.

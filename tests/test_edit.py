@@ -6,13 +6,11 @@ batch-split independence, determinism), not image quality, which bench/edit_eval
 
 from __future__ import annotations
 
-import runpy
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_pipeline
+from conftest import run_script, tiny_pipeline
 from PIL import Image
 
 from latentdiff import edit
@@ -294,15 +292,7 @@ def test_bad_latent_files(tmp_path, tiny):
 
 # ---------------------------------------------------------------------------------------------- command line
 def run_edit(args: list, monkeypatch, capsys) -> tuple[int, str, str]:
-    """Run edit.py's __main__ in this process; (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["edit.py", *map(str, args)])
-    code = 0
-    try:
-        runpy.run_path(str(REPO / "edit.py"), run_name="__main__")
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_script("edit.py", args, monkeypatch, capsys)
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import runpy
-import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, tiny_pipeline
+from conftest import run_script, tiny_pipeline
 from PIL import Image
 
 from latentdiff import LatentDiffusion
@@ -110,14 +108,7 @@ def test_an_existing_out_folder_is_never_overwritten(base, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- teach.py
 def run_teach(args, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["teach.py", *map(str, args)])
-    code = 0
-    try:
-        runpy.run_path(str(REPO / "teach.py"), run_name="__main__")
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_script("teach.py", args, monkeypatch, capsys)
 
 
 def test_cli_from_pngs_and_from_npz(base, tmp_path, monkeypatch, capsys):
