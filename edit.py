@@ -1,7 +1,7 @@
 """Edit and explore digits with a trained LDM: class swap, inpainting, interpolation, trajectories, latents.
 
     python edit.py swap        --model runs/ldm --data-dir DIR --indices 0 1 2 --to 8 --strengths 0 0.3 0.5 0.7 0.9 1
-    python edit.py every-class --model runs/ldm --data-dir DIR --indices 0 1 2     (or --image my_3.png --label 3)
+    python edit.py every-class --model runs/ldm --data-dir DIR --indices 0 1 2     # or --image my_3.png --label 3
     python edit.py inpaint     --model runs/ldm --data-dir DIR --indices 0 1 2 --keep left --labels 3
     python edit.py interp-seeds   --model runs/ldm --labels 0 1 2 --seed-a 0 --seed-b 1 --frames 8
     python edit.py interp-classes --model runs/ldm --pairs 3:8 1:7 --seed 0 --frames 8
