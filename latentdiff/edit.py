@@ -293,6 +293,11 @@ def invert(pipe: LatentDiffusion, images: torch.Tensor, labels=None, *, strength
     x = check_images(images)
     n = x.shape[0]
     y = None if labels is None else _labels_for(pipe, labels, n)
+    if isinstance(inversion_scale, bool) or not isinstance(inversion_scale, (int, float)) \
+            or not math.isfinite(inversion_scale) or inversion_scale < 0:
+        raise ValueError(f"inversion_scale must be a finite number >= 0 (1 = conditional only), got {inversion_scale!r}")
+    if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+        raise ValueError(f"refine must be an integer >= 0 (fixed-point iterations per step), got {refine!r}")
     settings, batch_size = _ddim_settings(pipe, sampling), pipe.check_batch_size(batch_size)
     ts = sdedit_timesteps(pipe.alphas_cumprod, settings.steps, check_strength(strength), settings.spacing)
     null = torch.full((n,), pipe.num_classes, dtype=torch.long)

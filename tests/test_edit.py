@@ -435,6 +435,9 @@ def test_every_class_is_swap_class_to_each_class(tiny, digits):
     (lambda p, x: edit.swap_class(p, x, LABELS, 1, strength=1.5), "strength"),
     (lambda p, x: edit.every_class(p, x, 3), "one image"),
     (lambda p, x: edit.invert(p, x * 2, LABELS), r"\[0, 1\]"),
+    (lambda p, x: edit.invert(p, x, LABELS, inversion_scale=float("nan")), "inversion_scale"),
+    (lambda p, x: edit.swap_class(p, x, LABELS, 0, refine=-1), "refine"),
+    (lambda p, x: edit.swap_class(p, x, "3", 0), "integers"),
 ])
 def test_inversion_bad_inputs(tiny, digits, call, word):
     with pytest.raises(ValueError, match=word):
