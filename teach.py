@@ -54,13 +54,16 @@ def main() -> None:
     p.add_argument("--images", required=True, help="folder of PNGs, or an .npz with 'images' (K, 28, 28) uint8")
     p.add_argument("--name", required=True, help="the new class's name (not one the model has)")
     p.add_argument("--out", required=True, help="a new folder for the taught model (the adapter)")
+    p.add_argument("--method", choices=["finetune", "embedding"], default=TeachConfig.method,
+                   help="finetune: the whole UNet with prior preservation (the default); embedding: one label row alone, "
+                        "the old classes bit for bit (docs/teaching.md)")
     p.add_argument("--steps", type=int, default=TeachConfig.steps)
     p.add_argument("--seed", type=int, default=TeachConfig.seed)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     examples = read_examples(args.images)
-    out = teach_folder(args.model, examples, args.name, args.out, TeachConfig(steps=args.steps, seed=args.seed),
-                       args.device, progress=True)
+    out = teach_folder(args.model, examples, args.name, args.out,
+                       TeachConfig(method=args.method, steps=args.steps, seed=args.seed), args.device, progress=True)
     from latentdiff import LatentDiffusion
 
     names = LatentDiffusion.from_pretrained(out).class_names

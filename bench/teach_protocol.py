@@ -51,6 +51,7 @@ def main() -> None:
     p.add_argument("--k", type=int, nargs="+", default=[5, 10, 50])
     p.add_argument("--n", type=int, default=1000, help="generated digits per model")
     p.add_argument("--steps", type=int, default=TeachConfig.steps, help="teaching steps")
+    p.add_argument("--method", default=TeachConfig.method, choices=["finetune", "embedding"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir")
     p.add_argument("--classifier")
@@ -72,19 +73,27 @@ def main() -> None:
         rows.append({"model": f"{args.full} (saw the digit)",
                      **score(clf, full.generate([args.digit] * args.n, seed=args.seed), args.digit, real_feats)})
     base = LatentDiffusion.from_pretrained(args.base)
+    old_classes = torch.tensor([c for c in range(10) if c != args.digit] * 100)
+
+    def old_accuracy(pipe: LatentDiffusion) -> float:
+        return float((extract(clf, pipe.generate(old_classes, seed=2))[1].argmax(1) == old_classes).double().mean())
+
+    rows.append({"model": f"{args.base} (never saw the digit): its other classes", "old_classes_accuracy": old_accuracy(base)})
     for k in args.k:
         taught_examples, others = pool[order[:k]], pool[order[k:]]
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             out = teach_folder(args.base, taught_examples, f"taught {args.digit}", Path(tmp) / "taught",
-                               TeachConfig(steps=args.steps, seed=args.seed))
+                               TeachConfig(method=args.method, steps=args.steps, seed=args.seed))
             seconds = time.perf_counter() - t0
             taught = LatentDiffusion.from_pretrained(out)
             new = taught.num_classes - 1
             images = taught.generate([new] * args.n, seed=args.seed).cpu()
             old = torch.equal(base.generate(list(range(10)), seed=1), taught.generate(list(range(10)), seed=1))
         flat = images.flatten(1)
-        rows.append({"model": f"base + taught from K = {k}", "k": k, "teach_seconds": round(seconds, 1),
+        old_acc = old_accuracy(taught)
+        rows.append({"model": f"base + taught from K = {k} ({args.method})", "k": k, "method": args.method,
+                     "teach_seconds": round(seconds, 1), "old_classes_accuracy": old_acc,
                      **score(clf, images, args.digit, real_feats), "old_classes_bit_identical": old,
                      "median_nearest_taught": float(nearest(flat, taught_examples.flatten(1)).median()),
                      "median_nearest_other_real": float(nearest(flat, others.flatten(1)).median())})

@@ -157,10 +157,17 @@ class LatentDiffusion:
             raise ModelLoadError(f"{directory} was taught on another model than the one now at {base} (its UNet's "
                                  "weights differ); restore that base, or teach again on this one")
         pipe = cls.from_pretrained(base, device, tile_size)
-        rows = read_tensors(directory / ADAPTER_WEIGHTS, "re-run teach.py")["class_embed"]
+        tensors = read_tensors(directory / ADAPTER_WEIGHTS, "re-run teach.py")
+        rows = tensors["class_embed"]
         if rows.shape[0] != len(names):
             raise ModelLoadError(f"{directory}: {rows.shape[0]} taught embeddings but {len(names)} class names; re-run teach.py")
-        pipe.unet = pipe.unet.with_classes(rows).eval()
+        pipe.unet = pipe.unet.with_classes(rows.to(pipe.device)).eval()
+        tuned = {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}
+        if tuned:  # a fine-tuned adapter (teach method "finetune") carries the whole tuned UNet
+            try:
+                pipe.unet.load_state_dict(tuned)
+            except RuntimeError as e:
+                raise ModelLoadError(f"{directory}'s tuned UNet does not fit its base ({e}); re-run teach.py") from None
         if pipe.guide is not None:  # autoguidance's guide learned no new class: the taught one samples without it
             pipe.guide = None
         pipe.class_names = pipe.class_names + names

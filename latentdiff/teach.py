@@ -1,11 +1,19 @@
-"""Teach a trained LDM a new class from a few examples: one new label embedding, learned alone.
+"""Teach a trained LDM a new class from a few examples.
 
 The UNet's label embedding is a table of vectors, one per class plus the null label, added to the
-timestep embedding of every block. Teaching appends one row for the new class and learns only that row
-with the diffusion loss on the examples (textual inversion, Gal et al. 2022, written for a
-class-conditioned UNet): every other weight stays as it was, so the old classes sample bit for bit as
-before. The result saves as a small adapter folder (``adapter.json`` + ``adapter.safetensors``, a few
-hundred floats) that names its base model and the SHA-256 of the base's UNet weights;
+timestep embedding of every block; teaching appends a row for the new class. Two methods
+(``TeachConfig.method``; measured in docs/teaching.md):
+
+- "finetune" (the default): DreamBooth-style (Ruiz et al. 2023): the whole UNet and the new row learn
+  from the examples, with prior preservation: half of every batch is digits of the old classes that the
+  base model itself generated, so they stay as they were (within noise, not bit for bit). The adapter
+  holds the tuned UNet.
+- "embedding": only the new row learns (textual inversion, Gal et al. 2022, for a class-conditioned
+  UNet); every other weight stays, so the old classes sample bit for bit as before, and the adapter is
+  a few hundred floats; but a base that never drew the class learns little of its shape.
+
+The result saves as an adapter folder (``adapter.json`` + ``adapter.safetensors``) that names its base
+model and the SHA-256 of the base's UNet weights;
 ``LatentDiffusion.from_pretrained(adapter_folder)`` loads the base and adds the row, and refuses a base
 whose weights changed. The base folder is only read.
 
@@ -23,6 +31,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -32,6 +41,7 @@ from .edit import check_images
 from .errors import ConfigError, ModelLoadError, RunDirError, TrainingDiverged
 from .pipeline import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LatentDiffusion
 from .serialization import WEIGHTS_NAME, atomic_save_safetensors, sha256
+from .unet import UNet
 
 MIN_EXAMPLES = 2
 
@@ -40,19 +50,27 @@ MIN_EXAMPLES = 2
 class TeachConfig:
     """How the new class's embedding is learned (defaults measured: docs/teaching.md)."""
 
-    steps: int = 400  # optimizer steps
+    method: str = "finetune"  # finetune | embedding (module docstring)
+    steps: int = 600  # optimizer steps (K = 10 real 7s: 300 read as 7 in 86.5%, 600 in 93.3%: docs/teaching.md)
     batch_size: int = 64  # examples per step (the few examples, each with its own noise level and augmentation)
-    lr: float = 0.01  # Adam on the one embedding row
+    lr: Optional[float] = None  # Adam; None: 2e-4 for finetune, 0.01 for the one embedding row
+    prior_per_class: int = 40  # finetune: digits of each old class generated once by the base, half of every batch
     augment: bool = True  # small random rotations, scales and shifts of the examples, so the row learns the class, not them
     variants: int = 32  # augmented copies of each example, encoded once up front
     seed: int = 0
 
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else (2e-4 if self.method == "finetune" else 0.01)
+
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "variants"):
+        if self.method not in ("finetune", "embedding"):
+            raise ConfigError(f"teach method must be finetune or embedding, got {self.method!r}")
+        for name in ("steps", "batch_size", "variants", "prior_per_class"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"teach {name} must be an integer >= 1, got {v!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise ConfigError(f"teach lr must be a number > 0, got {self.lr!r}")
 
 
@@ -71,11 +89,10 @@ def _augmented(images: torch.Tensor, cfg: TeachConfig) -> torch.Tensor:
 
 
 def teach(pipe: LatentDiffusion, images: torch.Tensor, config: TeachConfig | None = None,
-          progress: bool = False) -> torch.Tensor:
-    """Learn one label-embedding row for the class the ``images`` (K, 1, 28, 28) in [0, 1] show: (1, E).
-
-    Starts from the mean of the base's class embeddings; only that row changes (Adam, the model's own
-    diffusion objective without label dropout, each example at a random noise level).
+          progress: bool = False) -> UNet:
+    """The pipeline's UNet grown by one class, taught from ``images`` (K, 1, 28, 28) in [0, 1]: its index is the old
+    ``num_classes``. The new row starts from the mean of the old classes' rows; "embedding" trains that row alone,
+    "finetune" every weight with prior preservation (Adam, the model's own objective without label dropout).
     """
     cfg = config or TeachConfig()
     cfg.validate()
@@ -86,30 +103,44 @@ def teach(pipe: LatentDiffusion, images: torch.Tensor, config: TeachConfig | Non
     if pipe.unet.config.guidance_input:
         raise ValueError("teach needs a teacher model, not a distilled student: pass the LDM folder")
     latents = torch.cat([pipe.encode(part) for part in _augmented(x, cfg).split(256)])  # (N, C, h, w) scaled
-    base = pipe.unet
-    k = base.config.num_classes  # the new class's index; the null label moves to k + 1
-    start = base.class_embed.weight.detach()[:k].mean(0, keepdim=True)
-    unet = base.with_classes(start).train()
-    unet.requires_grad_(False)
-    table = unet.class_embed.weight
-    table.requires_grad_(True)
-    keep = torch.ones_like(table, dtype=torch.bool)
-    keep[k] = False
-    table.register_hook(lambda grad: grad.masked_fill(keep, 0))  # only the new row learns; the others stay exact
-    opt = torch.optim.Adam([table], lr=cfg.lr)
+    k = pipe.unet.config.num_classes  # the new class's index; the null label moves to k + 1
+    labels = torch.full((len(latents),), k, dtype=torch.long, device=pipe.device)
+    half = cfg.batch_size
+    if cfg.method == "finetune":  # prior preservation: the base's own digits of every old class
+        prior_labels = torch.arange(k, device=pipe.device).repeat(cfg.prior_per_class)
+        seeds = torch.arange(len(prior_labels)) + cfg.seed
+        prior = torch.cat([pipe.sample(pipe.noise(seeds[i:i + 256]), prior_labels[i:i + 256], seeds[i:i + 256],
+                                       pipe.settings()) for i in range(0, len(prior_labels), 256)])
+        half = max(1, cfg.batch_size // 2)
+    start = pipe.unet.class_embed.weight.detach()[:k].mean(0, keepdim=True)
+    unet = pipe.unet.with_classes(start).train()
+    if cfg.method == "finetune":
+        params = list(unet.parameters())
+    else:
+        unet.requires_grad_(False)
+        table = unet.class_embed.weight
+        table.requires_grad_(True)
+        keep = torch.ones_like(table, dtype=torch.bool)
+        keep[k] = False
+        table.register_hook(lambda grad: grad.masked_fill(keep, 0))  # only the new row learns; the others stay exact
+        params = [table]
+    opt = torch.optim.Adam(params, lr=cfg.learning_rate)
     g = torch.Generator().manual_seed(cfg.seed)
     objective = replace(pipe.config.diffusion, label_dropout=0.0)
     abar = pipe.alphas_cumprod.float().to(pipe.device)
-    labels = torch.full((cfg.batch_size,), k, dtype=torch.long, device=pipe.device)
     for _ in tqdm(range(cfg.steps), disable=not progress, desc="teach", leave=False):
-        idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=g)
-        loss = diffusion_loss(unet, latents[idx], labels, abar, objective, k + 1, generator=g)
+        idx = torch.randint(0, len(latents), (half,), generator=g)
+        z, y = latents[idx], labels[idx]
+        if cfg.method == "finetune":
+            j = torch.randint(0, len(prior), (cfg.batch_size - half,), generator=g)
+            z, y = torch.cat([z, prior[j]]), torch.cat([y, prior_labels[j]])
+        loss = diffusion_loss(unet, z, y, abar, objective, k + 1, generator=g)
         if not torch.isfinite(loss):
-            raise TrainingDiverged(f"the teaching loss became {loss.item()}; try a lower lr (now {cfg.lr})")
+            raise TrainingDiverged(f"the teaching loss became {loss.item()}; try a lower lr (now {cfg.learning_rate})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return table.detach()[k:k + 1].clone()
+    return unet.eval().requires_grad_(False)
 
 
 def base_of(model_dir: str | Path) -> tuple[Path, list[str], torch.Tensor | None]:
@@ -127,12 +158,16 @@ def base_of(model_dir: str | Path) -> tuple[Path, list[str], torch.Tensor | None
 
 
 def save_adapter(out_dir: str | Path, base_dir: str | Path, class_names: list[str], rows: torch.Tensor,
-                 info: dict | None = None) -> Path:
+                 info: dict | None = None, unet: UNet | None = None) -> Path:
     """Write the taught classes as an adapter folder: adapter.json (base, base UNet SHA-256, names, ``info``) and
-    adapter.safetensors (rows (k, E)). Written to a temporary folder first and moved into place whole."""
+    adapter.safetensors (rows (k, E); with ``unet``, a tuned UNet's every weight as "unet.<name>"). Written to a
+    temporary folder first and moved into place whole."""
     out_dir, base_dir = Path(out_dir), Path(base_dir).resolve()
     if rows.shape[0] != len(class_names):
         raise ValueError(f"{rows.shape[0]} embedding rows for {len(class_names)} class names")
+    tensors = {"class_embed": rows.detach().float().cpu().clone()}
+    if unet is not None:
+        tensors.update({f"unet.{k}": v.detach().cpu().contiguous() for k, v in unet.state_dict().items()})
     weights = base_dir / "unet" / WEIGHTS_NAME
     if not weights.is_file():
         raise ModelLoadError(f"{base_dir} is not an LDM folder (no unet/{WEIGHTS_NAME}); pass the base model")
@@ -141,7 +176,7 @@ def save_adapter(out_dir: str | Path, base_dir: str | Path, class_names: list[st
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        atomic_save_safetensors({"class_embed": rows.detach().float().cpu().contiguous()}, tmp / ADAPTER_WEIGHTS)
+        atomic_save_safetensors(tensors, tmp / ADAPTER_WEIGHTS)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         tmp.replace(out_dir)
     except BaseException:
@@ -170,7 +205,20 @@ def teach_folder(model_dir: str | Path, images: torch.Tensor, name: str, out_dir
     pipe = LatentDiffusion.from_pretrained(model_dir, device)
     name = check_name(pipe, name)
     cfg = config or TeachConfig()
-    row = teach(pipe, images, cfg, progress)
-    base, names, rows = base_of(model_dir)
-    rows = row if rows is None else torch.cat([rows, row.cpu()])
-    return save_adapter(out_dir, base, [*names, name], rows, {"teach": asdict(cfg), "examples": int(images.shape[0])})
+    base, names, _ = base_of(model_dir)
+    unet = teach(pipe, images, cfg, progress)
+    rows = unet.class_embed.weight.detach()[-2 - len(names):-1]  # every taught row: after the base's, before null
+    full = cfg.method == "finetune" or _holds_unet(model_dir)
+    return save_adapter(out_dir, base, [*names, name], rows, {"teach": asdict(cfg), "examples": int(images.shape[0])},
+                        unet if full else None)
+
+
+def _holds_unet(model_dir: str | Path) -> bool:
+    """Whether an adapter folder holds a tuned UNet (an earlier "finetune"), not rows alone."""
+    path = Path(model_dir) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return any(k.startswith("unet.") for k in f.keys())

@@ -18,7 +18,8 @@ from latentdiff.errors import ConfigError, ModelLoadError, RunDirError
 from latentdiff.pipeline import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from latentdiff.teach import TeachConfig, teach, teach_folder
 
-FAST = TeachConfig(steps=15, batch_size=8, variants=3)
+FAST = TeachConfig(method="embedding", steps=15, batch_size=8, variants=3)
+TUNE = TeachConfig(method="finetune", steps=10, batch_size=8, variants=2, prior_per_class=2)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +65,24 @@ def test_teaching_lowers_the_loss_on_the_examples(base):
                    for s in range(0, 400, 4))
 
     start = pipe.unet.class_embed.weight.detach()[:k].mean(0, keepdim=True)
-    learned = teach(pipe, examples(), TeachConfig(steps=60, batch_size=16, variants=4))
+    learned = teach(pipe, examples(), TeachConfig(method="embedding", steps=60, batch_size=16, variants=4))
+    learned = learned.class_embed.weight.detach()[k:k + 1]
     assert loss(learned) < 0.97 * loss(start)  # measured 0.95 on this tiny random UNet
+
+
+def test_finetune_carries_the_tuned_unet_and_stacks(base, tmp_path):
+    """"finetune" (the default) tunes every weight with prior preservation: the adapter holds the whole UNet; the old
+    classes move (within noise on a trained model: docs/teaching.md), the new one samples; an embedding row stacks."""
+    out = teach_folder(base, examples(), "plus", tmp_path / "tuned", TUNE)
+    plain, tuned = LatentDiffusion.from_pretrained(base), LatentDiffusion.from_pretrained(out)
+    assert tuned.class_names[-1] == "plus" and tuned.num_classes == 11
+    state = tuned.unet.state_dict()
+    assert any(not torch.equal(v, state[k]) for k, v in plain.unet.state_dict().items() if k != "class_embed.weight")
+    assert tuned.generate([10, 3], seed=0).shape == (2, 1, 28, 28)
+    more = teach_folder(out, examples().flip(-1), "minus", tmp_path / "more", FAST)
+    stacked = LatentDiffusion.from_pretrained(more)
+    assert stacked.class_names[-2:] == ["plus", "minus"]
+    assert torch.equal(stacked.generate([10, 3], seed=0), tuned.generate([10, 3], seed=0))  # the tuned UNet came along
 
 
 def test_adapters_stack_and_refuse_another_base(base, tmp_path):
@@ -93,6 +110,7 @@ def test_adapters_stack_and_refuse_another_base(base, tmp_path):
     (examples(), "  ", FAST, "printable"),
     (examples(), "plus", TeachConfig(steps=0), "steps"),
     (examples(), "plus", TeachConfig(lr=float("nan")), "lr"),
+    (examples(), "plus", TeachConfig(method="lora"), "method"),
 ])
 def test_bad_input_writes_nothing(base, tmp_path, images, name, config, word):
     with pytest.raises((ValueError, ConfigError), match=word):
