@@ -6,8 +6,8 @@ timestep embedding of every block; teaching appends a row for the new class. Two
 
 - "finetune" (the default): DreamBooth-style (Ruiz et al. 2023): the whole UNet and the new row learn
   from the examples, with prior preservation: half of every batch is digits of the old classes that the
-  base model itself generated, so they stay as they were (within noise, not bit for bit). The adapter
-  holds the tuned UNet.
+  base model itself generated, so they keep their accuracy (their variety narrows: docs/teaching.md).
+  The adapter holds the tuned UNet.
 - "embedding": only the new row learns (textual inversion, Gal et al. 2022, for a class-conditioned
   UNet); every other weight stays, so the old classes sample bit for bit as before, and the adapter is
   a few hundred floats; but a base that never drew the class learns little of its shape.
