@@ -48,6 +48,14 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a * b).sum() / (a.norm() * b.norm()).clamp(min=1e-12))
 
 
+def append_jsonl(path: str | None, row: dict) -> None:
+    """Append ``row`` as one JSON line to ``path`` (its folder made if missing); nothing without a path."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def parse_method(spec: str) -> tuple[str, dict]:
     name, _, rest = spec.partition(":")
     if name not in ("plain", "sdedit", "swap"):
@@ -109,10 +117,7 @@ def main() -> None:
         rows.append(row)
         print(f"{name:7s} {json.dumps(kwargs):48s} target acc {row['accuracy']:.1%}  ink r {row['ink_corr']:.2f}  "
               f"slant r {row['slant_corr']:.2f}  mse {row['pixel_mse']:.3f}  {seconds:.0f} s", flush=True)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        append_jsonl(args.out, row)
 
 
 if __name__ == "__main__":

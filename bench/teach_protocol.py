@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hand_swap import append_jsonl  # noqa: E402
 from latentdiff import LatentDiffusion  # noqa: E402
 from latentdiff.data import load_mnist  # noqa: E402
 from latentdiff.evaluate.classifier import extract, load_or_train_classifier  # noqa: E402
@@ -101,10 +103,7 @@ def main() -> None:
         row.update(digit=args.digit, n=args.n, steps=args.steps, machine=platform.processor() or platform.machine(),
                    threads=torch.get_num_threads())
         print(json.dumps(row), flush=True)
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        append_jsonl(args.out, row)
 
 
 if __name__ == "__main__":

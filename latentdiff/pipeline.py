@@ -168,8 +168,7 @@ class LatentDiffusion:
                 pipe.unet.load_state_dict(tuned)
             except RuntimeError as e:
                 raise ModelLoadError(f"{directory}'s tuned UNet does not fit its base ({e}); re-run teach.py") from None
-        if pipe.guide is not None:  # autoguidance's guide learned no new class: the taught one samples without it
-            pipe.guide = None
+        pipe.guide = None  # autoguidance's guide learned no new class: a taught model samples without it
         pipe.class_names = pipe.class_names + names
         return pipe
 

@@ -40,7 +40,7 @@ from .diffusion import diffusion_loss
 from .edit import check_images
 from .errors import ConfigError, ModelLoadError, RunDirError, TrainingDiverged
 from .pipeline import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LatentDiffusion
-from .serialization import WEIGHTS_NAME, atomic_save_safetensors, sha256
+from .serialization import WEIGHTS_NAME, atomic_save_safetensors, read_tensors, sha256
 from .unet import UNet
 
 MIN_EXAMPLES = 2
@@ -150,8 +150,6 @@ def base_of(model_dir: str | Path) -> tuple[Path, list[str], torch.Tensor | None
     if not meta_path.is_file():
         return model_dir, [], None
     meta = json.loads(meta_path.read_text())
-    from .serialization import read_tensors
-
     base = Path(meta["base"])
     return (base if base.is_absolute() else (model_dir / base).resolve()), list(meta["class_names"]), \
         read_tensors(model_dir / ADAPTER_WEIGHTS)["class_embed"]
