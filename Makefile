@@ -78,13 +78,15 @@ demo: venv
 	@echo "samples: $(RUNS)/samples.png"
 	$(if $(DISTILL),$(MAKE) distill)
 
-# Few-step student of $(RUNS)/ldm (docs/distillation.md); `make demo DISTILL=1` runs it after the demo.
+# Few-step student of $(RUNS)/ldm (docs/distillation.md); `make demo DISTILL=1` runs it after the demo. Where npm
+# exists it then builds the browser page from the student (`make web`: build/web, the docs site's Try it page).
 # DISTILL_CONFIG=progressive: guided progressive distillation instead of LCD (configs/distill_progressive.yaml).
 DISTILL_CONFIG ?= $(PRESET)
 distill: venv
 	$(LAUNCH) distill_ldm.py --config $(DISTILL_CONFIG) --teacher $(RUNS)/ldm --out $(RUNS)/ldm_fast $(DATA_ARG) $(ARGS)
 	$(PY) sample.py --model $(RUNS)/ldm_fast --labels 0 1 2 3 4 5 6 7 8 9 --per-label 8 --out $(RUNS)/samples_fast.png
 	@echo "samples of the student: $(RUNS)/samples_fast.png"
+	$(if $(shell command -v npm),$(MAKE) web WEB_MODEL=$(RUNS)/ldm_fast,@echo "npm not found: no browser page (install npm, then make web)")
 
 clean:
 	rm -rf $(VENV) .pytest_cache site build web/node_modules

@@ -2,6 +2,7 @@
 
     python bench/train_speed.py --preset full --batches 512 1024 2048 4096 --compile both --out speed.json
     python bench/train_speed.py --preset quick --batches 64 128 --compile no --precision both --threads 1
+    python bench/train_speed.py --preset quick --stages ldm --batches 128 --compile no --set model.channels=[64,128]
 
 For each (stage, batch, compile, precision) it builds the preset's model, runs warm-up steps (reported:
 that is where torch.compile spends its time), then times ``--steps`` optimizer steps (fused AdamW on a
@@ -94,6 +95,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--memory-format", choices=["contiguous", "channels_last", "both"], default="contiguous",
                    help="model and inputs in NCHW (contiguous) or NHWC (channels_last) memory")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value of both stages' presets, e.g. --set model.channels=[64,128] "
+                        "(repeatable; a key a stage lacks is an error, so time one stage with --stages)")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
     device = torch.device(args.device)
@@ -103,8 +107,8 @@ def main() -> None:
     amps = {"fp32": [False], "bf16": [True], "both": [False, True]}[precision]
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
-    cfgs = {"vae": load_config(VAERunConfig, resolve_config_path(args.preset, "vae")),
-            "ldm": load_config(LDMRunConfig, resolve_config_path(args.preset, "ldm"))}
+    cfgs = {stage: load_config(cls, resolve_config_path(args.preset, stage), args.overrides)
+            for stage, cls in (("vae", VAERunConfig), ("ldm", LDMRunConfig)) if stage in args.stages}
     fmts = {"contiguous": [False], "channels_last": [True], "both": [False, True]}[args.memory_format]
     modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     rows = []
@@ -114,7 +118,7 @@ def main() -> None:
         print(f"{stage} batch {b:5d} compile={str(compile_):5s} {'bf16' if bf16 else 'fp32'} {'NHWC' if cl else 'NCHW'}: "
               f"{r['images_per_s']:10,.0f} img/s ({r['step_ms']:.2f} ms/step; warm-up {r['warmup_s']:.1f} s)", flush=True)
     res = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "torch": torch.__version__, "preset": args.preset, "threads": torch.get_num_threads(), "rows": rows}
+           "torch": torch.__version__, "preset": args.preset, "overrides": args.overrides, "threads": torch.get_num_threads(), "rows": rows}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
