@@ -24,7 +24,7 @@ from .noise import seeded_normal
 from .sampling import SAMPLERS, Denoiser, NoiseFn, StepCallback, guided
 from .serialization import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, read_config, read_tensors, sha256
 from .timesteps import make_timesteps
-from .unet import UNet
+from .unet import TaughtUNet, UNet
 from .vae import VAE
 
 
@@ -161,13 +161,15 @@ class LatentDiffusion:
         rows = tensors["class_embed"]
         if rows.shape[0] != len(names):
             raise ModelLoadError(f"{directory}: {rows.shape[0]} taught embeddings but {len(names)} class names; re-run teach.py")
-        pipe.unet = pipe.unet.with_classes(rows.to(pipe.device)).eval()
+        grown = pipe.unet.with_classes(rows.to(pipe.device)).eval()
         tuned = {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}
-        if tuned:  # a fine-tuned adapter (teach method "finetune") carries the whole tuned UNet
+        if tuned:  # a fine-tuned adapter (teach method "finetune") carries the whole tuned UNet: taught classes only
             try:
-                pipe.unet.load_state_dict(tuned)
+                grown.load_state_dict(tuned)
             except RuntimeError as e:
                 raise ModelLoadError(f"{directory}'s tuned UNet does not fit its base ({e}); re-run teach.py") from None
+            grown = TaughtUNet(pipe.unet, grown).eval()
+        pipe.unet = grown
         pipe.guide = None  # autoguidance's guide learned no new class: a taught model samples without it
         pipe.class_names = pipe.class_names + names
         return pipe

@@ -6,8 +6,9 @@ timestep embedding of every block; teaching appends a row for the new class. Two
 
 - "finetune" (the default): DreamBooth-style (Ruiz et al. 2023): the whole UNet and the new row learn
   from the examples, with prior preservation: half of every batch is digits of the old classes that the
-  base model itself generated, so they keep their accuracy (their variety narrows: docs/teaching.md).
-  The adapter holds the tuned UNet.
+  base model itself generated. The adapter holds the tuned UNet, and the loaded model runs it for the
+  taught classes only (``unet.TaughtUNet``): the old classes and the null label keep running the base,
+  so they sample bit for bit as before.
 - "embedding": only the new row learns (textual inversion, Gal et al. 2022, for a class-conditioned
   UNet); every other weight stays, so the old classes sample bit for bit as before, and the adapter is
   a few hundred floats; but a base that never drew the class learns little of its shape.
@@ -41,7 +42,7 @@ from .edit import check_images
 from .errors import ConfigError, ModelLoadError, RunDirError, TrainingDiverged
 from .pipeline import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LatentDiffusion
 from .serialization import WEIGHTS_NAME, atomic_save_safetensors, read_tensors, sha256
-from .unet import UNet
+from .unet import TaughtUNet, UNet
 
 MIN_EXAMPLES = 2
 
@@ -112,8 +113,9 @@ def teach(pipe: LatentDiffusion, images: torch.Tensor, config: TeachConfig | Non
         prior = torch.cat([pipe.sample(pipe.noise(seeds[i:i + 256]), prior_labels[i:i + 256], seeds[i:i + 256],
                                        pipe.settings()) for i in range(0, len(prior_labels), 256)])
         half = max(1, cfg.batch_size // 2)
-    start = pipe.unet.class_embed.weight.detach()[:k].mean(0, keepdim=True)
-    unet = pipe.unet.with_classes(start).train()
+    net = pipe.unet.tuned if isinstance(pipe.unet, TaughtUNet) else pipe.unet  # taught before: go on from the tuned copy
+    start = net.class_embed.weight.detach()[:k].mean(0, keepdim=True)
+    unet = net.with_classes(start).train()
     if cfg.method == "finetune":
         params = list(unet.parameters())
     else:

@@ -114,3 +114,44 @@ class UNet(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "UNet":
         return load_model(cls, UNetConfig, directory, device)
+
+
+class TaughtUNet(nn.Module):
+    """A base UNet and a fine-tuned copy of it that knows taught classes (latentdiff.teach), routed by label.
+
+    Rows of a taught class run ``tuned``; every other row (the base's classes and the null label, so the
+    unconditional half of guidance too) runs ``base``, so the base's classes sample bit for bit as the base
+    does. Both networks see the same rows in the same call (the pipeline's fixed tiles), and a row's output
+    does not depend on its batch-mates, so picking rows with ``torch.where`` keeps each row's bits. A call
+    whose rows are all of one side runs that network alone; a mixed call (a taught class under guidance:
+    the taught row and its null row) runs both.
+    """
+
+    def __init__(self, base: UNet, tuned: UNet):
+        super().__init__()
+        k, n = base.config.num_classes, tuned.config.num_classes
+        if n <= k or replace(tuned.config, num_classes=k) != base.config:
+            raise ValueError(f"tuned UNet ({tuned.config}) is not the base ({base.config}) with classes added")
+        self.base, self.tuned = base, tuned
+        self.config = tuned.config  # what the pipeline reads: num_classes (base + taught), guidance_input, ...
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
+        k, n = self.base.config.num_classes, self.config.num_classes
+        extra = () if w is None else (w,)
+        if y.is_floating_point():  # label-embedding weights (B, n + 1): the base's columns are its classes and null
+            taught = y[:, k:n].abs().sum(1) > 0
+            y_base = torch.cat([y[:, :k], y[:, n:]], 1)
+        else:
+            taught = (y >= k) & (y < n)
+            y_base = torch.where(taught, 0, torch.where(y == n, k, y))  # null moves back to the base's index
+        if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):  # eager: run only what the rows need
+            if not bool(taught.any()):
+                return self.base(x, t, y_base, *extra)
+            if bool(taught.all()):
+                return self.tuned(x, t, y, *extra)
+        return torch.where(taught.view(-1, *([1] * (x.ndim - 1))), self.tuned(x, t, y, *extra),
+                           self.base(x, t, y_base, *extra))
+
+    def save_pretrained(self, directory: str | Path, state_dict: dict | None = None) -> None:
+        raise ValueError("a model with taught classes saves as an adapter on its base (teach.py, latentdiff.teach."
+                         "save_adapter), not as a model folder of its own")

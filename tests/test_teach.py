@@ -17,6 +17,7 @@ from latentdiff.diffusion import diffusion_loss
 from latentdiff.errors import ConfigError, ModelLoadError, RunDirError
 from latentdiff.pipeline import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from latentdiff.teach import TeachConfig, teach, teach_folder
+from latentdiff.unet import TaughtUNet
 
 FAST = TeachConfig(method="embedding", steps=15, batch_size=8, variants=3)
 TUNE = TeachConfig(method="finetune", steps=10, batch_size=8, variants=2, prior_per_class=2)
@@ -71,14 +72,22 @@ def test_teaching_lowers_the_loss_on_the_examples(base):
 
 
 def test_finetune_carries_the_tuned_unet_and_stacks(base, tmp_path):
-    """"finetune" (the default) tunes every weight with prior preservation: the adapter holds the whole UNet; the old
-    classes move (within noise on a trained model: docs/teaching.md), the new one samples; an embedding row stacks."""
+    """"finetune" (the default) tunes every weight with prior preservation: the adapter holds the whole UNet, which the
+    loaded model runs for the taught class only, so the old classes and the unconditional model stay bit-identical,
+    alone or beside a taught digit in one batch, guided or not; the new one samples; an embedding row stacks."""
     out = teach_folder(base, examples(), "plus", tmp_path / "tuned", TUNE)
     plain, tuned = LatentDiffusion.from_pretrained(base), LatentDiffusion.from_pretrained(out)
     assert tuned.class_names[-1] == "plus" and tuned.num_classes == 11
-    state = tuned.unet.state_dict()
+    assert isinstance(tuned.unet, TaughtUNet) and tuned.unet.base.config == plain.unet.config
+    state = tuned.unet.tuned.state_dict()
     assert any(not torch.equal(v, state[k]) for k, v in plain.unet.state_dict().items() if k != "class_embed.weight")
-    assert tuned.generate([10, 3], seed=0).shape == (2, 1, 28, 28)
+    old = list(range(10))
+    for scale in (0.0, 1.0, 2.0):  # unconditional, conditional alone, guided
+        assert torch.equal(tuned.generate(old, seed=2, guidance_scale=scale), plain.generate(old, seed=2, guidance_scale=scale))
+    mixed = tuned.generate([10, 3, 10, 7], seed=5)  # sample i uses seed 5 + i
+    assert torch.equal(mixed[1:2], plain.generate([3], seed=6)) and torch.equal(mixed[3:4], plain.generate([7], seed=8))
+    assert torch.equal(mixed[2:3], tuned.generate([10], seed=7))  # the taught digit whatever its batch-mates
+    assert not torch.equal(mixed[2:3], tuned.generate([10], seed=8))
     more = teach_folder(out, examples().flip(-1), "minus", tmp_path / "more", FAST)
     stacked = LatentDiffusion.from_pretrained(more)
     assert stacked.class_names[-2:] == ["plus", "minus"]
