@@ -1,0 +1,286 @@
+"""Quality for the time you give it: train one LDM per CPU budget, score each, draw the curve (issue 36).
+
+    python bench/quality_curve.py probe 20-steps 20-width 40-width --vae runs/vae --data-dir DIR --out R
+    python bench/quality_curve.py train 20-steps --vae runs/vae --runs runs/curve --data-dir DIR --out R
+    python bench/quality_curve.py score 20-steps --runs runs/curve --data-dir DIR --out R
+    python bench/quality_curve.py report --out R --png docs/quality_curve.png
+
+Each point is its own run of ``train_ldm.py --config quick`` with the overrides in ``POINTS`` (width,
+steps, batch: chosen for the budget, each with its own learning-rate schedule, which follows
+``train.steps``), on one VAE (the quick preset's; its reconstructions sit at the real digits' floor, see
+docs/results.md). The budget is the *whole* pipeline's wall time on an idle 2-core CPU: the VAE's
+training run plus the LDM's run, start-up, latent encoding and saving included.
+
+* ``probe`` times each point alone for ``--steps`` optimizer steps on ``--threads`` threads (the rate
+  between the first logged step and the last, so start-up is left out) and writes ``probe.json``: what
+  a point's budget is sized with, and what ``report`` turns steps into minutes with.
+* ``train`` trains the points one after the other and records each run's wall time and training time
+  (``train_<point>.json``). Run it on an idle machine for wall times that mean something; a point
+  trained beside other work still gets its minutes from the probe.
+* ``score`` runs ``python -m latentdiff.evaluate sweep`` at N = 10,000 (``--n-per-class 1000``) over the
+  guidance scales and picks the default by the rule that chose the quick preset's (lowest FLD with
+  accuracy >= 99.5%, every class >= 99.0%, recall >= 0.9x the floor, <= 20 UNet rows per digit), then
+  scores the scales between that pick and the one below it every ``--refine`` (a second sweep file).
+* ``report`` prints the table (minutes, the model alone, the chosen scale's numbers) and draws accuracy,
+  FLD, per-class FLD, recall and the model alone against minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Overrides of the quick preset per point. The quick point is the preset itself (`make demo`).
+POINTS: dict[str, dict] = {
+    "10-quick": {"overrides": []},
+    "20-steps": {"overrides": ["train.steps=11500"], "probe": "10-quick"},  # the quick UNet, 4.8x the steps
+    "20-width": {"overrides": ["model.channels=[64,128]", "train.steps=4950"]},  # twice the width, 2.1x the steps
+    "40-width": {"overrides": ["model.channels=[64,128]", "train.steps=10750"], "probe": "20-width"},
+}
+GUIDANCE = [1.0, 1.15, 1.3, 1.45]
+RULE = ["--min-accuracy", "0.995", "--min-worst-class", "0.99", "--min-recall-ratio", "0.9", "--max-unet-rows", "20"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def launch(point: str, vae: str, out: Path, data_dir: str | None, threads: int, extra: list[str]) -> float:
+    """Train one point with accelerate launch (as `make demo` does); its wall time in seconds."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no",
+           "--mixed_precision", "no", "--num_cpu_threads_per_process", str(threads),
+           str(ROOT / "train_ldm.py"), "--config", "quick", "--vae", vae, "--out", str(out)]
+    cmd += ["--data-dir", data_dir] if data_dir else []
+    for o in POINTS[point]["overrides"] + extra:
+        cmd += ["--set", o]
+    print(" ".join(cmd), flush=True)
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - t
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def save(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+    print(f"wrote {path}", flush=True)
+
+
+def probe(args) -> None:
+    out = Path(args.out) / "probe.json"
+    res = json.loads(out.read_text()) if out.exists() else {}
+    for point in args.points:
+        with tempfile.TemporaryDirectory() as tmp:
+            run = Path(tmp) / "run"
+            wall = launch(point, args.vae, run, args.data_dir, args.threads,
+                          [f"train.steps={args.steps}", "train.log_every=25", "train.preview_every=0",
+                           "train.checkpoint_every=0", "guide.fraction=0", *args.overrides])
+            m = read_metrics(run)
+        first, last = m[0], m[-1]
+        rate = (last["step"] - first["step"]) / (last["elapsed_s"] - first["elapsed_s"])
+        key = point + (f" {args.label}" if args.label else "")
+        res[key] = {"overrides": POINTS[point]["overrides"] + args.overrides, "threads": args.threads,
+                    "probe_steps": args.steps, "steps_per_s": rate, "wall_s": wall, "cpu": cpu_name(),
+                    "aten_cpu_capability": os.environ.get("ATEN_CPU_CAPABILITY", "native")}
+        print(f"{key}: {rate:.2f} steps/s", flush=True)
+        save(out, res)
+
+
+def train(args) -> None:
+    for point in args.points:
+        run = Path(args.runs) / point
+        wall = launch(point, args.vae, run, args.data_dir, args.threads, ["--overwrite"] if args.overwrite else [])
+        m = read_metrics(run)
+        save(Path(args.out) / f"train_{point}.json",
+             {"point": point, "overrides": POINTS[point]["overrides"], "threads": args.threads, "wall_s": wall,
+              "train_s": m[-1]["elapsed_s"], "steps": m[-1]["step"], "cpu": cpu_name(),
+              "alone": not args.beside_other_work})
+
+
+def sweep_files(out: Path, point: str) -> list[Path]:
+    return sorted(out.glob(f"sweep_{point}*.json"))
+
+
+def merged_runs(out: Path, point: str) -> list[dict]:
+    """Every guidance run of a point's sweep files (the first sweep, then refinements), one per scale."""
+    runs = {}
+    for f in sweep_files(out, point):
+        for r in json.loads(f.read_text())["guidance"]:
+            runs.setdefault(r["guidance_scale"], r)
+    return [runs[g] for g in sorted(runs)]
+
+
+def chosen(runs: list[dict]) -> dict | None:
+    """The default rule over a point's runs: the quick preset's (pick_best with RULE's bars)."""
+    from latentdiff.evaluate.sweep import pick_best
+
+    bars = dict(zip(RULE[::2], map(float, RULE[1::2])))
+    best = pick_best({"guidance": runs}, bars["--min-accuracy"], bars["--min-worst-class"],
+                     bars["--min-recall-ratio"], bars["--max-unet-rows"])
+    return next((r for r in runs if best["setting"] is not None and r["setting"] == best["setting"]), None)
+
+
+def score(args) -> None:
+    out = Path(args.out)
+    for point in args.points:
+        def sweep(scales: list[float], name: str) -> None:
+            cmd = [sys.executable, "-m", "latentdiff.evaluate", "sweep", "--model", str(Path(args.runs) / point),
+                   "--n-per-class", str(args.n_per_class), "--samplers", "--guidance", *map(str, scales),
+                   "--out", str(out / name), *RULE]
+            cmd += ["--data-dir", args.data_dir] if args.data_dir else []
+            cmd += ["--threads", str(args.threads)] if args.threads else []
+            print(" ".join(cmd), flush=True)
+            subprocess.run(cmd, check=True)
+
+        if not sweep_files(out, point):
+            sweep(args.guidance, f"sweep_{point}.json")
+        # Refine: between the largest scale under the rule's bars and the smallest over them, every --refine step.
+        runs = merged_runs(out, point)
+        pick = chosen(runs)
+        if pick is None or args.refine <= 0:
+            continue
+        below = [r["guidance_scale"] for r in runs if r["guidance_scale"] < pick["guidance_scale"]]
+        if below:
+            lo, hi = max(below), pick["guidance_scale"]
+            extra = [round(lo + args.refine * i, 4) for i in range(1, int(round((hi - lo) / args.refine)))]
+            extra = [g for g in extra if g not in {r["guidance_scale"] for r in runs}]
+            if extra:
+                sweep(extra, f"sweep_{point}_refined.json")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def minutes(point: str, probes: dict, loop_factor: float, overhead_s: float) -> float | None:
+    """The point's budget in minutes: its LDM steps at the probed rate (a point of the same network and batch
+    shares its probe) times ``loop_factor`` (a whole run's rate over the probe's: checkpoints, previews,
+    the guide snapshot), plus the fixed cost (the VAE run, start-up, latents, saving)."""
+    rate = probes.get(POINTS[point].get("probe", point), {}).get("steps_per_s")
+    if rate is None:
+        return None
+    steps = next((int(o.split("=")[1]) for o in POINTS[point]["overrides"] if o.startswith("train.steps=")), 2400)
+    return (steps / (rate * loop_factor) + overhead_s) / 60
+
+
+def calibration(res: Path, probes: dict) -> tuple[float, float]:
+    """(loop factor, fixed seconds) from the points trained alone: their steps/s over the probe's, and their VAE
+    run plus the LDM run's time outside optimizer steps. (1, 0) when no point was trained alone."""
+    factors, fixed = [], []
+    for point in POINTS:
+        f = res / f"train_{point}.json"
+        rate = probes.get(POINTS[point].get("probe", point), {}).get("steps_per_s")
+        if f.exists() and rate:
+            t = json.loads(f.read_text())
+            if t.get("alone"):
+                factors.append(t["steps"] / t["train_s"] / rate)
+                fixed.append(t.get("vae_wall_s", 0.0) + t["wall_s"] - t["train_s"])
+    return (sum(factors) / len(factors), sum(fixed) / len(fixed)) if factors else (1.0, 0.0)
+
+
+def wall_minutes(train_json: Path) -> float | None:
+    """A point's measured wall time (VAE run included where recorded), if it trained alone on the machine."""
+    if not train_json.exists():
+        return None
+    t = json.loads(train_json.read_text())
+    return (t["wall_s"] + t.get("vae_wall_s", 0.0)) / 60 if t.get("alone") else None
+
+
+def report(args) -> None:
+    res = Path(args.out)
+    probes = json.loads((res / "probe.json").read_text()) if (res / "probe.json").exists() else {}
+    factor, fixed = calibration(res, probes)
+    if args.overhead_s is not None:
+        fixed = args.overhead_s
+    print(f"minutes = LDM steps / (probed steps/s x {factor:.3f}) + {fixed:.0f} s (calibrated on the points trained alone)")
+    rows = []
+    for point in POINTS:
+        runs = merged_runs(res, point)
+        if not runs:
+            continue
+        tr = res / f"train_{point}.json"
+        rows.append({"point": point, "minutes": minutes(point, probes, factor, fixed),
+                     "wall_min": wall_minutes(tr),
+                     "alone": next((r for r in runs if r["guidance_scale"] == 1.0), None), "chosen": chosen(runs),
+                     "runs": runs})
+    fmt = lambda r: ("-" if r is None else f"{r['metrics']['accuracy']:.2%} / {r['metrics']['worst_class_accuracy']:.1%} / "
+                     f"{r['ratios']['fld']:.2f}x / {r['ratios']['fld_per_class']:.2f}x / {r['ratios']['recall']:.2f}x")
+    print("| point | minutes | wall | model alone (g = 1) | default g | at the default: accuracy / worst class / FLD / "
+          "per-class FLD / recall |\n|---|---|---|---|---|---|")
+    for r in rows:
+        g = r["chosen"]["guidance_scale"] if r["chosen"] else None
+        print(f"| {r['point']} | {r['minutes'] or float('nan'):.1f} | {r['wall_min'] or float('nan'):.1f} | "
+              f"{fmt(r['alone'])} | {g} | {fmt(r['chosen'])} |")
+    if args.png and rows:
+        plot(rows, args.png)
+
+
+def plot(rows: list[dict], png: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in rows if r["minutes"] is not None]
+    x = [r["minutes"] for r in rows]
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
+    panels = [("accuracy (%)", lambda r: 100 * r["metrics"]["accuracy"]), ("FLD / floor", lambda r: r["ratios"]["fld"]),
+              ("per-class FLD / floor", lambda r: r["ratios"]["fld_per_class"]), ("recall / floor", lambda r: r["ratios"]["recall"])]
+    for ax, (name, get) in zip(axes, panels):
+        for key, label, style in (("chosen", "default g (the rule)", "o-"), ("alone", "model alone (g = 1)", "s--")):
+            ax.plot(x, [get(r[key]) if r[key] else float("nan") for r in rows], style, label=label)
+        ax.set_xlabel("minutes of a 2-core CPU")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    print(f"wrote {png}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("probe", "train", "score", "report"):
+        sp = sub.add_parser(name)
+        sp.add_argument("--out", required=True, help="results folder (JSON per point)")
+        if name != "report":
+            sp.add_argument("points", nargs="+", choices=sorted(POINTS))
+            sp.add_argument("--data-dir", default=os.environ.get("LATENTDIFF_DATA"))
+            sp.add_argument("--threads", type=int, default=os.cpu_count() if name != "score" else None)
+        if name in ("probe", "train"):
+            sp.add_argument("--vae", required=True, help="the VAE run folder every point trains on")
+        if name in ("train", "score"):
+            sp.add_argument("--runs", required=True, help="one LDM run folder per point is made here")
+    sub.choices["probe"].add_argument("--steps", type=int, default=200)
+    sub.choices["probe"].add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                                      help="more overrides, e.g. train.mixed_precision=no (fp32: the CPUs without bf16)")
+    sub.choices["probe"].add_argument("--label", help="stored as '<point> <label>' in probe.json")
+    sub.choices["train"].add_argument("--overwrite", action="store_true")
+    sub.choices["train"].add_argument("--beside-other-work", action="store_true",
+                                      help="record that the machine was not idle (the wall time is then not the budget)")
+    sub.choices["score"].add_argument("--guidance", type=float, nargs="+", default=GUIDANCE)
+    sub.choices["score"].add_argument("--n-per-class", type=int, default=1000)
+    sub.choices["score"].add_argument("--refine", type=float, default=0.05,
+                                      help="then score every REFINE between the rule's pick and the scale below it (0: off)")
+    sub.choices["report"].add_argument("--png")
+    sub.choices["report"].add_argument("--overhead-s", type=float,
+                                       help="seconds each point spends outside LDM optimizer steps (VAE run, start-up); "
+                                            "default: measured on the points trained alone")
+    args = p.parse_args()
+    {"probe": probe, "train": train, "score": score, "report": report}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
