@@ -233,13 +233,20 @@ def plot(rows: list[dict], png: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     rows = [r for r in rows if r["minutes"] is not None]
-    x = [r["minutes"] for r in rows]
+    families: dict[str, list[dict]] = {}  # one line per UNet width: the points differ in steps along it
+    for r in rows:
+        width = next((o.split("=")[1] for o in POINTS[r["point"]]["overrides"] if o.startswith("model.channels=")),
+                     "[32,64]")
+        families.setdefault(width, []).append(r)
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
     panels = [("accuracy (%)", lambda r: 100 * r["metrics"]["accuracy"]), ("FLD / floor", lambda r: r["ratios"]["fld"]),
               ("per-class FLD / floor", lambda r: r["ratios"]["fld_per_class"]), ("recall / floor", lambda r: r["ratios"]["recall"])]
     for ax, (name, get) in zip(axes, panels):
-        for key, label, style in (("chosen", "default g (the rule)", "o-"), ("alone", "model alone (g = 1)", "s--")):
-            ax.plot(x, [get(r[key]) if r[key] else float("nan") for r in rows], style, label=label)
+        for (width, fam), color in zip(families.items(), ("C0", "C1", "C2", "C3")):
+            x = [r["minutes"] for r in fam]
+            for key, label, style in (("chosen", "default g", "o-"), ("alone", "model alone", "s--")):
+                ax.plot(x, [get(r[key]) if r[key] else float("nan") for r in fam], style, color=color,
+                        label=f"UNet {width}: {label}")
         ax.set_xlabel("minutes of a 2-core CPU")
         ax.set_title(name)
         ax.grid(alpha=0.3)
