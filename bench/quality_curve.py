@@ -1,6 +1,9 @@
 """Quality for the time you give it: train one LDM per CPU budget, score each, draw the curve (issue 36).
 
-    python bench/quality_curve.py probe 20-steps 20-width 40-width --vae runs/vae --data-dir DIR --out R
+    time accelerate launch train_vae.py --config quick --out runs/vae --data-dir DIR    # the shared VAE, timed
+    python bench/quality_curve.py probe 10-quick 20-width --vae runs/vae --data-dir DIR --out R
+    python bench/quality_curve.py train 10-quick --vae runs/vae --runs runs/curve --data-dir DIR --out R \
+        --vae-wall-s SECONDS                        # alone: this point calibrates the others' minutes
     python bench/quality_curve.py train 20-steps --vae runs/vae --runs runs/curve --data-dir DIR --out R
     python bench/quality_curve.py score 20-steps --runs runs/curve --data-dir DIR --out R
     python bench/quality_curve.py report --out R --png docs/quality_curve.png
@@ -44,8 +47,23 @@ POINTS: dict[str, dict] = {
     "40-width": {"overrides": ["model.channels=[64,128]", "train.steps=10750"], "probe": "20-width"},
 }
 GUIDANCE = [1.0, 1.15, 1.3, 1.45]
-RULE = ["--min-accuracy", "0.995", "--min-worst-class", "0.99", "--min-recall-ratio", "0.9", "--max-unet-rows", "20"]
+# The quick preset's rule for the default scale: pick_best's bars (also passed to `evaluate sweep` as its options).
+RULE = {"min_accuracy": 0.995, "min_worst_class": 0.99, "min_recall_ratio": 0.9, "max_unet_rows": 20}
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def point_config(point: str):
+    """The LDM run config a point trains: the quick preset with the point's overrides."""
+    from latentdiff.cli import resolve_config_path
+    from latentdiff.config import LDMRunConfig, load_config
+
+    return load_config(LDMRunConfig, resolve_config_path("quick", "ldm"), POINTS[point]["overrides"])
+
+
+def probed_rate(point: str, probes: dict) -> float | None:
+    """Steps/s of the point's probe (a point of the same network and batch shares one: POINTS' "probe")."""
+    return probes.get(POINTS[point].get("probe", point), {}).get("steps_per_s")
 
 
 def launch(point: str, vae: str, out: Path, data_dir: str | None, threads: int, extra: list[str]) -> float:
@@ -101,7 +119,8 @@ def train(args) -> None:
         save(Path(args.out) / f"train_{point}.json",
              {"point": point, "overrides": POINTS[point]["overrides"], "threads": args.threads, "wall_s": wall,
               "train_s": m[-1]["elapsed_s"], "steps": m[-1]["step"], "cpu": cpu_name(),
-              "alone": not args.beside_other_work})
+              "alone": not args.beside_other_work,
+              **({"vae_wall_s": args.vae_wall_s} if args.vae_wall_s is not None else {})})
 
 
 def sweep_files(out: Path, point: str) -> list[Path]:
@@ -121,9 +140,7 @@ def chosen(runs: list[dict]) -> dict | None:
     """The default rule over a point's runs: the quick preset's (pick_best with RULE's bars)."""
     from latentdiff.evaluate.sweep import pick_best
 
-    bars = dict(zip(RULE[::2], map(float, RULE[1::2])))
-    best = pick_best({"guidance": runs}, bars["--min-accuracy"], bars["--min-worst-class"],
-                     bars["--min-recall-ratio"], bars["--max-unet-rows"])
+    best = pick_best({"guidance": runs}, **RULE)
     return next((r for r in runs if best["setting"] is not None and r["setting"] == best["setting"]), None)
 
 
@@ -133,7 +150,8 @@ def score(args) -> None:
         def sweep(scales: list[float], name: str) -> None:
             cmd = [sys.executable, "-m", "latentdiff.evaluate", "sweep", "--model", str(Path(args.runs) / point),
                    "--n-per-class", str(args.n_per_class), "--samplers", "--guidance", *map(str, scales),
-                   "--out", str(out / name), *RULE]
+                   "--out", str(out / name)]
+            cmd += [arg for key, bar in RULE.items() for arg in (f"--{key.replace('_', '-')}", str(bar))]
             cmd += ["--data-dir", args.data_dir] if args.data_dir else []
             cmd += ["--threads", str(args.threads)] if args.threads else []
             print(" ".join(cmd), flush=True)
@@ -169,11 +187,10 @@ def minutes(point: str, probes: dict, loop_factor: float, overhead_s: float) -> 
     """The point's budget in minutes: its LDM steps at the probed rate (a point of the same network and batch
     shares its probe) times ``loop_factor`` (a whole run's rate over the probe's: checkpoints, previews,
     the guide snapshot), plus the fixed cost (the VAE run, start-up, latents, saving)."""
-    rate = probes.get(POINTS[point].get("probe", point), {}).get("steps_per_s")
+    rate = probed_rate(point, probes)
     if rate is None:
         return None
-    steps = next((int(o.split("=")[1]) for o in POINTS[point]["overrides"] if o.startswith("train.steps=")), 2400)
-    return (steps / (rate * loop_factor) + overhead_s) / 60
+    return (point_config(point).train.steps / (rate * loop_factor) + overhead_s) / 60
 
 
 def calibration(res: Path, probes: dict) -> tuple[float, float]:
@@ -182,7 +199,7 @@ def calibration(res: Path, probes: dict) -> tuple[float, float]:
     factors, fixed = [], []
     for point in POINTS:
         f = res / f"train_{point}.json"
-        rate = probes.get(POINTS[point].get("probe", point), {}).get("steps_per_s")
+        rate = probed_rate(point, probes)
         if f.exists() and rate:
             t = json.loads(f.read_text())
             if t.get("alone"):
@@ -235,8 +252,7 @@ def plot(rows: list[dict], png: str) -> None:
     rows = [r for r in rows if r["minutes"] is not None]
     families: dict[str, list[dict]] = {}  # one line per UNet width: the points differ in steps along it
     for r in rows:
-        width = next((o.split("=")[1] for o in POINTS[r["point"]]["overrides"] if o.startswith("model.channels=")),
-                     "[32,64]")
+        width = "-".join(map(str, point_config(r["point"]).model.channels))
         families.setdefault(width, []).append(r)
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.4))
     panels = [("accuracy (%)", lambda r: 100 * r["metrics"]["accuracy"]), ("FLD / floor", lambda r: r["ratios"]["fld"]),
@@ -275,6 +291,8 @@ def main() -> None:
                                       help="more overrides, e.g. train.mixed_precision=no (fp32: the CPUs without bf16)")
     sub.choices["probe"].add_argument("--label", help="stored as '<point> <label>' in probe.json")
     sub.choices["train"].add_argument("--overwrite", action="store_true")
+    sub.choices["train"].add_argument("--vae-wall-s", type=float,
+                                      help="the VAE run's wall seconds (timed alone), recorded for the calibration")
     sub.choices["train"].add_argument("--beside-other-work", action="store_true",
                                       help="record that the machine was not idle (the wall time is then not the budget)")
     sub.choices["score"].add_argument("--guidance", type=float, nargs="+", default=GUIDANCE)

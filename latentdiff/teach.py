@@ -208,17 +208,7 @@ def teach_folder(model_dir: str | Path, images: torch.Tensor, name: str, out_dir
     base, names, _ = base_of(model_dir)
     unet = teach(pipe, images, cfg, progress)
     rows = unet.class_embed.weight.detach()[-2 - len(names):-1]  # every taught row: after the base's, before null
-    full = cfg.method == "finetune" or _holds_unet(model_dir)
+    full = cfg.method == "finetune" or isinstance(pipe.unet, TaughtUNet)  # an earlier finetune's tuned UNet goes on
     return save_adapter(out_dir, base, [*names, name], rows, {"teach": asdict(cfg), "examples": int(images.shape[0])},
                         unet if full else None)
 
-
-def _holds_unet(model_dir: str | Path) -> bool:
-    """Whether an adapter folder holds a tuned UNet (an earlier "finetune"), not rows alone."""
-    path = Path(model_dir) / ADAPTER_WEIGHTS
-    if not path.is_file():
-        return False
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return any(k.startswith("unet.") for k in f.keys())

@@ -42,8 +42,6 @@ def test_refinements_merge_and_the_rule_picks_the_lowest_fld_over_the_bars(tmp_p
 
 
 def test_every_point_names_a_valid_override():
-    from latentdiff.cli import resolve_config_path
-    from latentdiff.config import LDMRunConfig, load_config
-
-    for point in qc.POINTS.values():
-        load_config(LDMRunConfig, resolve_config_path("quick", "ldm"), point["overrides"])  # raises on a bad key
+    for point in qc.POINTS:
+        qc.point_config(point)  # raises on a bad key
+    assert qc.point_config("10-quick").train.steps == 2400 and qc.point_config("40-width").model.channels == (64, 128)
