@@ -6,6 +6,10 @@
         --vae-wall-s SECONDS                        # alone: this point calibrates the others' minutes
     python bench/quality_curve.py train 20-steps --vae runs/vae --runs runs/curve --data-dir DIR --out R
     python bench/quality_curve.py score 20-steps --runs runs/curve --data-dir DIR --out R
+    make demo PRESET=hour RUNS=runs/hour && mv runs/hour/ldm runs/curve/hour     # the hour point, timed
+    python bench/quality_curve.py score hour --runs runs/curve --data-dir DIR --out R
+    python bench/quality_curve.py score hour --guidance 1.5 2 2.5 3 --intervals 100:800 --refine 0.25 \
+        --runs runs/curve --data-dir DIR --out R         # the same model, guided on the middle steps only
     python bench/quality_curve.py report --out R --png docs/quality_curve.png
 
 Each point is its own run of ``train_ldm.py --config quick`` with the overrides in ``POINTS`` (width,
@@ -21,9 +25,10 @@ training run plus the LDM's run, start-up, latent encoding and saving included.
   (``train_<point>.json``). Run it on an idle machine for wall times that mean something; a point
   trained beside other work still gets its minutes from the probe.
 * ``score`` runs ``python -m latentdiff.evaluate sweep`` at N = 10,000 (``--n-per-class 1000``) over the
-  guidance scales and picks the default by the rule that chose the quick preset's (lowest FLD with
-  accuracy >= 99.5%, every class >= 99.0%, recall >= 0.9x the floor, <= 20 UNet rows per digit), then
-  scores the scales between that pick and the one below it every ``--refine`` (a second sweep file).
+  guidance scales crossed with the guidance intervals (``--intervals all 100:800``: one sweep file each) and
+  picks the default by the rule that chose the quick preset's (lowest FLD with accuracy >= 99.5%, every
+  class >= 99.0%, recall >= 0.9x the floor, <= 20 UNet rows per digit) over all of them, then scores the
+  scales between that pick and the one below it in its interval every ``--refine`` (a _refined file).
 * ``report`` prints the table (minutes, the model alone, the chosen scale's numbers) and draws accuracy,
   FLD, per-class FLD, recall and the model alone against minutes.
 """
@@ -39,14 +44,17 @@ import tempfile
 import time
 from pathlib import Path
 
-# Overrides of the quick preset per point. The quick point is the preset itself (`make demo`).
+# Per point: the preset it trains ("config", default quick) and its overrides. The quick point is the preset
+# itself (`make demo`); the hour point is the hour preset (`make demo PRESET=hour`, timed from a fresh clone).
 POINTS: dict[str, dict] = {
     "10-quick": {"overrides": []},
     "20-steps": {"overrides": ["train.steps=11500"], "probe": "10-quick"},  # the quick UNet, 4.8x the steps
     "20-width": {"overrides": ["model.channels=[64,128]", "train.steps=4950"]},  # twice the width, 2.1x the steps
     "40-width": {"overrides": ["model.channels=[64,128]", "train.steps=10750"], "probe": "20-width"},
+    "hour": {"config": "hour", "overrides": [], "probe": "10-quick"},  # the quick UNet, 22,000 steps
 }
 GUIDANCE = [1.0, 1.15, 1.3, 1.45]
+INTERVALS = ["all"]  # guidance intervals crossed with the scales (evaluate sweep's --intervals)
 # The quick preset's rule for the default scale: pick_best's bars (also passed to `evaluate sweep` as its options).
 RULE = {"min_accuracy": 0.995, "min_worst_class": 0.99, "min_recall_ratio": 0.9, "max_unet_rows": 20}
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,11 +62,15 @@ sys.path.insert(0, str(ROOT))
 
 
 def point_config(point: str):
-    """The LDM run config a point trains: the quick preset with the point's overrides."""
+    """The LDM run config a point trains: its preset (quick unless it names one) with the point's overrides."""
     from latentdiff.cli import resolve_config_path
     from latentdiff.config import LDMRunConfig, load_config
 
-    return load_config(LDMRunConfig, resolve_config_path("quick", "ldm"), POINTS[point]["overrides"])
+    return load_config(LDMRunConfig, resolve_config_path(preset(point), "ldm"), POINTS[point]["overrides"])
+
+
+def preset(point: str) -> str:
+    return POINTS[point].get("config", "quick")
 
 
 def probed_rate(point: str, probes: dict) -> float | None:
@@ -71,7 +83,7 @@ def launch(point: str, vae: str, out: Path, data_dir: str | None, threads: int, 
     accelerate = Path(sys.executable).parent / "accelerate"
     cmd = [str(accelerate), "launch", "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no",
            "--mixed_precision", "no", "--num_cpu_threads_per_process", str(threads),
-           str(ROOT / "train_ldm.py"), "--config", "quick", "--vae", vae, "--out", str(out)]
+           str(ROOT / "train_ldm.py"), "--config", preset(point), "--vae", vae, "--out", str(out)]
     cmd += ["--data-dir", data_dir] if data_dir else []
     for o in POINTS[point]["overrides"] + extra:
         cmd += ["--set", o]
@@ -124,16 +136,43 @@ def train(args) -> None:
 
 
 def sweep_files(out: Path, point: str) -> list[Path]:
-    return sorted(out.glob(f"sweep_{point}*.json"))
+    """A point's sweep files: sweep_<point>.json (every step), sweep_<point>_t<lo>-<hi>.json (an interval),
+    and their _refined files. Not another point's whose name extends this one's."""
+    return sorted(f for f in out.glob(f"sweep_{point}*.json")
+                  if f.stem == f"sweep_{point}" or f.stem.startswith(f"sweep_{point}_"))
+
+
+def interval_tag(spec: str) -> str:
+    """The file-name part of an --intervals spec: '' for every step, '_t100-800' for 100:800."""
+    return "" if spec == "all" else "_t" + spec.replace(":", "-")
+
+
+def run_key(r: dict) -> tuple:
+    """(scale, interval): a sweep's runs are one per key; every step ([0, T-1] or none) is one interval."""
+    lo_hi = r.get("guidance_interval") or [0, 999]
+    return r["guidance_scale"], tuple(lo_hi) if list(lo_hi) != [0, 999] else ()
 
 
 def merged_runs(out: Path, point: str) -> list[dict]:
-    """Every guidance run of a point's sweep files (the first sweep, then refinements), one per scale."""
+    """Every guidance run of a point's sweep files (first sweeps, then refinements), one per (scale, interval)."""
     runs = {}
     for f in sweep_files(out, point):
         for r in json.loads(f.read_text())["guidance"]:
-            runs.setdefault(r["guidance_scale"], r)
-    return [runs[g] for g in sorted(runs)]
+            runs.setdefault(run_key(r), r)
+    return [runs[k] for k in sorted(runs, key=lambda k: (k[1], k[0]))]
+
+
+def guidance_label(r: dict | None) -> str:
+    """'1.4' (every step) or '2 on t in [100, 800]'; '-' for no run."""
+    if r is None:
+        return "-"
+    scale, lo_hi = run_key(r)
+    return f"{scale:g}" + (f" on t in [{lo_hi[0]}, {lo_hi[1]}]" if lo_hi else "")
+
+
+def alone(runs: list[dict]) -> dict | None:
+    """The model alone: guidance scale 1 on every step."""
+    return next((r for r in runs if run_key(r) == (1.0, ())), None)
 
 
 def chosen(runs: list[dict]) -> dict | None:
@@ -147,30 +186,36 @@ def chosen(runs: list[dict]) -> dict | None:
 def score(args) -> None:
     out = Path(args.out)
     for point in args.points:
-        def sweep(scales: list[float], name: str) -> None:
+        def sweep(scales: list[float], interval: str, name: str) -> None:
             cmd = [sys.executable, "-m", "latentdiff.evaluate", "sweep", "--model", str(Path(args.runs) / point),
                    "--n-per-class", str(args.n_per_class), "--samplers", "--guidance", *map(str, scales),
-                   "--out", str(out / name)]
+                   "--intervals", interval, "--out", str(out / name)]
             cmd += [arg for key, bar in RULE.items() for arg in (f"--{key.replace('_', '-')}", str(bar))]
             cmd += ["--data-dir", args.data_dir] if args.data_dir else []
             cmd += ["--threads", str(args.threads)] if args.threads else []
             print(" ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
 
-        if not sweep_files(out, point):
-            sweep(args.guidance, f"sweep_{point}.json")
-        # Refine: between the largest scale under the rule's bars and the smallest over them, every --refine step.
+        for interval in args.intervals:
+            tag = interval_tag(interval)
+            if not (out / f"sweep_{point}{tag}.json").exists():
+                sweep(args.guidance, interval, f"sweep_{point}{tag}.json")
+        # Refine the rule's pick (over every interval scored): between the largest scale of the pick's interval
+        # under it and the pick, every --refine step.
         runs = merged_runs(out, point)
         pick = chosen(runs)
         if pick is None or args.refine <= 0:
             continue
-        below = [r["guidance_scale"] for r in runs if r["guidance_scale"] < pick["guidance_scale"]]
+        same = [r for r in runs if run_key(r)[1] == run_key(pick)[1]]
+        below = [r["guidance_scale"] for r in same if r["guidance_scale"] < pick["guidance_scale"]]
         if below:
             lo, hi = max(below), pick["guidance_scale"]
             extra = [round(lo + args.refine * i, 4) for i in range(1, int(round((hi - lo) / args.refine)))]
-            extra = [g for g in extra if g not in {r["guidance_scale"] for r in runs}]
+            extra = [g for g in extra if g not in {r["guidance_scale"] for r in same}]
             if extra:
-                sweep(extra, f"sweep_{point}_refined.json")
+                lo_hi = run_key(pick)[1]
+                interval = f"{lo_hi[0]}:{lo_hi[1]}" if lo_hi else "all"
+                sweep(extra, interval, f"sweep_{point}{interval_tag(interval)}_refined.json")
 
 
 def cpu_name() -> str:
@@ -231,16 +276,15 @@ def report(args) -> None:
         tr = res / f"train_{point}.json"
         rows.append({"point": point, "minutes": minutes(point, probes, factor, fixed),
                      "wall_min": wall_minutes(tr),
-                     "alone": next((r for r in runs if r["guidance_scale"] == 1.0), None), "chosen": chosen(runs),
+                     "alone": alone(runs), "chosen": chosen(runs),
                      "runs": runs})
     fmt = lambda r: ("-" if r is None else f"{r['metrics']['accuracy']:.2%} / {r['metrics']['worst_class_accuracy']:.1%} / "
                      f"{r['ratios']['fld']:.2f}x / {r['ratios']['fld_per_class']:.2f}x / {r['ratios']['recall']:.2f}x")
     print("| point | minutes | wall | model alone (g = 1) | default g | at the default: accuracy / worst class / FLD / "
           "per-class FLD / recall |\n|---|---|---|---|---|---|")
     for r in rows:
-        g = r["chosen"]["guidance_scale"] if r["chosen"] else None
         print(f"| {r['point']} | {r['minutes'] or float('nan'):.1f} | {r['wall_min'] or float('nan'):.1f} | "
-              f"{fmt(r['alone'])} | {g} | {fmt(r['chosen'])} |")
+              f"{fmt(r['alone'])} | {guidance_label(r['chosen'])} | {fmt(r['chosen'])} |")
     if args.png and rows:
         plot(rows, args.png)
 
@@ -288,7 +332,7 @@ def main() -> None:
             sp.add_argument("--runs", required=True, help="one LDM run folder per point is made here")
     sub.choices["probe"].add_argument("--steps", type=int, default=200)
     sub.choices["probe"].add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                                      help="more overrides, e.g. train.mixed_precision=no (fp32: the CPUs without bf16)")
+                                      help="more overrides, e.g. 'train.mixed_precision=\"no\"' (fp32: the CPUs without bf16; YAML reads a bare no as false)")
     sub.choices["probe"].add_argument("--label", help="stored as '<point> <label>' in probe.json")
     sub.choices["train"].add_argument("--overwrite", action="store_true")
     sub.choices["train"].add_argument("--vae-wall-s", type=float,
@@ -296,6 +340,9 @@ def main() -> None:
     sub.choices["train"].add_argument("--beside-other-work", action="store_true",
                                       help="record that the machine was not idle (the wall time is then not the budget)")
     sub.choices["score"].add_argument("--guidance", type=float, nargs="+", default=GUIDANCE)
+    sub.choices["score"].add_argument("--intervals", nargs="+", default=INTERVALS, metavar="SPEC",
+                                      help="guidance intervals, each crossed with --guidance in its own sweep file: "
+                                           "'all' (every step) or LO:HI, e.g. all 100:800")
     sub.choices["score"].add_argument("--n-per-class", type=int, default=1000)
     sub.choices["score"].add_argument("--refine", type=float, default=0.05,
                                       help="then score every REFINE between the rule's pick and the scale below it (0: off)")
