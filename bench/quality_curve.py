@@ -51,7 +51,7 @@ POINTS: dict[str, dict] = {
     "20-steps": {"overrides": ["train.steps=11500"], "probe": "10-quick"},  # the quick UNet, 4.8x the steps
     "20-width": {"overrides": ["model.channels=[64,128]", "train.steps=4950"]},  # twice the width, 2.1x the steps
     "40-width": {"overrides": ["model.channels=[64,128]", "train.steps=10750"], "probe": "20-width"},
-    "hour": {"config": "hour", "overrides": [], "probe": "10-quick"},  # the quick UNet, 22,000 steps
+    "hour": {"config": "hour", "overrides": [], "probe": "10-quick"},  # the quick UNet, 18,000 steps
 }
 GUIDANCE = [1.0, 1.15, 1.3, 1.45]
 INTERVALS = ["all"]  # guidance intervals crossed with the scales (evaluate sweep's --intervals)

@@ -45,3 +45,42 @@ def test_every_point_names_a_valid_override():
     for point in qc.POINTS:
         qc.point_config(point)  # raises on a bad key
     assert qc.point_config("10-quick").train.steps == 2400 and qc.point_config("40-width").model.channels == (64, 128)
+
+
+def interval_run(g: float, lo_hi: list[int] | None, acc: float, worst: float, fld: float) -> dict:
+    r = run(g, acc, worst, fld)
+    r["guidance_interval"] = lo_hi or [0, 999]
+    r["setting"] = {"guidance_scale": g, "guidance_interval": r["guidance_interval"]}
+    r["unet_rows"] = 12 if lo_hi else r["unet_rows"]
+    return r
+
+
+def test_the_rule_ranges_over_intervals_and_the_report_names_the_interval(tmp_path, capsys):
+    every = [interval_run(1.0, None, 0.98, 0.95, 0.25), interval_run(1.3, None, 0.996, 0.991, 0.36)]
+    middle = [interval_run(1.5, [100, 800], 0.993, 0.99, 0.24), interval_run(2.0, [100, 800], 0.9965, 0.994, 0.27)]
+    (tmp_path / "sweep_hour.json").write_text(json.dumps({"guidance": every}))
+    (tmp_path / "sweep_hour_t100-800.json").write_text(json.dumps({"guidance": middle}))
+    # another point whose name extends this one's is not this point's
+    (tmp_path / "sweep_hourly.json").write_text(json.dumps({"guidance": [interval_run(3.0, None, 1, 1, 0.01)]}))
+    runs = qc.merged_runs(tmp_path, "hour")
+    assert [qc.run_key(r) for r in runs] == [(1.0, ()), (1.3, ()), (1.5, (100, 800)), (2.0, (100, 800))]
+    assert qc.alone(runs)["metrics"]["fld"] == 0.25  # g = 1 on every step, not on the interval
+    pick = qc.chosen(runs)
+    assert qc.run_key(pick) == (2.0, (100, 800)) and qc.guidance_label(pick) == "2 on t in [100, 800]"
+    assert qc.interval_tag("all") == "" and qc.interval_tag("100:800") == "_t100-800"
+    (tmp_path / "probe.json").write_text(json.dumps({"10-quick": {"steps_per_s": 10.0}}))
+    qc.report(type("A", (), {"out": str(tmp_path), "png": None, "overhead_s": 0.0})())
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| hour")][0]
+    steps = qc.point_config("hour").train.steps
+    assert line.startswith(f"| hour | {steps / 10 / 60:.1f} |") and "| 2 on t in [100, 800] | 99.65%" in line
+
+
+def test_the_hour_point_is_the_hour_preset_on_the_quick_vae():
+    from latentdiff.cli import resolve_config_path
+    from latentdiff.config import VAERunConfig, load_config
+
+    hour, quick = qc.point_config("hour"), qc.point_config("10-quick")
+    assert hour.model == quick.model and hour.diffusion == quick.diffusion  # the quick UNet, trained longer
+    assert hour.train.steps > 5 * quick.train.steps
+    vae = [load_config(VAERunConfig, resolve_config_path(p, "vae")) for p in ("hour", "quick")]
+    assert vae[0] == vae[1]
