@@ -80,8 +80,9 @@ demo: venv
 
 # Few-step student of $(RUNS)/ldm (docs/distillation.md); `make demo DISTILL=1` runs it after the demo. Where npm
 # exists it then builds the browser page from the student (`make web`: build/web, the docs site's Try it page).
-# DISTILL_CONFIG=progressive: guided progressive distillation instead of LCD (configs/distill_progressive.yaml).
-DISTILL_CONFIG ?= $(PRESET)
+# DISTILL_CONFIG=progressive: guided progressive distillation instead of LCD (configs/distill_progressive.yaml);
+# the default is the preset's own distill config, or quick's for a preset without one (hour).
+DISTILL_CONFIG ?= $(if $(wildcard configs/distill_$(PRESET).yaml),$(PRESET),quick)
 distill: venv
 	$(LAUNCH) distill_ldm.py --config $(DISTILL_CONFIG) --teacher $(RUNS)/ldm --out $(RUNS)/ldm_fast $(DATA_ARG) $(ARGS)
 	$(PY) sample.py --model $(RUNS)/ldm_fast --labels 0 1 2 3 4 5 6 7 8 9 --per-label 8 --out $(RUNS)/samples_fast.png

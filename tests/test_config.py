@@ -6,9 +6,10 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from latentdiff import ConfigError, LDMRunConfig, VAERunConfig, load_config
-from latentdiff.cli import resolve_config_path
+from latentdiff.cli import presets, resolve_config_path
 from latentdiff.config import TrainConfig, UNetConfig, VAEConfig, apply_overrides, from_dict, to_dict
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -199,3 +200,23 @@ def test_a_bare_yaml_boolean_for_a_string_key_says_how_to_quote_it():
     with pytest.raises(ConfigError, match=r"train\.mixed_precision: expected a string, got False .*quote"):
         apply_overrides(LDMRunConfig(), ["train.mixed_precision=no"])
     assert apply_overrides(LDMRunConfig(), ['train.mixed_precision="no"']).train.mixed_precision == "no"
+
+
+@pytest.mark.parametrize("preset", presets("ldm"))
+def test_make_demo_of_every_preset_names_configs_that_exist(preset):
+    """`make demo PRESET=p DISTILL=1` (dry run): each stage's --config is a preset of that stage (hour has no
+    distill config of its own and distils with quick's)."""
+    import re
+    import shutil
+    import subprocess
+
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    out = subprocess.run(["make", "-n", "demo", f"PRESET={preset}", "DISTILL=1", "VENV=/nonexistent-venv"],
+                         cwd=REPO, capture_output=True, text=True, check=True).stdout
+    used = dict(re.findall(r"(train_vae|train_ldm|distill_ldm)\.py --config (\S+)", out))
+    assert set(used) == {"train_vae", "train_ldm", "distill_ldm"}, out
+    stage = {"train_vae": "vae", "train_ldm": "ldm", "distill_ldm": "distill"}
+    for script, name in used.items():
+        assert name in presets(stage[script]), (script, name)
+    assert used["train_ldm"] == preset
