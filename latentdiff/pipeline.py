@@ -168,11 +168,17 @@ class LatentDiffusion:
                 grown.load_state_dict(tuned)
             except RuntimeError as e:
                 raise ModelLoadError(f"{directory}'s tuned UNet does not fit its base ({e}); re-run teach.py") from None
-            grown = TaughtUNet(pipe.unet, grown).eval()
-        pipe.unet = grown
-        pipe.guide = None  # autoguidance's guide learned no new class: a taught model samples without it
-        pipe.class_names = pipe.class_names + names
-        return pipe
+        return pipe.with_taught(grown, names, routed=bool(tuned))
+
+    def with_taught(self, unet: UNet, names: list[str], routed: bool) -> "LatentDiffusion":
+        """A new pipeline with the classes ``names`` added after this one's: ``unet`` is this pipeline's UNet grown by
+        them (``UNet.with_classes``, then taught). ``routed``: ``unet`` is a tuned copy that serves only the taught
+        classes (``TaughtUNet`` over this pipeline's base UNet). Shares the VAE; ``self`` is unchanged. Without the
+        autoguidance guide, which learned no new class."""
+        base = self.unet.base if isinstance(self.unet, TaughtUNet) else self.unet
+        out = LatentDiffusion(TaughtUNet(base, unet) if routed else unet, self.vae, self.config, None, self._tile_size)
+        out.class_names = self.class_names + list(names)
+        return out
 
     # ------------------------------------------------------------------ inputs
     def check_labels(self, labels) -> torch.Tensor:

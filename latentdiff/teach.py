@@ -32,7 +32,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -90,10 +90,12 @@ def _augmented(images: torch.Tensor, cfg: TeachConfig) -> torch.Tensor:
 
 
 def teach(pipe: LatentDiffusion, images: torch.Tensor, config: TeachConfig | None = None,
-          progress: bool = False) -> UNet:
+          progress: bool = False, callback: Callable[[int, int], None] | None = None) -> UNet:
     """The pipeline's UNet grown by one class, taught from ``images`` (K, 1, 28, 28) in [0, 1]: its index is the old
     ``num_classes``. The new row starts from the mean of the old classes' rows; "embedding" trains that row alone,
     "finetune" every weight with prior preservation (Adam, the model's own objective without label dropout).
+    ``pipe`` is only read. ``callback(step, steps)`` runs after every optimizer step (a server's progress); an
+    exception it raises stops teaching.
     """
     cfg = config or TeachConfig()
     cfg.validate()
@@ -130,7 +132,7 @@ def teach(pipe: LatentDiffusion, images: torch.Tensor, config: TeachConfig | Non
     g = torch.Generator().manual_seed(cfg.seed)
     objective = replace(pipe.config.diffusion, label_dropout=0.0)
     abar = pipe.alphas_cumprod.float().to(pipe.device)
-    for _ in tqdm(range(cfg.steps), disable=not progress, desc="teach", leave=False):
+    for step in tqdm(range(cfg.steps), disable=not progress, desc="teach", leave=False):
         idx = torch.randint(0, len(latents), (half,), generator=g)
         z, y = latents[idx], labels[idx]
         if cfg.method == "finetune":
@@ -142,6 +144,8 @@ def teach(pipe: LatentDiffusion, images: torch.Tensor, config: TeachConfig | Non
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if callback is not None:
+            callback(step + 1, cfg.steps)
     return unet.eval().requires_grad_(False)
 
 
@@ -188,11 +192,29 @@ def save_adapter(out_dir: str | Path, base_dir: str | Path, class_names: list[st
 def check_name(pipe: LatentDiffusion, name: str) -> str:
     """A new class name: non-empty, printable, not one the model already has."""
     if not isinstance(name, str) or not name.strip() or not name.isprintable() or len(name) > 40:
-        raise ValueError(f"--name must be 1-40 printable characters, got {name!r}")
+        raise ValueError(f"the new class's name must be 1-40 printable characters, got {name!r}")
     if name.strip() in pipe.class_names:
         raise ValueError(f"the model already has a class named {name.strip()!r} (its classes: {pipe.class_names}); "
                          "pick another name")
     return name.strip()
+
+
+def taught_pipeline(pipe: LatentDiffusion, unet: UNet, name: str, config: TeachConfig | None = None) -> LatentDiffusion:
+    """``pipe`` with the class that ``teach(pipe, ..., config)`` taught (``unet``) added as ``name``, in memory: what
+    ``LatentDiffusion.from_pretrained`` of its adapter folder loads. A new pipeline sharing ``pipe``'s VAE and base
+    UNet; ``pipe`` is unchanged. A finetune's UNet, or any UNet taught after one, serves the taught classes only."""
+    routed = (config or TeachConfig()).method == "finetune" or isinstance(pipe.unet, TaughtUNet)
+    return pipe.with_taught(unet, [name], routed)
+
+
+def save_taught(out_dir: str | Path, base_dir: str | Path, pipe: LatentDiffusion, names: list[str],
+                info: dict | None = None) -> Path:
+    """Write the classes ``names`` that ``pipe`` (a ``taught_pipeline``) adds to the base LDM at ``base_dir`` as an
+    adapter folder (``save_adapter``): their rows, and the tuned UNet when the pipeline routes taught classes to one."""
+    routed = isinstance(pipe.unet, TaughtUNet)
+    unet = pipe.unet.tuned if routed else pipe.unet
+    rows = unet.class_embed.weight.detach()[-1 - len(names):-1]  # every taught row: after the base's, before null
+    return save_adapter(out_dir, base_dir, names, rows, info, unet if routed else None)
 
 
 def teach_folder(model_dir: str | Path, images: torch.Tensor, name: str, out_dir: str | Path,
@@ -206,9 +228,6 @@ def teach_folder(model_dir: str | Path, images: torch.Tensor, name: str, out_dir
     name = check_name(pipe, name)
     cfg = config or TeachConfig()
     base, names, _ = base_of(model_dir)
-    unet = teach(pipe, images, cfg, progress)
-    rows = unet.class_embed.weight.detach()[-2 - len(names):-1]  # every taught row: after the base's, before null
-    full = cfg.method == "finetune" or isinstance(pipe.unet, TaughtUNet)  # an earlier finetune's tuned UNet goes on
-    return save_adapter(out_dir, base, [*names, name], rows, {"teach": asdict(cfg), "examples": int(images.shape[0])},
-                        unet if full else None)
+    taught = taught_pipeline(pipe, teach(pipe, images, cfg, progress), name, cfg)
+    return save_taught(out_dir, base, taught, [*names, name], {"teach": asdict(cfg), "examples": int(images.shape[0])})
 

@@ -70,6 +70,27 @@ def test_only_equal_settings_share_a_call_and_a_big_request_goes_alone():
         assert torch.equal(got, want)
 
 
+def test_requests_for_two_pipelines_never_share_a_call():
+    """A server that swaps in a taught pipeline queues requests for both: each runs on its own, whatever their settings."""
+    old, new = tiny_pipeline(), tiny_pipeline(seed=1)
+    batches = []
+    batcher = Batcher(old, max_batch=16, max_wait_ms=300, on_batch=lambda *a: batches.append(a))
+    try:
+        with batcher.lock:
+            first = batcher.submit(generate_work([1], 0, SETTINGS, old))
+            while batcher.depth:
+                time.sleep(0.01)
+            works = [generate_work([2], 1, SETTINGS, old), generate_work([2], 1, SETTINGS, new),
+                     generate_work([3], 2, SETTINGS, old)]
+            futures = [batcher.submit(w) for w in works]
+        results = [f.result(timeout=60)[0] for f in [first, *futures]]
+    finally:
+        batcher.close()
+    assert [b[:2] for b in batches] == [(1, 1), (2, 2), (1, 1)]  # the old pipeline's two share a call, the new one's not
+    assert torch.equal(results[1], old.generate([2], seed=1, **SETTINGS))
+    assert torch.equal(results[2], new.generate([2], seed=1, **SETTINGS)) and not torch.equal(results[1], results[2])
+
+
 def test_requests_queued_behind_a_call_wait_for_its_clients_to_come_back():
     """Closed-loop clients: after a call of 1 with 2 queued behind it, the next call waits (from when the worker is
     free, not from when they queued) for a third, so calls do not alternate between halves of the clients."""

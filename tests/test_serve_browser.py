@@ -208,3 +208,55 @@ def test_page_generates_draws_edits_and_reproduces_from_its_url(browser, server,
     wait.until(lambda _: js(loaded, "grid"))
     assert d.find_element(By.ID, "grid").get_attribute("src") == grid_src
     assert d.find_element(By.ID, "seed").get_attribute("value") == "42"
+
+
+def test_page_teaches_a_new_symbol_from_drawings_and_generates_it(browser, server):
+    """Draw three examples on the teach canvas, add them (and remove one, then add it again), teach a few steps, wait
+    for done: the new class is in the picker, selected, and Generate draws it, as the API does."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    d = browser
+    wait = WebDriverWait(d, 120)
+    js = d.execute_script
+    d.get(server)
+    wait.until(lambda _: len(d.find_elements(By.CSS_SELECTOR, "#classes input")) == 10)
+    canvas = d.find_element(By.ID, "teach-draw")
+    js("arguments[0].scrollIntoView({block: 'center'})", canvas)
+    thumbs = lambda: d.find_elements(By.CSS_SELECTOR, "#teach-examples img")  # noqa: E731
+    lit = ("const c = document.getElementById('teach-draw').getContext('2d').getImageData(0, 0, 280, 280).data;"
+           "let n = 0; for (let i = 0; i < c.length; i += 4) if (c[i] > 128) n++; return n;")
+    d.find_element(By.ID, "teach-add").click()  # nothing drawn yet: refused on the page
+    assert "draw the symbol" in d.find_element(By.ID, "teach-error").text and not thumbs()
+    strokes = [(0, 180), (150, 120), (40, 170), (-40, 170)]  # bars at several slants, from the canvas's centre
+    for i, ((dx, dy), count) in enumerate(zip(strokes, [1, 1, 2, 3])):
+        ActionChains(d).move_to_element_with_offset(canvas, -dx // 2, -dy // 2).click_and_hold() \
+            .move_by_offset(dx // 2, dy // 2).move_by_offset(dx - dx // 2, dy - dy // 2).release().perform()
+        assert js(lit) > 1500  # white pixels from the stroke (22 px wide, 170 px or more long)
+        d.find_element(By.ID, "teach-add").click()
+        if i == 1:  # remove the second example again (click its thumbnail)
+            assert len(thumbs()) == 2
+            thumbs()[1].click()
+        assert js(lit) == 0 and len(thumbs()) == count
+    assert len(thumbs()) == 3 and d.find_element(By.ID, "teach-count").text.startswith("3 examples")
+
+    d.find_element(By.ID, "teach-name").send_keys("bar")
+    d.find_element(By.ID, "teach-steps").clear()
+    d.find_element(By.ID, "teach-steps").send_keys("3")
+    d.find_element(By.ID, "teach").click()
+    wait.until(lambda _: d.find_element(By.ID, "teach-status").text.startswith('taught "bar" as class 10 from 3 examples'))
+    assert d.find_element(By.ID, "teach-error").get_attribute("hidden") and not thumbs()
+    boxes = d.find_elements(By.CSS_SELECTOR, "#classes input")
+    assert len(boxes) == 11 and [b.is_selected() for b in boxes] == [False] * 10 + [True]
+    assert d.find_element(By.XPATH, "//div[@id='classes']//span[text()='bar']").is_displayed()
+
+    for field, value in (("per-label", "3"), ("seed", "7")):
+        d.find_element(By.ID, field).clear()
+        d.find_element(By.ID, field).send_keys(value)
+    d.find_element(By.ID, "generate").click()
+    loaded = "const i = document.getElementById('grid'); return !!i && i.complete && i.naturalWidth > 0;"
+    wait.until(lambda _: js(loaded))
+    assert re.match(r"3 digits in \d+\.\d\d s on the model .* seed 7$", d.find_element(By.ID, "gen-time").text)
+    api = post(server + "/api/generate", {"labels": ["bar"], "per_label": 3, "seed": 7})
+    assert d.find_element(By.ID, "grid").get_attribute("src") == api["image"] and api["settings"]["labels"] == [10]

@@ -40,15 +40,17 @@ class Work:
     seeds: list[int] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     fn: Callable[[], Any] | None = None
+    pipe: Any = None  # the pipeline to generate with (part of the key: no call mixes two); None: the batcher's
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
 
 
-def generate_work(labels: list[int], seed: int, settings: dict) -> Work:
-    """Digit i of the request gets seed + i, as in pipe.generate; settings: ``pipe.settings`` keywords."""
-    key = tuple(sorted(settings.items()))
+def generate_work(labels: list[int], seed: int, settings: dict, pipe: Any = None) -> Work:
+    """Digit i of the request gets seed + i, as in pipe.generate; settings: ``pipe.settings`` keywords. ``pipe``: the
+    pipeline the request was checked against (a server that swaps in a taught one); None: the batcher's."""
+    key = (id(pipe), *sorted(settings.items()))  # the Work holds ``pipe``, so its id is not reused while it waits
     return Work(size=len(labels), key=key, labels=list(labels), seeds=[seed + i for i in range(len(labels))],
-                settings=dict(settings))
+                settings=dict(settings), pipe=pipe)
 
 
 class Batcher:
@@ -169,7 +171,7 @@ class Batcher:
         Chunks of the pipeline's own default batch size (memory); every request gets exactly generate's bits,
         merged or alone, since the network runs on the pipeline's fixed tiles.
         """
-        pipe = self.pipe
+        pipe = self.pipe if batch[0].pipe is None else batch[0].pipe  # one pipeline per batch: it is in the key
         settings = pipe.settings(**batch[0].settings)
         y = torch.tensor([c for w in batch for c in w.labels], dtype=torch.long)
         seeds = torch.tensor([s for w in batch for s in w.seeds], dtype=torch.int64)

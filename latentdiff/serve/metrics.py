@@ -86,7 +86,7 @@ class Metrics:
 class CountRequests:
     """ASGI middleware: every HTTP answer counted by route and status, with its latency, for /metrics."""
 
-    ROUTES = ("/api/generate", "/api/img2img", "/api/inpaint", "/api/info", "/api/health", "/metrics", "/")
+    ROUTES = ("/api/generate", "/api/img2img", "/api/inpaint", "/api/info", "/api/health", "/api/teach", "/metrics", "/")
 
     def __init__(self, app, metrics: Metrics):
         self.app, self.metrics = app, metrics
@@ -96,7 +96,8 @@ class CountRequests:
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), [500]
         path = scope["path"]
-        route = path if path in self.ROUTES else "/static" if path.startswith("/static/") else "other"
+        route = (path if path in self.ROUTES else "/static" if path.startswith("/static/")
+                 else "/api/teach/{id}" if path.startswith("/api/teach/") else "other")  # one series, not one per job
 
         async def send_status(message) -> None:
             if message["type"] == "http.response.start":

@@ -59,11 +59,30 @@ def choice(options: list[str]) -> Callable[[str, Any], str]:
     return check
 
 
-def integer_list(lo: int, hi: int, max_len: int) -> Callable[[str, Any], list[int]]:
+def classes(names: list[str], max_len: int) -> Callable[[str, Any], list[int]]:
+    """A list of 1..max_len classes, each its index into ``names`` or its name -> the indices."""
+    index = {n: i for i, n in enumerate(names)}
+
     def check(name: str, v: Any) -> list[int]:
-        if not isinstance(v, list) or not 1 <= len(v) <= max_len or not all(_is_int(x) and lo <= x <= hi for x in v):
-            raise invalid(name, f"must be a list of 1..{max_len} integers in {lo}..{hi}, got {json.dumps(v)[:80]}")
-        return v
+        if isinstance(v, list) and 1 <= len(v) <= max_len:
+            out = [x if _is_int(x) and 0 <= x < len(names) else index.get(x) if isinstance(x, str) else None for x in v]
+            if None not in out:
+                return out
+        raise invalid(name, f"must be a list of 1..{max_len} integers in 0..{len(names) - 1} or class names "
+                            f"(GET /api/info), got {json.dumps(v)[:80]}")
+    return check
+
+
+def one_class(names: list[str]) -> Callable[[str, Any], int]:
+    """One class, its index into ``names`` or its name -> the index."""
+    many = classes(names, 1)
+
+    def check(name: str, v: Any) -> int:
+        try:
+            return many(name, [v])[0]
+        except RequestError:
+            raise invalid(name, f"must be an integer in 0..{len(names) - 1} or a class name (GET /api/info), "
+                                f"got {json.dumps(v)[:80]}") from None
     return check
 
 
@@ -74,6 +93,16 @@ def text(max_len: int) -> Callable[[str, Any], str]:
         if len(v) > max_len:
             raise invalid(name, f"is {len(v)} characters; the limit is {max_len}")
         return v
+    return check
+
+
+def text_list(lo: int, hi: int, max_len: int) -> Callable[[str, Any], list[str]]:
+    """A list of lo..hi base64 images (``text``), each checked as ``name[i]``."""
+    def check(name: str, v: Any) -> list[str]:
+        if not isinstance(v, list) or not lo <= len(v) <= hi:
+            got = f"{len(v)}" if isinstance(v, list) else json.dumps(v)[:40]
+            raise invalid(name, f"must be a list of {lo}..{hi} images, got {got}; send each as a base64 PNG or data: URL")
+        return [text(max_len)(f"{name}[{i}]", x) for i, x in enumerate(v)]
     return check
 
 

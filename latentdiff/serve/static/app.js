@@ -90,38 +90,46 @@ function applyQuery() {
   return true;
 }
 
-// ---------------------------------------------------------------- drawing canvas
+// ---------------------------------------------------------------- drawing canvases
 const draw = $("draw"), mask = $("mask");
 const dctx = draw.getContext("2d"), mctx = mask.getContext("2d");
 let maskPainted = false;
 
-function clearDrawing() { dctx.fillStyle = "#000"; dctx.fillRect(0, 0, draw.width, draw.height); }
+function blank(ctx) { ctx.fillStyle = "#000"; ctx.fillRect(0, 0, ctx.canvas.width, ctx.canvas.height); }
+function clearDrawing() { blank(dctx); }
 function clearMask() { mctx.clearRect(0, 0, mask.width, mask.height); maskPainted = false; }
+
+function line(ctx, colour, width, from, to) {
+  ctx.strokeStyle = colour;
+  ctx.lineWidth = width;
+  ctx.lineCap = ctx.lineJoin = "round";
+  ctx.beginPath(); ctx.moveTo(...from); ctx.lineTo(...to); ctx.stroke();
+}
+
+function onStrokes(surface, stroke) {
+  // Pointer events cover mouse, pen and touch alike; stroke(from, to) gets the surface's pixel coordinates.
+  let last = null;
+  const point = (e) => {
+    const r = surface.getBoundingClientRect();
+    return [(e.clientX - r.left) * surface.width / r.width, (e.clientY - r.top) * surface.height / r.height];
+  };
+  surface.addEventListener("pointerdown", (e) => {
+    surface.setPointerCapture(e.pointerId); last = point(e); stroke(last, last); e.preventDefault();
+  });
+  surface.addEventListener("pointermove", (e) => { if (last) { const p = point(e); stroke(last, p); last = p; } });
+  const end = () => { last = null; };
+  surface.addEventListener("pointerup", end);
+  surface.addEventListener("pointercancel", end);
+}
 
 function setupCanvas() {
   clearDrawing();
-  let last = null;
   const tool = () => document.querySelector("input[name=tool]:checked").value;
-  const point = (e) => {
-    const r = mask.getBoundingClientRect();
-    return [(e.clientX - r.left) * mask.width / r.width, (e.clientY - r.top) * mask.height / r.height];
-  };
-  const stroke = (from, to) => {
-    const t = tool(), ctx = t === "mask" ? mctx : dctx;
-    ctx.strokeStyle = t === "pen" ? "#fff" : t === "mask" ? "#e5484d" : "#000";
-    ctx.lineWidth = Number($("brush").value);
-    ctx.lineCap = ctx.lineJoin = "round";
-    ctx.beginPath(); ctx.moveTo(...from); ctx.lineTo(...to); ctx.stroke();
+  onStrokes(mask, (from, to) => {  // the overlay (mask) canvas is on top and takes the events
+    const t = tool();
+    line(t === "mask" ? mctx : dctx, t === "pen" ? "#fff" : t === "mask" ? "#e5484d" : "#000", Number($("brush").value), from, to);
     if (t === "mask") maskPainted = true;
-  };
-  // Pointer events cover mouse, pen and touch alike; the overlay (mask) canvas is on top and takes them.
-  mask.addEventListener("pointerdown", (e) => {
-    mask.setPointerCapture(e.pointerId); last = point(e); stroke(last, last); e.preventDefault();
   });
-  mask.addEventListener("pointermove", (e) => { if (last) { const p = point(e); stroke(last, p); last = p; } });
-  const end = () => { last = null; };
-  mask.addEventListener("pointerup", end);
-  mask.addEventListener("pointercancel", end);
 }
 
 function keepMask() {
@@ -168,15 +176,119 @@ async function edit(kind) {
   $("edit-result").hidden = false;
 }
 
+// ---------------------------------------------------------------- teaching a new symbol
+const teachCanvas = $("teach-draw"), tctx = teachCanvas.getContext("2d");
+const TEACH_BRUSH = 22;  // the drawing canvas's default brush: MNIST-like strokes at 28x28
+const examples = [];  // PNG data URLs of the drawings added
+
+function showExamples() {
+  const min = info.teach.min_images || 2;
+  $("teach-count").textContent = `${examples.length} example${examples.length === 1 ? "" : "s"} ` +
+    `(at least ${min}; 5-10 work well)`;
+  $("teach-examples").replaceChildren(...examples.map((src, i) => {
+    const b = document.createElement("button"), img = document.createElement("img");
+    b.type = "button"; b.title = "remove this example";
+    img.src = src; img.alt = `example ${i + 1}`;
+    b.append(img);
+    b.onclick = () => { examples.splice(i, 1); showExamples(); };
+    return b;
+  }));
+  $("teach-remove-all").hidden = !examples.length;
+}
+
+function addExample() {
+  showError("teach-error", null);
+  const px = tctx.getImageData(0, 0, teachCanvas.width, teachCanvas.height).data;
+  if (!px.some((v, i) => i % 4 === 0 && v > 0)) { showError("teach-error", "draw the symbol on the canvas first"); return; }
+  examples.push(teachCanvas.toDataURL("image/png"));
+  blank(tctx);
+  showExamples();
+}
+
+function showJob(job) {
+  const bar = $("teach-progress"), status = $("teach-status");
+  bar.hidden = job.status !== "running";
+  bar.value = job.step / job.steps;
+  status.hidden = false;
+  status.textContent = job.status === "done"
+    ? `taught "${job.name}" as class ${job.label} from ${job.examples} examples in ${job.seconds.toFixed(1)} s: ` +
+      "selected under Generate"
+    : job.step ? `teaching "${job.name}": step ${job.step} of ${job.steps} · ${job.seconds.toFixed(0)} s`
+      : `teaching "${job.name}": preparing (the model draws digits to keep) · ${job.seconds.toFixed(0)} s`;
+}
+
+async function teachSymbol() {
+  showError("teach-error", null);
+  const body = {name: $("teach-name").value.trim(), images: examples, steps: Number($("teach-steps").value)};
+  if (!body.name) { showError("teach-error", "give the new symbol a name"); return; }
+  try {
+    let job = await api("/api/teach", body);
+    while (job.status === "running") {  // the server teaches in the background; ask how far it got
+      showJob(job);
+      await new Promise((done) => setTimeout(done, 500));
+      job = await api(job.url);
+    }
+    if (job.status === "failed") throw new Error(job.error);
+    info = await api("/api/info");
+    showClasses([job.label]);  // the new class alone is selected: Generate draws it
+    examples.length = 0;
+    showExamples();
+    $("teach-name").value = "";
+    showJob(job);
+  } catch (e) {
+    $("teach-progress").hidden = $("teach-status").hidden = true;
+    showError("teach-error", e);
+  }
+}
+
+function setupTeaching() {
+  blank(tctx);
+  onStrokes(teachCanvas, (from, to) => line(tctx, "#fff", TEACH_BRUSH, from, to));
+  showExamples();
+  $("teach-add").onclick = addExample;
+  $("teach-clear-draw").onclick = () => blank(tctx);
+  $("teach-remove-all").onclick = () => { examples.length = 0; showExamples(); };
+  $("teach-steps").value = info.teach.default_steps || "";
+  $("teach-steps").max = info.limits.max_teach_steps;
+  if (!info.teach.enabled) {
+    $("teach").disabled = $("teach-add").disabled = true;
+    $("teach").title = `this server does not teach: ${info.teach.reason}`;
+    showError("teach-error", $("teach").title);
+    return;
+  }
+  $("teach").onclick = () => busy($("teach"), teachSymbol);
+}
+
 // ---------------------------------------------------------------- start
+function option(value, text) {
+  const o = document.createElement("option");
+  o.value = value; o.textContent = text;
+  return o;
+}
+
+function showClasses(checked) {
+  // Class names come from the server and may be taught by anyone: text nodes only, never HTML.
+  const names = info.class_names;
+  $("classes").replaceChildren(...names.map((name, c) => {
+    const label = document.createElement("label"), box = document.createElement("input"), span = document.createElement("span");
+    box.type = "checkbox"; box.value = c; box.checked = checked === undefined || checked.includes(c);
+    span.textContent = name;
+    label.append(box, span);
+    return label;
+  }));
+  const target = $("target").value;
+  $("target").replaceChildren(...names.map((name, c) => option(c, name)));
+  if (target) $("target").value = target;
+  const drawn = $("drawn").value;
+  $("drawn").replaceChildren(option("", "?"), ...names.map((name, c) => option(c, name)));
+  $("drawn").value = drawn;
+  $("model-info").textContent = `${info.model} · ${info.device} · ${names.length} classes`;
+}
+
 async function start() {
   try { info = await api("/api/info"); } catch (e) { showError("gen-error", `cannot reach the server: ${e.message}`); return; }
   const d = info.defaults;
-  $("model-info").textContent = `${info.model} · ${info.device} · ${info.classes.length} classes`;
-  $("classes").innerHTML = info.classes.map((c) =>
-    `<label><input type="checkbox" value="${c}" checked><span>${c}</span></label>`).join("");
-  $("target").innerHTML = info.classes.map((c) => `<option>${c}</option>`).join("");
-  $("drawn").innerHTML = `<option value="">?</option>` + info.classes.map((c) => `<option>${c}</option>`).join("");
+  showClasses();
   $("sampler").innerHTML = info.samplers.map((s) => `<option>${s}</option>`).join("");
   $("sampler").value = d.sampler;
   $("steps").value = d.steps; $("steps").max = info.limits.max_steps;
@@ -202,6 +314,7 @@ async function start() {
   $("inpaint").onclick = () => busy($("inpaint"), () => edit("inpaint"));
   $("every_class").onclick = () => busy($("every_class"), () => edit("every_class"));
   setupCanvas();
+  setupTeaching();
   if (applyQuery()) busy($("generate"), generate);  // a shared link shows its grid straight away
 }
 start();
