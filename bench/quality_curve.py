@@ -52,6 +52,7 @@ POINTS: dict[str, dict] = {
     "20-width": {"overrides": ["model.channels=[64,128]", "train.steps=4950"]},  # twice the width, 2.1x the steps
     "40-width": {"overrides": ["model.channels=[64,128]", "train.steps=10750"], "probe": "20-width"},
     "hour": {"config": "hour", "overrides": [], "probe": "10-quick"},  # the quick UNet, 18,000 steps
+    "60-steps": {"config": "hour", "overrides": ["train.steps=39000"], "probe": "10-quick"},  # 16x the quick's steps
 }
 GUIDANCE = [1.0, 1.15, 1.3, 1.45]
 INTERVALS = ["all"]  # guidance intervals crossed with the scales (evaluate sweep's --intervals)
@@ -154,12 +155,33 @@ def run_key(r: dict) -> tuple:
 
 
 def merged_runs(out: Path, point: str) -> list[dict]:
-    """Every guidance run of a point's sweep files (first sweeps, then refinements), one per (scale, interval)."""
-    runs = {}
+    """Every guidance run of a point's sweep files (first sweeps, then refinements), one per (scale, interval): the
+    first of each seed, and where several draws (``score --seed``) scored a setting, their mean (``pooled``)."""
+    runs: dict[tuple, dict[int, dict]] = {}
     for f in sweep_files(out, point):
         for r in json.loads(f.read_text())["guidance"]:
-            runs.setdefault(run_key(r), r)
-    return [runs[k] for k in sorted(runs, key=lambda k: (k[1], k[0]))]
+            runs.setdefault(run_key(r), {}).setdefault(r.get("seed", 0), r)
+    return [pooled(list(runs[k].values())) for k in sorted(runs, key=lambda k: (k[1], k[0]))]
+
+
+def pooled(draws: list[dict]) -> dict:
+    """One run from draws of the same setting with different seeds: the mean of each figure, the worst class
+    that of the mean per-class accuracies, ``n`` summed, ``draws`` counted. One draw is returned as it is."""
+    if len(draws) == 1:
+        return draws[0]
+    mean = lambda vals: sum(vals) / len(vals)  # noqa: E731
+    m = [d["metrics"] for d in draws]
+    per_class = [mean([x["per_class_accuracy"][c] for x in m]) for c in range(len(m[0]["per_class_accuracy"]))]
+    metrics = {k: mean([x[k] for x in m]) for k in ("accuracy", "fld", "fld_per_class_mean", "precision", "recall")}
+    metrics.update(per_class_accuracy=per_class, worst_class_accuracy=min(per_class),
+                   worst_class=per_class.index(min(per_class)), n=sum(x["n"] for x in m))
+    ratios = {k: mean([d["ratios"][k] for d in draws]) for k in draws[0]["ratios"]}
+    return {**draws[0], "metrics": metrics, "ratios": ratios, "seed": [d.get("seed", 0) for d in draws],
+            "draws": len(draws)}
+
+
+def as_list(seed) -> list[int]:
+    return seed if isinstance(seed, list) else [seed]
 
 
 def guidance_label(r: dict | None) -> str:
@@ -176,9 +198,12 @@ def alone(runs: list[dict]) -> dict | None:
 
 
 def chosen(runs: list[dict]) -> dict | None:
-    """The default rule over a point's runs: the quick preset's (pick_best with RULE's bars)."""
+    """The default rule over a point's runs: the quick preset's (pick_best with RULE's bars), over the settings
+    scored in the most draws."""
     from latentdiff.evaluate.sweep import pick_best
 
+    most = max((r.get("draws", 1) for r in runs), default=1)
+    runs = [r for r in runs if r.get("draws", 1) == most]  # settings scored in every draw: compared on equal terms
     best = pick_best({"guidance": runs}, **RULE)
     return next((r for r in runs if best["setting"] is not None and r["setting"] == best["setting"]), None)
 
@@ -189,15 +214,16 @@ def score(args) -> None:
         def sweep(scales: list[float], interval: str, name: str) -> None:
             cmd = [sys.executable, "-m", "latentdiff.evaluate", "sweep", "--model", str(Path(args.runs) / point),
                    "--n-per-class", str(args.n_per_class), "--samplers", "--guidance", *map(str, scales),
-                   "--intervals", interval, "--out", str(out / name)]
+                   "--intervals", interval, "--seed", str(args.seed), "--out", str(out / name)]
             cmd += [arg for key, bar in RULE.items() for arg in (f"--{key.replace('_', '-')}", str(bar))]
             cmd += ["--data-dir", args.data_dir] if args.data_dir else []
             cmd += ["--threads", str(args.threads)] if args.threads else []
             print(" ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
 
+        draw = f"_s{args.seed}" if args.seed else ""  # another draw of the same settings: its own files
         for interval in args.intervals:
-            tag = interval_tag(interval)
+            tag = interval_tag(interval) + draw
             if not (out / f"sweep_{point}{tag}.json").exists():
                 sweep(args.guidance, interval, f"sweep_{point}{tag}.json")
         # Refine the rule's pick (over every interval scored): between the largest scale of the pick's interval
@@ -206,7 +232,7 @@ def score(args) -> None:
         pick = chosen(runs)
         if pick is None or args.refine <= 0:
             continue
-        same = [r for r in runs if run_key(r)[1] == run_key(pick)[1]]
+        same = [r for r in runs if run_key(r)[1] == run_key(pick)[1] and args.seed in as_list(r.get("seed", 0))]
         below = [r["guidance_scale"] for r in same if r["guidance_scale"] < pick["guidance_scale"]]
         if below:
             lo, hi = max(below), pick["guidance_scale"]
@@ -215,7 +241,7 @@ def score(args) -> None:
             if extra:
                 lo_hi = run_key(pick)[1]
                 interval = f"{lo_hi[0]}:{lo_hi[1]}" if lo_hi else "all"
-                sweep(extra, interval, f"sweep_{point}{interval_tag(interval)}_refined.json")
+                sweep(extra, interval, f"sweep_{point}{interval_tag(interval)}{draw}_refined.json")
 
 
 def cpu_name() -> str:
@@ -344,6 +370,9 @@ def main() -> None:
                                       help="guidance intervals, each crossed with --guidance in its own sweep file: "
                                            "'all' (every step) or LO:HI, e.g. all 100:800")
     sub.choices["score"].add_argument("--n-per-class", type=int, default=1000)
+    sub.choices["score"].add_argument("--seed", type=int, default=0,
+                                      help="sample i uses seed + i; another seed scores another draw of the same "
+                                           "settings (files _s<seed>), and the rule then reads the draws' mean")
     sub.choices["score"].add_argument("--refine", type=float, default=0.05,
                                       help="then score every REFINE between the rule's pick and the scale below it (0: off)")
     sub.choices["report"].add_argument("--png")

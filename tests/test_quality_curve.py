@@ -84,3 +84,32 @@ def test_the_hour_point_is_the_hour_preset_on_the_quick_vae():
     assert hour.train.steps > 5 * quick.train.steps
     vae = [load_config(VAERunConfig, resolve_config_path(p, "vae")) for p in ("hour", "quick")]
     assert vae[0] == vae[1]
+
+
+def test_draws_of_one_setting_pool_and_the_rule_reads_the_settings_scored_in_every_draw(tmp_path):
+    a = interval_run(1.8, [100, 800], 0.9963, 0.992, 0.22)
+    b = {**interval_run(1.8, [100, 800], 0.9942, 0.988, 0.23), "seed": 10000}
+    for r, acc in ((a, [0.99] + [0.997] * 9), (b, [0.996] * 9 + [0.988])):
+        r["metrics"]["per_class_accuracy"] = acc
+        r["metrics"].update(n=10000, precision=0.86, recall=0.86)
+    single = interval_run(1.6, [100, 800], 0.999, 0.999, 0.1)  # one draw only: not compared with the pooled
+    (tmp_path / "sweep_hour_t100-800.json").write_text(json.dumps({"guidance": [a, single]}))
+    (tmp_path / "sweep_hour_t100-800_s10000.json").write_text(json.dumps({"guidance": [b]}))
+    runs = qc.merged_runs(tmp_path, "hour")
+    both = next(r for r in runs if r["guidance_scale"] == 1.8)
+    assert both["draws"] == 2 and both["seed"] == [0, 10000] and both["metrics"]["n"] == 20000
+    assert abs(both["metrics"]["accuracy"] - 0.99525) < 1e-9 and abs(both["ratios"]["fld"] - 1.125) < 1e-9
+    assert abs(both["metrics"]["worst_class_accuracy"] - 0.9925) < 1e-9 and both["metrics"]["worst_class"] == 9
+    assert qc.chosen(runs)["guidance_scale"] == 1.8
+
+
+def test_the_hour_preset_samples_with_the_rules_pick_of_its_measured_sweeps():
+    from latentdiff.cli import resolve_config_path
+    from latentdiff.config import LDMRunConfig, load_config
+
+    results = qc.ROOT / "bench" / "results" / "cpu" / "issue36"
+    pick = qc.chosen(qc.merged_runs(results, "hour"))
+    sample = load_config(LDMRunConfig, resolve_config_path("hour", "ldm")).sample
+    assert pick["draws"] == 2
+    assert (sample.guidance_scale, sample.guidance_interval) == (pick["guidance_scale"], tuple(pick["guidance_interval"]))
+    assert (sample.sampler, sample.steps, sample.spacing) == (pick["sampler"], pick["steps"], pick["spacing"])
