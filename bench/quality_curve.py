@@ -10,7 +10,7 @@
     python bench/quality_curve.py score hour --runs runs/curve --data-dir DIR --out R
     python bench/quality_curve.py score hour --guidance 1.5 2 2.5 3 --intervals 100:800 --refine 0.25 \
         --runs runs/curve --data-dir DIR --out R         # the same model, guided on the middle steps only
-    python bench/quality_curve.py report --out R --png docs/quality_curve.png
+    python bench/quality_curve.py report --out R --png docs/quality_curve.png --json R/curve.json
 
 Each point is its own run of ``train_ldm.py --config quick`` with the overrides in ``POINTS`` (width,
 steps, batch: chosen for the budget, each with its own learning-rate schedule, which follows
@@ -313,6 +313,10 @@ def report(args) -> None:
               f"{fmt(r['alone'])} | {guidance_label(r['chosen'])} | {fmt(r['chosen'])} |")
     if args.png and rows:
         plot(rows, args.png)
+    if args.json:  # the table as data: each point's minutes, its model alone and its default (pooled over draws)
+        save(Path(args.json), {"minutes_rule": {"loop_factor": factor, "fixed_s": fixed}, "rule": RULE,
+                               "points": {r["point"]: {k: r[k] for k in ("minutes", "wall_min", "alone", "chosen")}
+                                          for r in rows}})
 
 
 def plot(rows: list[dict], png: str) -> None:
@@ -376,6 +380,7 @@ def main() -> None:
     sub.choices["score"].add_argument("--refine", type=float, default=0.05,
                                       help="then score every REFINE between the rule's pick and the scale below it (0: off)")
     sub.choices["report"].add_argument("--png")
+    sub.choices["report"].add_argument("--json", help="also write the table's rows here")
     sub.choices["report"].add_argument("--overhead-s", type=float,
                                        help="seconds each point spends outside LDM optimizer steps (VAE run, start-up); "
                                             "default: measured on the points trained alone")

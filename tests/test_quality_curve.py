@@ -35,10 +35,12 @@ def test_refinements_merge_and_the_rule_picks_the_lowest_fld_over_the_bars(tmp_p
     # trained alone: 2,400 steps in 240 s of steps (10/s: 0.833 of the probe's 12/s), 100 s of VAE, 20 s of start-up
     (tmp_path / "train_10-quick.json").write_text(json.dumps({"wall_s": 260.0, "vae_wall_s": 100.0, "train_s": 240.0,
                                                              "steps": 2400, "alone": True}))
-    qc.report(type("A", (), {"out": str(tmp_path), "png": None, "overhead_s": None})())
+    qc.report(type("A", (), {"out": str(tmp_path), "png": None, "overhead_s": None, "json": str(tmp_path / "c.json")})())
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| 10-quick")][0]
     assert line.startswith("| 10-quick | 6.0 | 6.0 |")  # 240 s + 120 s; the wall: 260 s + 100 s
     assert "| 1.4 | 99.55% / 99.0% / 1.50x / 0.60x / 0.95x" in line
+    table = json.loads((tmp_path / "c.json").read_text())["points"]["10-quick"]
+    assert table["chosen"]["guidance_scale"] == 1.4 and table["alone"]["guidance_scale"] == 1.0
 
 
 def test_every_point_names_a_valid_override():
@@ -69,7 +71,7 @@ def test_the_rule_ranges_over_intervals_and_the_report_names_the_interval(tmp_pa
     assert qc.run_key(pick) == (2.0, (100, 800)) and qc.guidance_label(pick) == "2 on t in [100, 800]"
     assert qc.interval_tag("all") == "" and qc.interval_tag("100:800") == "_t100-800"
     (tmp_path / "probe.json").write_text(json.dumps({"10-quick": {"steps_per_s": 10.0}}))
-    qc.report(type("A", (), {"out": str(tmp_path), "png": None, "overhead_s": 0.0})())
+    qc.report(type("A", (), {"out": str(tmp_path), "png": None, "overhead_s": 0.0, "json": None})())
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| hour")][0]
     steps = qc.point_config("hour").train.steps
     assert line.startswith(f"| hour | {steps / 10 / 60:.1f} |") and "| 2 on t in [100, 800] | 99.65%" in line
