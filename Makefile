@@ -29,9 +29,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-compile -e '.[serve]'
 	touch $@
 
-# What `make test` adds: pytest and friends, tensorboard (the tracker tests), onnx (the export tests).
+# What `make test` adds: pytest and friends, tensorboard (the tracker tests), onnx (the export tests), lora (peft: the
+# LoRA teaching tests).
 $(VENV)/.test-installed: $(VENV)/.installed
-	$(PY) -m pip install -q --no-compile -e '.[test,serve,tensorboard,onnx]'
+	$(PY) -m pip install -q --no-compile -e '.[test,serve,tensorboard,onnx,lora]'
 	touch $@
 
 venv: $(VENV)/.installed

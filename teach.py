@@ -1,7 +1,8 @@
-"""Teach a trained LDM a new class from a few examples (a new label embedding, learned alone: latentdiff.teach).
+"""Teach a trained LDM a new class from a few examples (latentdiff.teach; methods and measurements: docs/teaching.md).
 
     python teach.py --model runs/ldm --images my_stars/ --name star --out runs/ldm_star
     python teach.py --model runs/ldm --images sevens.npz --name seven --out runs/ldm_seven --steps 400
+    python teach.py --model runs/ldm --images my_stars/ --name star --out runs/ldm_star_lora --method lora   # peft
     python sample.py --model runs/ldm_star --labels 10 --per-label 16 --out stars.png    # class 10 is "star"
 
 --images: a folder of PNG files (one digit-like drawing each, white on black, square, any size; scaled to
@@ -16,7 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from latentdiff.cli import run_main
-from latentdiff.teach import TeachConfig, teach_folder
+from latentdiff.teach import LEARNING_RATES, TeachConfig, teach_folder
 
 
 def read_examples(path: str) -> torch.Tensor:
@@ -54,16 +55,19 @@ def main() -> None:
     p.add_argument("--images", required=True, help="folder of PNGs, or an .npz with 'images' (K, 28, 28) uint8")
     p.add_argument("--name", required=True, help="the new class's name (not one the model has)")
     p.add_argument("--out", required=True, help="a new folder for the taught model (the adapter)")
-    p.add_argument("--method", choices=["finetune", "embedding"], default=TeachConfig.method,
-                   help="finetune: the whole UNet with prior preservation (the default); embedding: one label row alone, "
-                        "the old classes bit for bit (docs/teaching.md)")
+    p.add_argument("--method", choices=list(LEARNING_RATES), default=TeachConfig.method,
+                   help="finetune: the whole UNet with prior preservation (the default); lora: low-rank updates of it "
+                        "instead, a smaller adapter (needs peft: pip install 'latentdiff[lora]'); embedding: one label "
+                        "row alone (docs/teaching.md)")
+    p.add_argument("--lora-rank", type=int, default=TeachConfig.lora_rank, help="--method lora: the updates' rank")
     p.add_argument("--steps", type=int, default=TeachConfig.steps)
     p.add_argument("--seed", type=int, default=TeachConfig.seed)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args()
     examples = read_examples(args.images)
     out = teach_folder(args.model, examples, args.name, args.out,
-                       TeachConfig(method=args.method, steps=args.steps, seed=args.seed), args.device, progress=True)
+                       TeachConfig(method=args.method, steps=args.steps, seed=args.seed,
+                                   lora_rank=args.lora_rank), args.device, progress=True)
     from latentdiff import LatentDiffusion
 
     names = LatentDiffusion.from_pretrained(out).class_names

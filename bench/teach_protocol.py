@@ -2,14 +2,14 @@
 
     accelerate launch train_ldm.py --config quick --vae runs/vae --out runs/ldm_no7 --set data.exclude_classes=[7]
     python bench/teach_protocol.py --base runs/ldm_no7 --full runs/ldm --digit 7 --k 5 10 50 --data-dir DIR \\
-        --out bench/results/cpu/issue34/teach_protocol.jsonl
+        --out bench/results/cpu/issue34/teach_protocol.jsonl      # --method finetune (the default) | lora | embedding
 
 For each K: K training examples of the digit (a seeded draw), ``teach`` (timed), then N digits of the taught class
 scored by the evaluator's classifier (the share read as the digit) and by their FLD to the real test digits of
 that class (the per-class FLD), beside the same figures for the model that saw the digit in training (``--full``)
 and for real training digits (the floor). Copying: each generated digit's pixel distance to its nearest taught
 example against its distance to the nearest other real training digit of the class (medians; a copier's first
-median falls far below its second).
+median falls far below its second). Each taught row also records the method's lr (and rank) and the adapter's size.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from latentdiff import LatentDiffusion  # noqa: E402
 from latentdiff.data import load_mnist  # noqa: E402
 from latentdiff.evaluate.classifier import extract, load_or_train_classifier  # noqa: E402
 from latentdiff.evaluate.metrics import frechet_distance_features  # noqa: E402
-from latentdiff.teach import TeachConfig, teach_folder  # noqa: E402
+from latentdiff.teach import LEARNING_RATES, TeachConfig, teach_folder  # noqa: E402
 
 
 def nearest(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -53,7 +53,9 @@ def main() -> None:
     p.add_argument("--k", type=int, nargs="+", default=[5, 10, 50])
     p.add_argument("--n", type=int, default=1000, help="generated digits per model")
     p.add_argument("--steps", type=int, default=TeachConfig.steps, help="teaching steps")
-    p.add_argument("--method", default=TeachConfig.method, choices=["finetune", "embedding"])
+    p.add_argument("--method", default=TeachConfig.method, choices=list(LEARNING_RATES))
+    p.add_argument("--lr", type=float, help="teaching lr (default: the method's, latentdiff.teach.LEARNING_RATES)")
+    p.add_argument("--lora-rank", type=int, default=TeachConfig.lora_rank)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-dir")
     p.add_argument("--classifier")
@@ -85,9 +87,10 @@ def main() -> None:
         taught_examples, others = pool[order[:k]], pool[order[k:]]
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            out = teach_folder(args.base, taught_examples, f"taught {args.digit}", Path(tmp) / "taught",
-                               TeachConfig(method=args.method, steps=args.steps, seed=args.seed))
+            config = TeachConfig(method=args.method, steps=args.steps, seed=args.seed, lr=args.lr, lora_rank=args.lora_rank)
+            out = teach_folder(args.base, taught_examples, f"taught {args.digit}", Path(tmp) / "taught", config)
             seconds = time.perf_counter() - t0
+            adapter_bytes = sum(f.stat().st_size for f in out.iterdir())
             taught = LatentDiffusion.from_pretrained(out)
             new = taught.num_classes - 1
             images = taught.generate([new] * args.n, seed=args.seed).cpu()
@@ -95,7 +98,8 @@ def main() -> None:
         flat = images.flatten(1)
         old_acc = old_accuracy(taught)
         rows.append({"model": f"base + taught from K = {k} ({args.method})", "k": k, "method": args.method,
-                     "teach_seconds": round(seconds, 1), "old_classes_accuracy": old_acc,
+                     "lr": config.learning_rate, **({"lora_rank": args.lora_rank} if args.method == "lora" else {}),
+                     "teach_seconds": round(seconds, 1), "adapter_bytes": adapter_bytes, "old_classes_accuracy": old_acc,
                      **score(clf, images, args.digit, real_feats), "old_classes_bit_identical": old,
                      "median_nearest_taught": float(nearest(flat, taught_examples.flatten(1)).median()),
                      "median_nearest_other_real": float(nearest(flat, others.flatten(1)).median())})

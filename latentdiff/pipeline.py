@@ -163,12 +163,15 @@ class LatentDiffusion:
             raise ModelLoadError(f"{directory}: {rows.shape[0]} taught embeddings but {len(names)} class names; re-run teach.py")
         grown = pipe.unet.with_classes(rows.to(pipe.device)).eval()
         tuned = {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}
-        if tuned:  # a fine-tuned adapter (teach method "finetune") carries the whole tuned UNet: taught classes only
-            try:
+        lora = {k[len("lora."):-len(".A")] for k in tensors if k.startswith("lora.") and k.endswith(".A")}
+        try:
+            if tuned:  # a fine-tuned adapter (teach method "finetune") carries the whole tuned UNet: taught classes only
                 grown.load_state_dict(tuned)
-            except RuntimeError as e:
-                raise ModelLoadError(f"{directory}'s tuned UNet does not fit its base ({e}); re-run teach.py") from None
-        return pipe.with_taught(grown, names, routed=bool(tuned))
+            elif lora:  # a LoRA adapter ("lora"): its factors, merged into the grown base here, so no peft at sampling
+                grown = grown.with_lora({n: (tensors[f"lora.{n}.A"], tensors[f"lora.{n}.B"]) for n in sorted(lora)})
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ModelLoadError(f"{directory}'s tuned weights do not fit its base ({e}); re-run teach.py") from None
+        return pipe.with_taught(grown, names, routed=bool(tuned or lora))
 
     def with_taught(self, unet: UNet, names: list[str], routed: bool) -> "LatentDiffusion":
         """A new pipeline with the classes ``names`` added after this one's: ``unet`` is this pipeline's UNet grown by

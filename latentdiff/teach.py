@@ -1,7 +1,7 @@
 """Teach a trained LDM a new class from a few examples.
 
 The UNet's label embedding is a table of vectors, one per class plus the null label, added to the
-timestep embedding of every block; teaching appends a row for the new class. Two methods
+timestep embedding of every block; teaching appends a row for the new class. Three methods
 (``TeachConfig.method``; measured in docs/teaching.md):
 
 - "finetune" (the default): DreamBooth-style (Ruiz et al. 2023): the whole UNet and the new row learn
@@ -9,6 +9,10 @@ timestep embedding of every block; teaching appends a row for the new class. Two
   base model itself generated. The adapter holds the tuned UNet, and the loaded model runs it for the
   taught classes only (``unet.TaughtUNet``): the old classes and the null label keep running the base,
   so they sample bit for bit as before.
+- "lora": as finetune (the same objective, prior preservation and routing), but the UNet's weights stay and learn
+  low-rank updates (LoRA, Hu et al. 2022, trained with ``peft``: the ``lora`` extra) on every ResBlock's convs and
+  embedding projection and every attention's qkv and proj (``LORA_TARGETS``). The adapter holds those factors and
+  the new row; loading merges them into a copy of the base UNet (``UNet.with_lora``), so sampling needs no peft.
 - "embedding": only the new row learns (textual inversion, Gal et al. 2022, for a class-conditioned
   UNet); every other weight stays, so the old classes sample bit for bit as before, and the adapter is
   a few hundred floats; but a base that never drew the class learns little of its shape.
@@ -45,29 +49,37 @@ from .serialization import WEIGHTS_NAME, atomic_save_safetensors, read_tensors, 
 from .unet import TaughtUNet, UNet
 
 MIN_EXAMPLES = 2
+# Adam's default lr per method: every weight of the UNet, low-rank updates of them, or the one new row alone.
+LEARNING_RATES = {"finetune": 2e-4, "lora": 1e-3, "embedding": 0.01}
+TUNED = ("finetune", "lora")  # methods that change the UNet's weights: prior preservation, and a routed tuned copy
+# unet.py's layers that "lora" updates: each ResBlock's conv1, conv2 and emb (the FiLM projection of the timestep and
+# label embedding: where a class acts), each Attention's qkv and proj. The in/out convs, skips, resamplers and the
+# timestep MLP stay the base's.
+LORA_TARGETS = ("conv1", "conv2", "emb", "qkv", "proj")
 
 
 @dataclass(frozen=True)
 class TeachConfig:
     """How the new class's embedding is learned (defaults measured: docs/teaching.md)."""
 
-    method: str = "finetune"  # finetune | embedding (module docstring)
+    method: str = "finetune"  # finetune | lora | embedding (module docstring)
     steps: int = 600  # optimizer steps (K = 10 real 7s: 300 read as 7 in 86.5%, 600 in 93.3%: docs/teaching.md)
     batch_size: int = 64  # examples per step (the few examples, each with its own noise level and augmentation)
-    lr: Optional[float] = None  # Adam; None: 2e-4 for finetune, 0.01 for the one embedding row
-    prior_per_class: int = 40  # finetune: digits of each old class generated once by the base, half of every batch
+    lr: Optional[float] = None  # Adam; None: LEARNING_RATES[method]
+    lora_rank: int = 8  # lora: the rank r of each layer's update B @ A (scaled by alpha / r = 1)
+    prior_per_class: int = 40  # finetune and lora: digits of each old class generated once by the base, half of every batch
     augment: bool = True  # small random rotations, scales and shifts of the examples, so the row learns the class, not them
     variants: int = 32  # augmented copies of each example, encoded once up front
     seed: int = 0
 
     @property
     def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else (2e-4 if self.method == "finetune" else 0.01)
+        return self.lr if self.lr is not None else LEARNING_RATES[self.method]
 
     def validate(self) -> None:
-        if self.method not in ("finetune", "embedding"):
-            raise ConfigError(f"teach method must be finetune or embedding, got {self.method!r}")
-        for name in ("steps", "batch_size", "variants", "prior_per_class"):
+        if self.method not in LEARNING_RATES:
+            raise ConfigError(f"teach method must be one of {' | '.join(LEARNING_RATES)}, got {self.method!r}")
+        for name in ("steps", "batch_size", "variants", "prior_per_class", "lora_rank"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"teach {name} must be an integer >= 1, got {v!r}")
@@ -93,12 +105,22 @@ def teach(pipe: LatentDiffusion, images: torch.Tensor, config: TeachConfig | Non
           progress: bool = False, callback: Callable[[int, int], None] | None = None) -> UNet:
     """The pipeline's UNet grown by one class, taught from ``images`` (K, 1, 28, 28) in [0, 1]: its index is the old
     ``num_classes``. The new row starts from the mean of the old classes' rows; "embedding" trains that row alone,
-    "finetune" every weight with prior preservation (Adam, the model's own objective without label dropout).
-    ``pipe`` is only read. ``callback(step, steps)`` runs after every optimizer step (a server's progress); an
-    exception it raises stops teaching.
+    "finetune" every weight and "lora" low-rank updates of the weights, both with prior preservation (Adam, the
+    model's own objective without label dropout). A LoRA-taught UNet is the base's grown by the taught rows with
+    the factors merged (``UNet.with_lora``), and keeps them (``.lora``). ``pipe`` is only read.
+    ``callback(step, steps)`` runs after every optimizer step (a server's progress); an exception it raises stops
+    teaching.
     """
     cfg = config or TeachConfig()
     cfg.validate()
+    routed = isinstance(pipe.unet, TaughtUNet)
+    net = pipe.unet.tuned if routed else pipe.unet  # taught before: go on from the tuned copy
+    merged = net.lora if routed else {}  # the factors over the base in that copy; None: it is a finetune's
+    if cfg.method == "lora":
+        if merged is None:
+            raise ValueError("teach method lora adds low-rank updates to the base UNet, but this model's taught classes "
+                             "run a fine-tuned copy of all of it; teach it with method finetune, or with lora on the base")
+        inject = _require_peft()
     x = check_images(images)
     if x.shape[0] < MIN_EXAMPLES:
         raise ValueError(f"teach needs at least {MIN_EXAMPLES} examples of the new class, got {x.shape[0]}; "
@@ -109,25 +131,25 @@ def teach(pipe: LatentDiffusion, images: torch.Tensor, config: TeachConfig | Non
     k = pipe.unet.config.num_classes  # the new class's index; the null label moves to k + 1
     labels = torch.full((len(latents),), k, dtype=torch.long, device=pipe.device)
     half = cfg.batch_size
-    if cfg.method == "finetune":  # prior preservation: the base's own digits of every old class
+    if cfg.method in TUNED:  # prior preservation: the base's own digits of every old class
         prior_labels = torch.arange(k, device=pipe.device).repeat(cfg.prior_per_class)
         seeds = torch.arange(len(prior_labels)) + cfg.seed
         prior = torch.cat([pipe.sample(pipe.noise(seeds[i:i + 256]), prior_labels[i:i + 256], seeds[i:i + 256],
                                        pipe.settings()) for i in range(0, len(prior_labels), 256)])
         half = max(1, cfg.batch_size // 2)
-    net = pipe.unet.tuned if isinstance(pipe.unet, TaughtUNet) else pipe.unet  # taught before: go on from the tuned copy
     start = net.class_embed.weight.detach()[:k].mean(0, keepdim=True)
     unet = net.with_classes(start).train()
     if cfg.method == "finetune":
         params = list(unet.parameters())
     else:
         unet.requires_grad_(False)
+        params = inject(unet, cfg.lora_rank, cfg.seed) if cfg.method == "lora" else []  # frozen weights, trainable factors
         table = unet.class_embed.weight
         table.requires_grad_(True)
         keep = torch.ones_like(table, dtype=torch.bool)
         keep[k] = False
         table.register_hook(lambda grad: grad.masked_fill(keep, 0))  # only the new row learns; the others stay exact
-        params = [table]
+        params.append(table)
     opt = torch.optim.Adam(params, lr=cfg.learning_rate)
     g = torch.Generator().manual_seed(cfg.seed)
     objective = replace(pipe.config.diffusion, label_dropout=0.0)
@@ -135,7 +157,7 @@ def teach(pipe: LatentDiffusion, images: torch.Tensor, config: TeachConfig | Non
     for step in tqdm(range(cfg.steps), disable=not progress, desc="teach", leave=False):
         idx = torch.randint(0, len(latents), (half,), generator=g)
         z, y = latents[idx], labels[idx]
-        if cfg.method == "finetune":
+        if cfg.method in TUNED:
             j = torch.randint(0, len(prior), (cfg.batch_size - half,), generator=g)
             z, y = torch.cat([z, prior[j]]), torch.cat([y, prior_labels[j]])
         loss = diffusion_loss(unet, z, y, abar, objective, k + 1, generator=g)
@@ -146,7 +168,50 @@ def teach(pipe: LatentDiffusion, images: torch.Tensor, config: TeachConfig | Non
         opt.step()
         if callback is not None:
             callback(step + 1, cfg.steps)
-    return unet.eval().requires_grad_(False)
+    unet = unet.eval().requires_grad_(False)
+    if cfg.method == "finetune" or merged is None or not (routed or cfg.method == "lora"):
+        return unet
+    # LoRA, or a row taught beside LoRA updates: the base grown by every taught row, with every factor merged (this
+    # method's appended along the rank), built as the adapter's loader builds it, so both give the same bits.
+    base = pipe.unet.base if routed else pipe.unet
+    if cfg.method == "lora":
+        merged = _concat(merged, _factors(unet))
+    return base.with_classes(unet.class_embed.weight[base.config.num_classes:-1]).eval().with_lora(merged)
+
+
+def _require_peft() -> Callable[[torch.nn.Module, int, int], list[torch.nn.Parameter]]:
+    """``inject(unet, rank, seed)``: LoRA layers (peft) added in place on ``LORA_TARGETS``, their parameters returned."""
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise ConfigError("teach method lora needs the peft package: pip install 'latentdiff[lora]' "
+                          "(from a checkout: pip install -e '.[lora]')") from None
+
+    def inject(unet: torch.nn.Module, rank: int, seed: int) -> list[torch.nn.Parameter]:
+        config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
+        with torch.random.fork_rng(devices=[]):  # peft draws A from the global generator: seed it, leave it as it was
+            torch.manual_seed(seed)
+            inject_adapter_in_model(config, unet)  # B starts at zero: the update is 0 until it learns
+        return [p for name, p in unet.named_parameters() if ".lora_" in name]
+
+    return inject
+
+
+def _factors(unet: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module name: (A, B)} of a peft-injected UNet's LoRA layers, B (out, r) with the layer's scale folded in."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: (m.lora_A["default"].weight.detach().clone(),
+                   m.lora_B["default"].weight.detach().flatten(1) * m.scaling["default"])
+            for name, m in unet.named_modules() if isinstance(m, LoraLayer)}
+
+
+def _concat(old: dict, new: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Two sets of factors as one: per layer, the ranks side by side (B1 A1 + B2 A2 = [B1 B2] [A1; A2])."""
+    out = dict(old)
+    for name, (a, b) in new.items():
+        out[name] = (torch.cat([old[name][0], a]), torch.cat([old[name][1], b], 1)) if name in old else (a, b)
+    return out
 
 
 def base_of(model_dir: str | Path) -> tuple[Path, list[str], torch.Tensor | None]:
@@ -162,16 +227,20 @@ def base_of(model_dir: str | Path) -> tuple[Path, list[str], torch.Tensor | None
 
 
 def save_adapter(out_dir: str | Path, base_dir: str | Path, class_names: list[str], rows: torch.Tensor,
-                 info: dict | None = None, unet: UNet | None = None) -> Path:
+                 info: dict | None = None, unet: UNet | None = None,
+                 lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> Path:
     """Write the taught classes as an adapter folder: adapter.json (base, base UNet SHA-256, names, ``info``) and
-    adapter.safetensors (rows (k, E); with ``unet``, a tuned UNet's every weight as "unet.<name>"). Written to a
-    temporary folder first and moved into place whole."""
+    adapter.safetensors (rows (k, E); with ``unet``, a tuned UNet's every weight as "unet.<name>"; with ``lora``,
+    the factors over the base as "lora.<module>.A" and ".B"). Written to a temporary folder first and moved into
+    place whole."""
     out_dir, base_dir = Path(out_dir), Path(base_dir).resolve()
     if rows.shape[0] != len(class_names):
         raise ValueError(f"{rows.shape[0]} embedding rows for {len(class_names)} class names")
     tensors = {"class_embed": rows.detach().float().cpu().clone()}
     if unet is not None:
         tensors.update({f"unet.{k}": v.detach().cpu().contiguous() for k, v in unet.state_dict().items()})
+    for name, (a, b) in (lora or {}).items():
+        tensors.update({f"lora.{name}.A": a.detach().cpu().contiguous(), f"lora.{name}.B": b.detach().cpu().contiguous()})
     weights = base_dir / "unet" / WEIGHTS_NAME
     if not weights.is_file():
         raise ModelLoadError(f"{base_dir} is not an LDM folder (no unet/{WEIGHTS_NAME}); pass the base model")
@@ -202,19 +271,22 @@ def check_name(pipe: LatentDiffusion, name: str) -> str:
 def taught_pipeline(pipe: LatentDiffusion, unet: UNet, name: str, config: TeachConfig | None = None) -> LatentDiffusion:
     """``pipe`` with the class that ``teach(pipe, ..., config)`` taught (``unet``) added as ``name``, in memory: what
     ``LatentDiffusion.from_pretrained`` of its adapter folder loads. A new pipeline sharing ``pipe``'s VAE and base
-    UNet; ``pipe`` is unchanged. A finetune's UNet, or any UNet taught after one, serves the taught classes only."""
-    routed = (config or TeachConfig()).method == "finetune" or isinstance(pipe.unet, TaughtUNet)
+    UNet; ``pipe`` is unchanged. A finetune's or LoRA's UNet, or any UNet taught after one, serves the taught classes
+    only."""
+    routed = (config or TeachConfig()).method in TUNED or isinstance(pipe.unet, TaughtUNet)
     return pipe.with_taught(unet, [name], routed)
 
 
 def save_taught(out_dir: str | Path, base_dir: str | Path, pipe: LatentDiffusion, names: list[str],
                 info: dict | None = None) -> Path:
     """Write the classes ``names`` that ``pipe`` (a ``taught_pipeline``) adds to the base LDM at ``base_dir`` as an
-    adapter folder (``save_adapter``): their rows, and the tuned UNet when the pipeline routes taught classes to one."""
+    adapter folder (``save_adapter``): their rows, and when the pipeline routes taught classes to a tuned UNet, its
+    LoRA factors (``UNet.lora``) or else the whole tuned UNet."""
     routed = isinstance(pipe.unet, TaughtUNet)
     unet = pipe.unet.tuned if routed else pipe.unet
     rows = unet.class_embed.weight.detach()[-1 - len(names):-1]  # every taught row: after the base's, before null
-    return save_adapter(out_dir, base_dir, names, rows, info, unet if routed else None)
+    whole = routed and unet.lora is None
+    return save_adapter(out_dir, base_dir, names, rows, info, unet if whole else None, unet.lora if routed else None)
 
 
 def teach_folder(model_dir: str | Path, images: torch.Tensor, name: str, out_dir: str | Path,

@@ -61,6 +61,9 @@ class UNet(nn.Module):
         self.out = nn.Sequential(nn.GroupNorm(g, prev), SiLU(), nn.Conv2d(prev, config.in_channels, 3, padding=1))
         nn.init.zeros_(self.out[-1].weight)  # predicts 0 at init
         nn.init.zeros_(self.out[-1].bias)
+        # The low-rank factors merged into these weights over the base UNet they were taught on (with_lora), so a LoRA
+        # adapter saves them instead of the weights: {module name: (A, B)}; None for any other UNet.
+        self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, w: torch.Tensor | None = None) -> torch.Tensor:
         # w: (B,) guidance scales, for a guidance_input UNet (a distilled student) only.
@@ -106,6 +109,28 @@ class UNet(nn.Module):
         state["class_embed.weight"] = torch.cat([weight[:-1], embeddings.to(weight), weight[-1:]])
         grown.load_state_dict(state)
         return grown.train(self.training)
+
+    def with_lora(self, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> "UNet":
+        """A copy of this UNet with low-rank updates merged into its weights (LoRA, Hu et al. 2022), so it runs as a
+        plain UNet: each named Linear or Conv2d's W becomes W + B @ A, for A (r, in) or (r, in, kh, kw) and B (out, r)
+        with the LoRA scale folded in. The copy keeps ``factors`` as ``.lora`` (what a LoRA adapter saves)."""
+        state, modules = self.state_dict(), dict(self.named_modules())
+        for name, (a, b) in factors.items():
+            w = state.get(f"{name}.weight")
+            if not isinstance(modules.get(name), (nn.Linear, nn.Conv2d)) or a.ndim != w.ndim or b.ndim != 2 \
+                    or a.shape[1:] != w.shape[1:] or b.shape != (w.shape[0], a.shape[0]):
+                raise ValueError(f"LoRA factors {tuple(a.shape)} x {tuple(b.shape)} do not fit {name!r} of this UNet")
+            a, b = a.to(w).flatten(1), b.to(w)  # (r, in * kh * kw), (out, r)
+            # Summed one rank at a time from elementwise products, not by a matmul, whose blocking and FMA use vary
+            # with the CPU kernel set and thread count: the same factors merge to the same bits on every machine.
+            delta = b[:, :1] * a[:1]
+            for j in range(1, a.shape[0]):
+                delta = delta + b[:, j:j + 1] * a[j:j + 1]
+            state[f"{name}.weight"] = w + delta.view_as(w)
+        merged = UNet(self.config).to(next(iter(state.values())).device)
+        merged.load_state_dict(state)
+        merged.lora = dict(factors)
+        return merged.train(self.training)
 
     def save_pretrained(self, directory: str | Path, state_dict: dict | None = None) -> None:
         """Write config.json + model.safetensors (``state_dict`` e.g. the EMA weights)."""

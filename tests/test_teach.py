@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sys
+from importlib.util import find_spec
 
 import numpy as np
 import pytest
@@ -16,11 +18,14 @@ from latentdiff.data import training_set
 from latentdiff.diffusion import diffusion_loss
 from latentdiff.errors import ConfigError, ModelLoadError, RunDirError
 from latentdiff.pipeline import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-from latentdiff.teach import TeachConfig, teach, teach_folder
+from latentdiff.serialization import read_tensors
+from latentdiff.teach import LORA_TARGETS, TeachConfig, save_taught, taught_pipeline, teach, teach_folder
 from latentdiff.unet import TaughtUNet
 
 FAST = TeachConfig(method="embedding", steps=15, batch_size=8, variants=3)
 TUNE = TeachConfig(method="finetune", steps=10, batch_size=8, variants=2, prior_per_class=2)
+LORA = TeachConfig(method="lora", steps=10, batch_size=8, variants=2, prior_per_class=2, lora_rank=4)
+needs_peft = pytest.mark.skipif(find_spec("peft") is None, reason="teach method lora needs peft: pip install -e '.[lora]'")
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +124,8 @@ def test_adapters_stack_and_refuse_another_base(base, tmp_path):
     (examples(), "  ", FAST, "printable"),
     (examples(), "plus", TeachConfig(steps=0), "steps"),
     (examples(), "plus", TeachConfig(lr=float("nan")), "lr"),
-    (examples(), "plus", TeachConfig(method="lora"), "method"),
+    (examples(), "plus", TeachConfig(method="dreambooth"), "method"),
+    (examples(), "plus", TeachConfig(method="lora", lora_rank=0), "lora_rank"),
 ])
 def test_bad_input_writes_nothing(base, tmp_path, images, name, config, word):
     with pytest.raises((ValueError, ConfigError), match=word):
@@ -131,6 +137,120 @@ def test_an_existing_out_folder_is_never_overwritten(base, tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(RunDirError, match="exists"):
         teach_folder(base, examples(), "plus", tmp_path / "taken", FAST)
+
+
+# ---------------------------------------------------------------------------------------------- lora
+def lora_loss(unet, pipe, k: int) -> float:
+    """The diffusion loss of class ``k`` on the examples, over 100 fixed noise draws."""
+    z, abar = pipe.encode(examples()), pipe.alphas_cumprod.float()
+    return sum(diffusion_loss(unet, z, torch.full((4,), k), abar, pipe.config.diffusion, unet.config.num_classes,
+                              seeds=torch.arange(4) + s).item() for s in range(0, 400, 4))
+
+
+@needs_peft
+def test_lora_teaches_and_its_adapter_is_the_factors_and_rows(base, tmp_path):
+    """"lora": the adapter holds the new row and LoRA factors of LORA_TARGETS only (a fraction of finetune's tuned UNet);
+    loaded, they are merged into the base's weights and routed like finetune's (the old classes and the unconditional
+    model bit-identical, guided or not); the taught class's loss falls; the reloaded model is the taught one, bit
+    for bit."""
+    pipe = LatentDiffusion.from_pretrained(base)
+    unet = teach(pipe, examples(), LORA)
+    taught = taught_pipeline(pipe, unet, "plus", LORA)
+    out = save_taught(tmp_path / "lora", base, taught, ["plus"])
+    tensors = read_tensors(out / ADAPTER_WEIGHTS)
+    factors = sorted(k for k in tensors if k != "class_embed")
+    assert factors and all(k.startswith("lora.") and k.endswith((".A", ".B")) for k in factors)
+    assert {k[5:-2].rsplit(".", 1)[1] for k in factors} == set(LORA_TARGETS)
+    assert all(tensors[k].shape[0 if k.endswith(".A") else 1] == 4 for k in factors)  # rank 4
+    tuned = teach_folder(base, examples(), "plus", tmp_path / "tuned", TUNE)
+    assert (out / ADAPTER_WEIGHTS).stat().st_size < 0.4 * (tuned / ADAPTER_WEIGHTS).stat().st_size  # measured 0.16
+    loaded = LatentDiffusion.from_pretrained(out)
+    assert isinstance(loaded.unet, TaughtUNet) and loaded.class_names[-1] == "plus"
+    untouched = [n for n, w in pipe.unet.state_dict().items()
+                 if n != "class_embed.weight" and torch.equal(w, loaded.unet.tuned.state_dict()[n])]
+    assert untouched and not any(n.rsplit(".", 2)[-2] in LORA_TARGETS for n in untouched if n.endswith(".weight"))
+    for scale in (0.0, 1.0, 2.0):
+        assert torch.equal(loaded.generate(list(range(10)), seed=2, guidance_scale=scale),
+                           pipe.generate(list(range(10)), seed=2, guidance_scale=scale))
+    assert torch.equal(loaded.generate([10, 3, 10], seed=4), taught.generate([10, 3, 10], seed=4))
+    start = pipe.unet.with_classes(pipe.unet.class_embed.weight.detach()[:10].mean(0, keepdim=True))
+    longer = teach(pipe, examples(), TeachConfig(method="lora", steps=60, batch_size=16, variants=4, prior_per_class=2))
+    assert lora_loss(longer, pipe, 10) < 0.97 * lora_loss(start, pipe, 10)  # measured 0.88 on this tiny random UNet
+
+
+@needs_peft
+def test_teaching_again_on_a_lora_adapter(base, tmp_path):
+    """lora after lora: the factors side by side along the rank, still no tuned UNet in the file; a row (embedding)
+    after lora keeps the factors; finetune after lora saves the tuned UNet whole; lora after finetune is refused in
+    one line. Each reloads to the model it was taught as, and the old classes stay the base's."""
+    one = teach_folder(base, examples(), "plus", tmp_path / "one", LORA)
+    two = teach_folder(one, examples().flip(-1), "minus", tmp_path / "two", LORA)
+    row = teach_folder(one, examples().flip(-2), "vee", tmp_path / "row", FAST)
+    tensors = read_tensors(two / ADAPTER_WEIGHTS)
+    assert not any(k.startswith("unet.") for k in tensors) and tensors["lora.mid.1.qkv.A"].shape[0] == 8
+    assert set(read_tensors(row / ADAPTER_WEIGHTS)) == set(read_tensors(one / ADAPTER_WEIGHTS))
+    plain, first = LatentDiffusion.from_pretrained(base), LatentDiffusion.from_pretrained(one)
+    with_row = LatentDiffusion.from_pretrained(row)
+    assert torch.equal(with_row.generate([10, 5], seed=1), first.generate([10, 5], seed=1))  # the same LoRA weights
+    stacked = LatentDiffusion.from_pretrained(two)
+    assert stacked.class_names[-2:] == ["plus", "minus"]
+    assert torch.equal(stacked.generate(list(range(10)), seed=2), plain.generate(list(range(10)), seed=2))
+    pipe = LatentDiffusion.from_pretrained(one)  # in memory, as the server teaches: the same bits as the reloaded file
+    again = taught_pipeline(pipe, teach(pipe, examples().flip(-1), LORA), "minus", LORA)
+    assert torch.equal(again.generate([11, 10], seed=3), stacked.generate([11, 10], seed=3))
+    full = teach_folder(one, examples().flip(-1), "minus", tmp_path / "full", TUNE)
+    assert any(k.startswith("unet.") for k in read_tensors(full / ADAPTER_WEIGHTS))
+    with pytest.raises(ValueError, match="fine-tuned copy") as e:
+        teach_folder(full, examples(), "bar", tmp_path / "bar", LORA)
+    assert "\n" not in str(e.value) and not (tmp_path / "bar").exists()
+
+
+@needs_peft
+def test_merged_lora_is_the_peft_model():
+    """UNet.with_lora's merge computes what peft's LoRA layers compute beside the frozen weights (to float rounding)."""
+    from latentdiff.teach import _factors, _require_peft
+
+    unet = tiny_pipeline(seed=4).unet.eval()
+    injected = unet.with_classes(unet.class_embed.weight.detach()[:1])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in _require_peft()(injected, 3, 0):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)  # B too, which peft starts at zero
+    grown = unet.with_classes(injected.class_embed.weight.detach()[10:11])
+    merged = grown.with_lora(_factors(injected))
+    x, t, y = torch.randn(4, 4, 7, 7, generator=g), torch.tensor([5, 30, 60, 90]), torch.tensor([10, 3, 11, 0])
+    with torch.no_grad():
+        want, got = injected(x, t, y), merged(x, t, y)
+        assert (want - grown(x, t, y)).abs().max() > 0.1  # the updates matter
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@needs_peft
+def test_lora_factors_that_do_not_fit_are_refused(base, tmp_path):
+    out = teach_folder(base, examples(), "plus", tmp_path / "lora", LORA)
+    tensors = read_tensors(out / ADAPTER_WEIGHTS)
+    a = tensors["lora.mid.1.qkv.A"]
+    with pytest.raises(ValueError, match="do not fit 'mid.1.qkv'"):
+        LatentDiffusion.from_pretrained(base).unet.with_lora({"mid.1.qkv": (a, tensors["lora.mid.1.proj.B"])})
+    from safetensors.torch import save_file
+    save_file({k: v for k, v in tensors.items() if k != "lora.mid.1.qkv.B"}, out / ADAPTER_WEIGHTS)
+    with pytest.raises(ModelLoadError, match="do not fit its base"):
+        LatentDiffusion.from_pretrained(out)
+
+
+def test_lora_without_peft_is_one_line_and_its_adapters_still_load(base, tmp_path, monkeypatch):
+    """peft is needed to teach with LoRA only: without it, teaching says how to install it, and a LoRA adapter loads
+    (its factors are merged by UNet.with_lora)."""
+    saved = None
+    if find_spec("peft") is not None:
+        saved = teach_folder(base, examples(), "plus", tmp_path / "lora", LORA)
+        want = LatentDiffusion.from_pretrained(saved).generate([10, 2], seed=0)
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
+    with pytest.raises(ConfigError, match=r"needs the peft package: pip install 'latentdiff\[lora\]'") as e:
+        teach_folder(base, examples(), "plus", tmp_path / "out", LORA)
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+    if saved is not None:
+        assert torch.equal(LatentDiffusion.from_pretrained(saved).generate([10, 2], seed=0), want)
 
 
 # ---------------------------------------------------------------------------------------------- teach.py
@@ -150,6 +270,16 @@ def test_cli_from_pngs_and_from_npz(base, tmp_path, monkeypatch, capsys):
     code, out, err = run_teach(["--model", base, "--images", tmp_path / "x.npz", "--name", "plus", "--out",
                                 tmp_path / "b", "--steps", "5"], monkeypatch, capsys)
     assert code == 0 and LatentDiffusion.from_pretrained(tmp_path / "b").class_names[-1] == "plus", err
+
+
+@needs_peft
+def test_cli_method_lora(base, tmp_path, monkeypatch, capsys):
+    np.savez(tmp_path / "x.npz", images=(examples()[:, 0].numpy() * 255).astype(np.uint8))
+    code, out, err = run_teach(["--model", base, "--images", tmp_path / "x.npz", "--name", "plus", "--out",
+                                tmp_path / "c", "--steps", "3", "--method", "lora", "--lora-rank", "2"], monkeypatch, capsys)
+    assert code == 0 and "as class 10" in out, err
+    assert read_tensors(tmp_path / "c" / ADAPTER_WEIGHTS)["lora.mid.1.qkv.A"].shape[0] == 2
+    assert json.loads((tmp_path / "c" / ADAPTER_CONFIG).read_text())["teach"]["lora_rank"] == 2
 
 
 @pytest.mark.parametrize("setup, word", [
