@@ -2,8 +2,8 @@
 pipeline's tile size, never on the batch size, its place in the batch, the other digits or the thread count.
 
 The properties are checked on the CPU kernels this machine runs, and ``test_every_cpu_kernel_set`` reruns every
-test marked ``exactness`` (here and in the shard, batcher, pipeline and editing tests) under each other kernel set
-PyTorch can force on this CPU (ATEN_CPU_CAPABILITY=default / avx2 / avx512), so a promise that holds on one
+test marked ``exactness`` (here and in the shard, batcher, pipeline, editing and teaching tests) under each other
+kernel set PyTorch can force on this CPU (ATEN_CPU_CAPABILITY=default / avx2 / avx512), so a promise that holds on one
 machine kind only by luck fails on every machine.
 """
 
@@ -174,6 +174,6 @@ def test_every_cpu_kernel_set(capability):
     # The quick-preset architecture is left to the native run (its share of this rerun was most of the time).
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-m", "exactness and not slow",
            "-k", "not quick", "tests/test_invariance.py", "tests/test_pipeline.py", "tests/test_shards.py",
-           "tests/test_batcher.py", "tests/test_edit.py"]
+           "tests/test_batcher.py", "tests/test_edit.py", "tests/test_teach.py"]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"exactness tests under ATEN_CPU_CAPABILITY={capability}:\n{r.stdout[-4000:]}\n{r.stderr[-2000:]}"

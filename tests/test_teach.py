@@ -225,6 +225,28 @@ def test_merged_lora_is_the_peft_model():
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.exactness
+def test_lora_merge_gives_the_same_bits_on_every_kernel_set_and_thread_count():
+    """with_lora's merge is numpy's fp32 W + sum_j B[:, j] A[j], rank by rank from IEEE-rounded products, whatever
+    the kernel set (tests/test_invariance.py reruns this under each) and the thread count: no peft needed."""
+    unet = tiny_pipeline(seed=4).unet
+    w = unet.state_dict()["mid.0.conv1.weight"]  # (out, in, 3, 3)
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.randn(5, *w.shape[1:], generator=g), torch.randn(w.shape[0], 5, generator=g)
+    big_a, big_b = a.flatten(1).numpy(), b.numpy()
+    delta = big_b[:, :1] * big_a[:1]
+    for j in range(1, 5):
+        delta = delta + big_b[:, j:j + 1] * big_a[j:j + 1]
+    want = torch.from_numpy(w.flatten(1).numpy() + delta).view_as(w)
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert torch.equal(unet.with_lora({"mid.0.conv1": (a, b)}).state_dict()["mid.0.conv1.weight"], want), n
+    finally:
+        torch.set_num_threads(before)
+
+
 @needs_peft
 def test_lora_factors_that_do_not_fit_are_refused(base, tmp_path):
     out = teach_folder(base, examples(), "plus", tmp_path / "lora", LORA)
