@@ -20,6 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from latentdiff import LatentDiffusion, LDMRunConfig, VAE, VAERunConfig, load_config
+from latentdiff.cli import presets
 
 pytestmark = pytest.mark.slow
 PY = BIN / "python"
@@ -218,7 +219,7 @@ def test_train_vae_unknown_override(tmp_path, mnist_dir):
     (["--set", "train.steps=many"], "train.steps"),
     (["--set", "train.steps"], "train.steps"),
     (["--set", "model.groups=3"], "divisible"),
-    (["--config", "nonexistent"], "unknown preset 'nonexistent'; choose one of full | quick"),
+    (["--config", "nonexistent"], f"unknown preset 'nonexistent'; choose one of {' | '.join(presets('vae'))}"),
 ])
 def test_train_vae_bad_config(tmp_path, monkeypatch, capsys, args, word):
     code, err = run_script_in_process("train_vae.py", ["--out", tmp_path / "v", *args], monkeypatch, capsys)
