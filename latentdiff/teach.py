@@ -49,7 +49,8 @@ from .serialization import WEIGHTS_NAME, atomic_save_safetensors, read_tensors, 
 from .unet import TaughtUNet, UNet
 
 MIN_EXAMPLES = 2
-# Adam's default lr per method: every weight of the UNet, low-rank updates of them, or the one new row alone.
+# Adam's default lr per method: every weight of the UNet, low-rank updates of them (3e-3 no better at K = 10: docs/
+# teaching.md), or the one new row alone.
 LEARNING_RATES = {"finetune": 2e-4, "lora": 1e-3, "embedding": 0.01}
 TUNED = ("finetune", "lora")  # methods that change the UNet's weights: prior preservation, and a routed tuned copy
 # unet.py's layers that "lora" updates: each ResBlock's conv1, conv2 and emb (the FiLM projection of the timestep and
@@ -66,7 +67,7 @@ class TeachConfig:
     steps: int = 600  # optimizer steps (K = 10 real 7s: 300 read as 7 in 86.5%, 600 in 93.3%: docs/teaching.md)
     batch_size: int = 64  # examples per step (the few examples, each with its own noise level and augmentation)
     lr: Optional[float] = None  # Adam; None: LEARNING_RATES[method]
-    lora_rank: int = 8  # lora: the rank r of each layer's update B @ A (scaled by alpha / r = 1)
+    lora_rank: int = 16  # lora: the rank of each update B @ A (scale alpha / r = 1); K = 10 7s: 8 FLD 2.2x, 16 1.7x
     prior_per_class: int = 40  # finetune and lora: digits of each old class generated once by the base, half of every batch
     augment: bool = True  # small random rotations, scales and shifts of the examples, so the row learns the class, not them
     variants: int = 32  # augmented copies of each example, encoded once up front
