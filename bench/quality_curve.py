@@ -8,8 +8,10 @@
     python bench/quality_curve.py score 20-steps --runs runs/curve --data-dir DIR --out R
     make demo PRESET=hour RUNS=runs/hour && mv runs/hour/ldm runs/curve/hour     # the hour point, timed
     python bench/quality_curve.py score hour --runs runs/curve --data-dir DIR --out R
-    python bench/quality_curve.py score hour --guidance 1.5 2 2.5 3 --intervals 100:800 --refine 0.25 \
+    python bench/quality_curve.py score hour --guidance 1.5 2 2.5 3 --intervals 100:800 --refine 0.1 \
         --runs runs/curve --data-dir DIR --out R         # the same model, guided on the middle steps only
+    python bench/quality_curve.py score hour --seed 10000 --guidance 1.7 1.8 1.9 2 2.2 --intervals 100:800 \
+        --refine 0 --runs runs/curve --data-dir DIR --out R   # a second draw near the bar: the rule reads the mean
     python bench/quality_curve.py report --out R --png docs/quality_curve.png --json R/curve.json
 
 Each point is its own run of ``train_ldm.py --config quick`` with the overrides in ``POINTS`` (width,
@@ -149,9 +151,9 @@ def interval_tag(spec: str) -> str:
 
 
 def run_key(r: dict) -> tuple:
-    """(scale, interval): a sweep's runs are one per key; every step ([0, T-1] or none) is one interval."""
-    lo_hi = r.get("guidance_interval") or [0, 999]
-    return r["guidance_scale"], tuple(lo_hi) if list(lo_hi) != [0, 999] else ()
+    """(scale, interval): a sweep's runs are one per key; () is every step (``merged_runs`` reads a file's
+    [0, T-1] as that)."""
+    return r["guidance_scale"], tuple(r.get("guidance_interval") or ())
 
 
 def merged_runs(out: Path, point: str) -> list[dict]:
@@ -159,7 +161,10 @@ def merged_runs(out: Path, point: str) -> list[dict]:
     first of each seed, and where several draws (``score --seed``) scored a setting, their mean (``pooled``)."""
     runs: dict[tuple, dict[int, dict]] = {}
     for f in sweep_files(out, point):
-        for r in json.loads(f.read_text())["guidance"]:
+        sweep = json.loads(f.read_text())
+        every_step = [0, sweep.get("num_timesteps", 1000) - 1]
+        for r in sweep["guidance"]:
+            r = {**r, "guidance_interval": None if r.get("guidance_interval") == every_step else r.get("guidance_interval")}
             runs.setdefault(run_key(r), {}).setdefault(r.get("seed", 0), r)
     return [pooled(list(runs[k].values())) for k in sorted(runs, key=lambda k: (k[1], k[0]))]
 
