@@ -56,8 +56,23 @@ def sampler_kwargs(args: argparse.Namespace) -> dict:
                 guidance_interval=args.guidance_interval, spacing=args.spacing, autoguidance_scale=args.autoguidance)
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse output paths that would fail only after sampling (all the work lost): checked before the model loads."""
+    from PIL import Image
+
+    out = Path(args.out or "samples.png")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; pass an image file name, e.g. --out {out / 'samples.png'}")
+    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
+        what = f"the extension {out.suffix}" if out.suffix else "no extension"
+        raise ValueError(f"--out {out}: PIL writes no image format with {what}; end the name in .png (or .jpg, .webp, ...)")
+    if args.npz and Path(args.npz).is_dir():
+        raise ValueError(f"--npz {args.npz} is a folder; pass a file name, e.g. --npz {Path(args.npz) / 'samples.npz'}")
+
+
 def small_job(args: argparse.Namespace) -> None:
     """Today's grid (+ .npz): everything in memory, one process."""
+    check_outputs(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pipe = LatentDiffusion.from_pretrained(args.model, device=device, tile_size=args.tile_size)
     labels = [c for c in args.labels for _ in range(args.per_label)]
@@ -68,8 +83,10 @@ def small_job(args: argparse.Namespace) -> None:
     print(f"wrote {len(labels)} samples to {out}")
     if args.npz:
         u8 = (images[:, 0].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-        np.savez_compressed(args.npz, images=u8, labels=np.asarray(labels, dtype=np.int64))
-        print(f"wrote {args.npz}")
+        npz = Path(args.npz if args.npz.endswith(".npz") else args.npz + ".npz")  # the name numpy writes
+        npz.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(npz, images=u8, labels=np.asarray(labels, dtype=np.int64))
+        print(f"wrote {npz}")
 
 
 def sharded_job(args: argparse.Namespace) -> None:

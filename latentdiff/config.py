@@ -47,6 +47,7 @@ class VAEConfig:
     def validate(self) -> None:
         _require(self.in_channels >= 1 and self.latent_channels >= 1, "channel counts must be >= 1")
         _require(len(self.channels) >= 1, "vae.channels needs at least one width")
+        _require(self.groups >= 1, f"vae.groups must be >= 1, got {self.groups}")
         _require(all(c % self.groups == 0 for c in self.channels),
                  f"every vae.channels entry must be divisible by groups={self.groups}")
         _require(self.scaling_factor > 0, "vae.scaling_factor must be > 0")
@@ -81,6 +82,8 @@ class UNetConfig:
                  "unet.in_channels and unet.sample_size must be >= 1 (or null: follow the VAE)")
         _require(len(self.attention_levels) == len(self.channels),
                  "unet.attention_levels needs one entry per unet.channels entry")
+        _require(self.groups >= 1 and self.num_heads >= 1,
+                 f"unet.groups and unet.num_heads must be >= 1, got {self.groups} and {self.num_heads}")
         _require(all(c % self.groups == 0 for c in self.channels),
                  f"every unet.channels entry must be divisible by groups={self.groups}")
         _require(all(c % self.num_heads == 0 for c in self.channels),
@@ -249,7 +252,11 @@ class TrainConfig:
         _require(self.steps >= 1, "train.steps must be >= 1")
         _require(self.batch_size >= 1 and self.grad_accum >= 1, "train.batch_size/grad_accum must be >= 1")
         _require(self.batch_size < 2**24, "train.batch_size must be below 2^24")
-        _require(self.lr > 0, "train.lr must be > 0")
+        _require(math.isfinite(self.lr) and self.lr > 0, f"train.lr must be a finite number > 0, got {self.lr}")
+        for name in ("warmup_steps", "preview_every", "checkpoint_every", "weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            _require(math.isfinite(v) and v >= 0, f"train.{name} must be >= 0" + (" (0 = off)" if name in (
+                "preview_every", "checkpoint_every", "grad_clip") else "") + f", got {v}")
         _require(self.lr_decay in ("cosine", "constant"), "train.lr_decay must be cosine or constant")
         _require(0.0 <= self.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
         if self.ema_std is not None:
@@ -417,7 +424,11 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
             node = node[p]
         if parts[-1] not in node:
             raise ConfigError(f"override {item!r}: unknown key {parts[-1]!r}; valid keys are {sorted(node)}")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value {raw!r} is not valid YAML ({_yaml_problem(e)}); "
+                              "e.g. a list is [1, 2], a string with brackets or colons needs quotes") from None
     return from_dict(type(cfg), data)
 
 
@@ -428,12 +439,25 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pass a YAML file from configs/")
-        loaded = yaml.safe_load(path.read_text())
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML ({_yaml_problem(e)}); fix it, or start from a "
+                              "file in configs/") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not text; pass a YAML file from configs/") from None
         data = loaded or {}
     cfg = from_dict(cls, data, where=str(path) if path else "config")
     cfg = apply_overrides(cfg, overrides or [])
     cfg.validate()
     return cfg
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error in one line: what went wrong and where."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or type(e).__name__}{where}"
 
 
 def save_json(cfg: Any, path: str | Path) -> None:

@@ -14,6 +14,7 @@ model's sampling defaults with a call's overrides, checked: one ``SampleConfig``
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .diffusion import renoise
-from .pipeline import LatentDiffusion, make_grid
+from .pipeline import LatentDiffusion, check_seed, make_grid
 from .sampling import ddim_inverse, guided
 from .timesteps import make_timesteps
 
@@ -75,14 +76,12 @@ def check_frames(frames) -> int:
 
 
 def _check_seed(seed, name: str) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"{name} must be an integer, got {seed!r}")
-    return seed
+    return check_seed(seed, name)
 
 
 def _labels_for(pipe: LatentDiffusion, labels, n: int) -> torch.Tensor:
     """One label per image (a single label is repeated)."""
-    y = pipe.check_labels([labels] if isinstance(labels, int) and not isinstance(labels, bool) else labels)
+    y = pipe.check_labels([labels] if isinstance(labels, numbers.Integral) and not isinstance(labels, bool) else labels)
     if len(y) not in (1, n):
         raise ValueError(f"labels has {len(y)} entries for {n} images; pass one label per image, or one for all")
     return y.expand(n).clone()

@@ -9,6 +9,8 @@ the trainer (tests/test_imports.py checks it).
 from __future__ import annotations
 
 import json
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
@@ -22,10 +24,10 @@ from .diffusion import make_schedule
 from .errors import ModelLoadError
 from .noise import seeded_normal
 from .sampling import SAMPLERS, Denoiser, NoiseFn, StepCallback, guided
-from .serialization import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, read_config, read_tensors, sha256
+from .serialization import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, check_device, read_config, read_tensors, sha256
 from .timesteps import make_timesteps
 from .unet import TaughtUNet, UNet
-from .vae import VAE
+from .vae import VAE, check_image_batch
 
 
 GUIDE_DIR = "guide"  # the autoguidance guide UNet inside an LDM folder (optional)
@@ -124,6 +126,9 @@ class LatentDiffusion:
                         tile_size: int | None = None) -> "LatentDiffusion":
         """Load an LDM run folder (config.json, unet/, vae/, and guide/ where training kept one)."""
         directory = Path(directory)
+        device = check_device(device)
+        if directory.is_file():
+            raise ModelLoadError(f"{directory} is a file, not a folder; pass the LDM run folder written by train_ldm.py")
         if not directory.is_dir():
             raise ModelLoadError(f"{directory} does not exist; pass the LDM run folder written by train_ldm.py")
         if (directory / ADAPTER_CONFIG).is_file():
@@ -191,10 +196,15 @@ class LatentDiffusion:
                 raise ValueError(f"labels must be a 1-D integer tensor or a list of ints, got {labels.dtype} shape {tuple(labels.shape)}")
             values = labels.tolist()
         else:
+            if isinstance(labels, (str, bytes)) or not isinstance(labels, Iterable):
+                one = f"; for one digit pass [{labels!r}]" if isinstance(labels, numbers.Integral) else ""
+                raise ValueError(f"labels must be a list of class indices (integers) like [3, 7], got {labels!r}{one}")
             values = list(labels)
-            bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int)]
+            # numpy integers (a label array from load_mnist, np.arange) are class indices too; bools and floats are not
+            bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral)]
             if bad:
                 raise ValueError(f"labels must be integers, got {bad[0]!r}; pass class indices like [3, 7]")
+            values = [int(v) for v in values]
         if not values:
             raise ValueError("labels is empty; pass at least one class index")
         out = [v for v in values if not 0 <= v < self.num_classes]
@@ -208,7 +218,7 @@ class LatentDiffusion:
         unknown = sorted(set(overrides) - set(SampleConfig.CALL_KEYS))
         if unknown:
             raise ValueError(f"unknown sampling setting {unknown[0]!r}; the settings are {list(SampleConfig.CALL_KEYS)}")
-        given = {k: v for k, v in overrides.items() if v is not None}
+        given = {k: _plain_number(v) for k, v in overrides.items() if v is not None}
         if isinstance(given.get("guidance_interval"), list):
             given["guidance_interval"] = tuple(given["guidance_interval"])
         s = replace(self.config.sample, **given)
@@ -227,8 +237,8 @@ class LatentDiffusion:
 
     def seeds(self, n: int, seed: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Per-sample seeds seed, seed+1, ... (N,) int64; image i depends on its own seed only."""
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if seed is not None:
+            seed = check_seed(seed, "seed", n)
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
         return torch.arange(n, dtype=torch.int64) + seed
@@ -268,14 +278,18 @@ class LatentDiffusion:
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images (B, 1, 28, 28) in [0, 1] -> scaled latents (B, 4, 7, 7): the posterior mean, as in training."""
+        check_image_batch(images, self.vae.config.in_channels, self.vae.config.image_size, (0.0, 1.0), "encode", min_batch=1)
         x = images.to(self.device).float() * 2 - 1
-        self.vae._check_images(x)
         z = run_in_tiles(lambda xx: self.vae._encode(xx).mean, self.tile_size, x)
         return self.vae.scale_latents(z)
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents (B, 4, 7, 7) -> images (B, 1, 28, 28) in [0, 1] (fp32 decode)."""
+        shape = self.vae.latent_shape
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or tuple(latents.shape[1:]) != shape or not len(latents):
+            got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"decode expects scaled latents of shape (B, {', '.join(map(str, shape))}) with B >= 1; got {got}")
         latents = latents.to(self.device)
         if not torch.isfinite(latents).all():  # one sync per batch; NaN digits would hide where things broke
             raise ValueError(f"decode got latents with {int((~torch.isfinite(latents)).sum())} NaN/inf value(s): they "
@@ -352,6 +366,25 @@ class LatentDiffusion:
             latents = self.noise(seeds[part])  # (B, 4, 7, 7): stream 0 of each seed
             out.append(self.decode(self.sample(latents, y[part], seeds[part], settings, progress=progress)))
         return torch.cat(out)
+
+
+def check_seed(seed, name: str = "seed", n: int = 1) -> int:
+    """``seed`` as an int such that seed .. seed + n - 1 are int64 seeds; ValueError naming ``name`` otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {seed!r}")
+    seed, lo, hi = int(seed), -2**63, 2**63 - max(n, 1)
+    if not lo <= seed <= hi:
+        raise ValueError(f"{name} must be an integer in {lo}..{hi} (64-bit seeds; sample i uses {name} + i), got {seed}")
+    return seed
+
+
+def _plain_number(value):
+    """numpy scalars (np.int64 from np.arange, np.float32) as Python numbers, so the settings' checks take them."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, (bool, int)):
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+        return float(value)
+    return value
 
 
 def _check_count(name: str, value, alternative: str = "") -> int:

@@ -45,7 +45,10 @@ class RunLock:
         if fcntl is None:
             return self
         self.created_dir = not self.run_dir.exists()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):  # --out names a file, or a folder under one
+            raise RunDirError(f"--out {self.run_dir} is a file or lies under one, not a folder; choose another --out") from None
         while True:
             self.created_file = not self.path.exists()
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -57,6 +57,23 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
         raise
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch.device this machine has; ValueError naming it otherwise (not torch's traceback later)."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not a device; use 'cpu', 'cuda' or 'cuda:N'") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} needs a CUDA GPU, and this machine (or this torch build) has none; "
+                         "use device 'cpu'")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                         f"numbered 0..{torch.cuda.device_count() - 1}")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} needs Apple's MPS, which this machine does not have; use device 'cpu'")
+    return d
+
+
 def nonfinite_keys(state_dict: dict[str, torch.Tensor]) -> list[str]:
     """Names of floating-point tensors holding NaN or inf."""
     return [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
@@ -79,6 +96,8 @@ def save_model(model: torch.nn.Module, config: Any, directory: str | Path, state
 def read_config(cls: type, directory: str | Path) -> Any:
     """Read and type-check ``directory/config.json`` as dataclass ``cls``."""
     path = Path(directory) / CONFIG_NAME
+    if Path(directory).is_file():
+        raise ModelLoadError(f"{directory} is a file; pass the model folder that holds it ({Path(directory).parent})")
     if not path.is_file():
         raise ModelLoadError(f"{path} not found: {directory} is not a saved model folder "
                              f"(expected {CONFIG_NAME} and {WEIGHTS_NAME}; train one or check the path)")
@@ -86,7 +105,7 @@ def read_config(cls: type, directory: str | Path) -> Any:
         data = json.loads(path.read_text())
         cfg = from_dict(cls, data, where=CONFIG_NAME)
         cfg.validate()
-    except (json.JSONDecodeError, ConfigError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, ConfigError) as e:
         raise ModelLoadError(f"{path} is invalid: {e}") from e
     return cfg
 
@@ -114,6 +133,7 @@ def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
 
 def load_model(model_cls: type, config_cls: type, directory: str | Path, device: str | torch.device = "cpu"):
     """Build ``model_cls(config)`` from a folder and load its weights strictly."""
+    device = check_device(device)
     cfg = read_config(config_cls, directory)
     model = model_cls(cfg)
     sd = read_weights(directory)

@@ -415,6 +415,10 @@ class GuideSnapshot(Schedule):
 
 def train_ldm(cfg: LDMRunConfig, resume: str | None = None, overwrite: bool = False) -> Path:
     """Train the latent UNet on cached VAE latents; writes a LatentDiffusion folder into cfg.out_dir."""
+    out, vae_dir = Path(cfg.out_dir).resolve(), Path(cfg.vae_path).resolve()
+    if overwrite and (vae_dir == out or out in vae_dir.parents):  # --overwrite would delete the VAE this run trains on
+        raise RunDirError(f"--vae {cfg.vae_path} lies in --out {cfg.out_dir}, which --overwrite clears before training; "
+                          "copy the VAE folder elsewhere first (e.g. cp -r it to runs/vae) and pass that, or choose another --out")
     accel = make_accelerator(cfg)
     vae = VAE.from_pretrained(cfg.vae_path, accel.device)  # fails fast on a bad path, before touching out_dir
     unet_cfg = unet_config_for(cfg.model, vae.config, cfg.vae_path)  # run.yaml keeps the user's null: "follow the VAE"

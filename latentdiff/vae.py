@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig
+from .errors import ModelLoadError
 from .nn import Attention, Downsample, ResBlock, SiLU, Upsample
 from .noise import seeded_normal
 from .serialization import load_model, save_model
@@ -41,6 +42,32 @@ class DiagonalGaussian:
     def kl(self) -> torch.Tensor:
         """Per-element KL(q || N(0, I)), same shape as the mean."""
         return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)
+
+
+def check_image_batch(x, channels: int, size: int, value_range: tuple[float, float], who: str, min_batch: int = 0) -> None:
+    """ValueError naming the problem and its fix unless ``x`` is a finite float tensor (B, channels, size, size),
+    B >= ``min_batch``, with values in ``value_range`` ((-1, 1): the VAE's; (0, 1): the pipeline's)."""
+    want = f"[{value_range[0]:g}, {value_range[1]:g}]"
+    if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != (channels, size, size) or len(x) < min_batch:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        batch = f" with B >= {min_batch}" if min_batch else ""
+        raise ValueError(f"{who} expects images of shape (B, {channels}, {size}, {size}){batch}; got {got}")
+    if not x.is_floating_point():
+        fix = "use x / 127.5 - 1" if value_range[0] < 0 else "divide uint8 pixels by 255"
+        raise ValueError(f"{who} expects float images in {want}; got dtype {x.dtype} ({fix})")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{who} got images with {int((~torch.isfinite(x)).sum())} NaN/inf value(s); "
+                         f"pass finite images in {want}")
+    if x.numel() == 0:  # an empty batch (where allowed) encodes to an empty batch
+        return
+    lo, hi = x.min().item(), x.max().item()
+    if lo < value_range[0] - 0.001 or hi > value_range[1] + 0.001:
+        if value_range[0] < 0:
+            fix = "map [0, 1] images with x * 2 - 1" if lo >= -0.001 and hi <= 1.001 else "map 0..255 pixels with x / 127.5 - 1"
+        else:
+            fix = ("map [-1, 1] images with (x + 1) / 2" if lo >= -1.001 and hi <= 1.001 else
+                   "divide 0..255 pixels by 255" if lo >= 0 and hi <= 255.001 else "rescale them")
+        raise ValueError(f"{who} expects images in {want}; got values in [{lo:.3g}, {hi:.3g}] ({fix})")
 
 
 class VAE(nn.Module):
@@ -90,25 +117,18 @@ class VAE(nn.Module):
         s = self.config.latent_size
         return (self.config.latent_channels, s, s)
 
+    @property
+    def _dtype(self) -> torch.dtype:
+        """The weights' dtype: what ``encode`` and ``decode`` cast their (float) inputs to."""
+        return next(self.parameters()).dtype
+
     def _check_images(self, x: torch.Tensor) -> None:
-        c, s = self.config.in_channels, self.config.image_size
-        if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != (c, s, s):
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"VAE.encode expects images of shape (B, {c}, {s}, {s}); got {shape}")
-        if not x.is_floating_point():
-            raise ValueError(f"VAE.encode expects float images in [-1, 1]; got dtype {x.dtype} (use x / 127.5 - 1)")
-        if not torch.isfinite(x).all():
-            raise ValueError(f"VAE.encode got images with {int((~torch.isfinite(x)).sum())} NaN/inf value(s); "
-                             "pass finite images in [-1, 1]")
-        lo, hi = x.min().item(), x.max().item()
-        if lo < -1.001 or hi > 1.001:
-            raise ValueError(f"VAE.encode expects images in [-1, 1]; got values in [{lo:.3g}, {hi:.3g}] "
-                             "(map [0, 1] images with x * 2 - 1)")
+        check_image_batch(x, self.config.in_channels, self.config.image_size, (-1.0, 1.0), "VAE.encode")
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """Images (B, C, H, W) in [-1, 1] -> posterior over unscaled latents (B, 4, 7, 7)."""
         self._check_images(x)
-        return self._encode(x)
+        return self._encode(x.to(self._dtype))  # float64 or half images: the weights' dtype, not a dtype-mismatch error
 
     def _encode(self, x: torch.Tensor) -> DiagonalGaussian:
         h = self.enc_in(x)
@@ -125,10 +145,12 @@ class VAE(nn.Module):
         if not isinstance(z, torch.Tensor) or z.ndim != 4 or tuple(z.shape[1:]) != self.latent_shape:
             shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
             raise ValueError(f"VAE.decode expects latents of shape (B, {', '.join(map(str, self.latent_shape))}); got {shape}")
+        if not z.is_floating_point():
+            raise ValueError(f"VAE.decode expects float latents; got dtype {z.dtype}")
         if not torch.isfinite(z).all():  # NaN latents decode to NaN images: say where the problem is instead
             raise ValueError(f"VAE.decode got latents with {int((~torch.isfinite(z)).sum())} NaN/inf value(s); "
                              "they come from upstream (a diverged model or corrupt input): pass finite latents")
-        x = self._decode(z)
+        x = self._decode(z.to(self._dtype))
         return x.clamp(-1, 1) if clamp else x
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -167,6 +189,10 @@ class VAE(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "VAE":
         """Load a VAE saved with ``save_pretrained`` (or the VAE run folder)."""
+        directory = Path(directory)
+        if (directory / "unet").is_dir() and (directory / "vae").is_dir():  # README: runs/vae or runs/ldm/vae
+            raise ModelLoadError(f"{directory} is an LDM run folder, not a VAE folder; its VAE is in {directory / 'vae'}: "
+                                 "pass that")
         return load_model(cls, VAEConfig, directory, device)
 
 

@@ -82,6 +82,14 @@ def main() -> None:
     api("`generate(..., guidance_interval=[100, 800])` on a 100-step schedule",
         lambda: pipe.generate([1], guidance_interval=[100, 800]))
     api("`generate(..., spacing='log')`", lambda: pipe.generate([1], spacing="log"))
+    api("`generate(labels=3)` (one int, not a list)", lambda: pipe.generate(3))
+    api("`generate(..., seed=2**64)` (not a 64-bit seed)", lambda: pipe.generate([1], seed=2**64))
+    api("`pipe.encode` of images in [-1, 1] (it takes [0, 1])", lambda: pipe.encode(torch.rand(1, 1, 28, 28) * 2 - 1))
+    api("`pipe.decode` of (1, 4, 8, 8) latents", lambda: pipe.decode(torch.zeros(1, 4, 8, 8)))
+    api("`from_pretrained(..., device='gpu')`", lambda: LatentDiffusion.from_pretrained(tmp / "ldm", device="gpu"))
+    api("`LatentDiffusion.from_pretrained` of its `config.json`",
+        lambda: LatentDiffusion.from_pretrained(tmp / "ldm" / "config.json"))
+    api("`VAE.from_pretrained` of an LDM run folder", lambda: VAE.from_pretrained(tmp / "ldm"))
     api("`vae.encode` of (2, 28, 28) images", lambda: vae.encode(torch.zeros(2, 28, 28)))
     api("`vae.encode` of uint8-range floats (0..255)", lambda: vae.encode(torch.full((1, 1, 28, 28), 255.0)))
     api("`vae.decode` of (1, 4, 8, 8) latents", lambda: vae.decode(torch.zeros(1, 4, 8, 8)))
@@ -191,6 +199,16 @@ def main() -> None:
                                                          "--set", "train.batch_size=1000"])
     cli("`--data-dir` a folder that does not exist, download off", ["train_vae.py", "--data-dir", str(tmp / "nowhere"),
                                                                       "--set", "data.download=false"])
+    cli("`--set train.ema_std=0.1 --set train.ema_decay=0` (averaging off, but a width given)",
+        ["train_vae.py", "--data-dir", str(data), "--set", "train.ema_std=0.1", "--set", "train.ema_decay=0"])
+    cli("`--set train.ema_std=0.4` (wider than any power-function profile)",
+        ["train_vae.py", "--data-dir", str(data), "--set", "train.ema_std=0.4"])
+    cli("`--set train.mixed_precision=no` (YAML reads a bare `no` as false)",
+        ["train_vae.py", "--data-dir", str(data), "--set", "train.mixed_precision=no"])
+    cli("`--set 'train.steps=[1'` (not YAML)", ["train_vae.py", "--data-dir", str(data), "--set", "train.steps=[1"])
+    cli("`--set train.warmup_steps=-5`", ["train_vae.py", "--data-dir", str(data), "--set", "train.warmup_steps=-5"])
+    (tmp / "afile").write_text("mine")
+    cli("`train_vae.py --out` a file", ["train_vae.py", "--data-dir", str(data), "--out", str(tmp / "afile"), *tiny])
     cli("`--config` a file that does not exist", ["train_vae.py", "--config", "nope.yaml"])
     cli("`--config` an unknown preset", ["distill_ldm.py", "--config", "quik"])
     cli("`train_ldm.py --vae` a folder that is not a VAE", ["train_ldm.py", "--data-dir", str(data), "--vae", str(tmp / "empty"),
@@ -198,6 +216,11 @@ def main() -> None:
     cli("`train_ldm.py --set model.in_channels=8` with a 4-channel VAE",
         ["train_ldm.py", "--data-dir", str(data), "--vae", str(tmp / "vae"), "--out", str(tmp / "r5"),
          "--set", "model.in_channels=8"])
+    cli("`train_ldm.py --vae runs/ldm/vae --out runs/ldm --overwrite` (would delete its own VAE)",
+        ["train_ldm.py", "--data-dir", str(data), "--vae", str(tmp / "ldm" / "vae"), "--out", str(tmp / "ldm"), "--overwrite"])
+    cli("`sample.py --out grid.xyz` (no image format)", ["sample.py", "--model", str(tmp / "ldm"), "--out", str(tmp / "grid.xyz")])
+    cli("`sample.py --out` a folder", ["sample.py", "--model", str(tmp / "ldm"), "--out", str(tmp)])
+    cli("`sample.py --device nosuch`", ["sample.py", "--model", str(tmp / "ldm"), "--device", "nosuch"])
     cli("`sample.py --labels 12`", ["sample.py", "--model", str(tmp / "ldm"), "--labels", "12"])
     cli("`sample.py --labels three`", ["sample.py", "--model", str(tmp / "ldm"), "--labels", "three"])
     cli("`sample.py --guidance nan`", ["sample.py", "--model", str(tmp / "ldm"), "--guidance", "nan"])

@@ -94,10 +94,31 @@ def test_overrides_are_type_checked():
     ("bogus=1", "unknown key"),
     ("model.bogus.deep=1", "not a config section"),
     ("train.steps", "key.sub=value"),
+    ("train.steps=[1", r"override 'train.steps=\[1': the value '\[1' is not valid YAML"),
+    ("model.groups=0", "vae.groups must be >= 1, got 0"),
+    ("train.warmup_steps=-5", "train.warmup_steps must be >= 0, got -5"),
+    ("train.checkpoint_every=-1", r"train.checkpoint_every must be >= 0 \(0 = off\), got -1"),
+    ("train.preview_every=-1", "train.preview_every must be >= 0"),
+    ("train.grad_clip=-1", "train.grad_clip must be >= 0"),
+    ("train.lr=.inf", "train.lr must be a finite number > 0, got inf"),
 ])
 def test_bad_overrides(override, word):
     with pytest.raises(ConfigError, match=word):
-        apply_overrides(VAERunConfig(), [override])
+        apply_overrides(VAERunConfig(), [override]).validate()
+
+
+@pytest.mark.parametrize("key", ["groups", "num_heads"])
+def test_zero_unet_groups_or_heads_are_a_config_error(key):
+    """They used to be a ZeroDivisionError traceback from the divisibility checks."""
+    with pytest.raises(ConfigError, match="unet.groups and unet.num_heads must be >= 1"):
+        apply_overrides(LDMRunConfig(), [f"model.{key}=0"]).validate()
+
+
+def test_yaml_syntax_error_is_a_config_error(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("train:\n  steps: [1\n")
+    with pytest.raises(ConfigError, match=r"config file .*bad.yaml is not valid YAML \(.* at line \d+ column \d+\)"):
+        load_config(VAERunConfig, p)
 
 
 def test_load_config_applies_and_validates_overrides(tmp_path):

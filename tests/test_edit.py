@@ -250,6 +250,9 @@ def test_inpaint_accepts_bool_and_int_masks(tiny):
     (lambda p: edit.interpolate_classes(p, 3, 4, 0, 0), "frames"),
     (lambda p: edit.interpolate_classes(p, 3, 4, 0, 3, eta=-1.0), "eta"),
     (lambda p: edit.trajectory(p, [], seed=0), "empty"),
+    (lambda p: edit.trajectory(p, 3, seed=0), r"for one digit pass \[3\]"),  # was TypeError: 'int' object is not iterable
+    (lambda p: edit.interpolate_seeds(p, 3, 0, 2**64, 3), "seed_b must be an integer in"),  # was 'Overflow when unpacking'
+    (lambda p: edit.interpolate_classes(p, 3, 4, -2**63 - 1, 3), "seed must be an integer in"),
     (lambda p: edit.trajectory(p, [1], seed=0, steps=101), "steps"),
     (lambda p: edit.half_mask("middle"), "half"),
 ])
@@ -468,3 +471,11 @@ def test_swap_class_defaults_are_its_measured_ones_not_the_models(tiny, digits):
     default = edit.swap_class(tiny, digits[:2], LABELS[:2], 0, steps=5)
     assert torch.equal(default, edit.swap_class(tiny, digits[:2], LABELS[:2], 0, steps=5, strength=edit.SWAP_STRENGTH,
                                                 guidance_scale=edit.SWAP_GUIDANCE))
+
+
+def test_a_numpy_label_is_one_label(tiny, digits):
+    """edit.img2img(pipe, x, np.int64(3), ...) (a label taken from a numpy array) used to be 'not iterable'."""
+    import numpy as np
+
+    assert torch.equal(edit.img2img(tiny, digits[:2], np.int64(3), 0.5, seed=0, steps=2),
+                       edit.img2img(tiny, digits[:2], 3, 0.5, seed=0, steps=2))

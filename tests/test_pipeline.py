@@ -103,6 +103,12 @@ def test_config_defaults_are_used(pipe):
     ({"eta": float("nan")}, "eta"),
     ({"batch_size": 0}, "batch_size"),
     ({"seed": 1.5}, "seed"),
+    ({"labels": 3}, r"list of class indices \(integers\) like \[3, 7\], got 3; for one digit pass \[3\]"),
+    ({"labels": None}, "list of class indices"),
+    ({"labels": "37"}, "list of class indices"),
+    ({"seed": 2**64}, "seed must be an integer in"),
+    ({"seed": -2**63 - 1}, "seed must be an integer in"),
+    ({"seed": 2**63 - 1}, r"seed must be an integer in -9223372036854775808\.\.9223372036854775806"),  # seed + 1 overflows
 ])
 def test_bad_inputs_raise_value_error(pipe, kwargs, word):
     args = {"labels": [1, 2], "steps": 2, "seed": 0, **kwargs}
@@ -309,3 +315,40 @@ def test_a_students_settings_are_checked_at_the_same_place(pipe):
     for bad in ({"sampler": "dpm++"}, {"sampler": "ddim", "eta": 0.5}, {"sampler": "lcm", "guidance_interval": [0, 5]}):
         with pytest.raises(ValueError, match="needs the teacher"):
             student.settings(**bad)
+
+
+def test_numpy_labels_seeds_and_settings_are_plain_numbers(pipe):
+    """Class indices from numpy (a load_mnist label array, np.arange) work like ints; they used to be refused as
+    'not integers', or to crash as not iterable."""
+    want = pipe.generate([1, 2], seed=3, steps=2, guidance_scale=2.0)
+    got = pipe.generate(np.array([1, 2]), seed=np.int64(3), steps=np.int64(2), guidance_scale=np.float32(2.0))
+    assert torch.equal(got, want)
+
+
+def test_encode_and_decode_check_their_own_inputs(pipe):
+    """pipe.encode takes [0, 1] images: a [-1, 1] image is named as such (not 'VAE.encode expects [-1, 1]'); pipe.decode
+    refused nothing of the wrong shape (8x8 latents decoded to digits, silently)."""
+    x = torch.rand(2, 1, 28, 28)
+    with pytest.raises(ValueError, match=r"encode expects images in \[0, 1\].*\(x \+ 1\) / 2"):
+        pipe.encode(x * 2 - 1)
+    with pytest.raises(ValueError, match="divide uint8 pixels by 255"):
+        pipe.encode((x * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match="with B >= 1; got ndarray"):
+        pipe.encode(x.numpy())
+    with pytest.raises(ValueError, match=r"with B >= 1; got \(0, 1, 28, 28\)"):
+        pipe.encode(x[:0])
+    for bad in (torch.zeros(2, 4, 8, 8), torch.zeros(4, 7, 7), torch.zeros(0, 4, 7, 7)):
+        with pytest.raises(ValueError, match=r"decode expects scaled latents of shape \(B, 4, 7, 7\)"):
+            pipe.decode(bad)
+    assert pipe.decode(pipe.encode(x).double()).shape == (2, 1, 28, 28)
+
+
+def test_from_pretrained_names_a_file_and_a_bad_device(tmp_path, pipe):
+    pipe.save_pretrained(tmp_path / "ldm")
+    with pytest.raises(ModelLoadError, match="is a file, not a folder"):
+        LatentDiffusion.from_pretrained(tmp_path / "ldm" / "config.json")
+    with pytest.raises(ValueError, match="device 'gpu' is not a device"):
+        LatentDiffusion.from_pretrained(tmp_path / "ldm", device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            LatentDiffusion.from_pretrained(tmp_path / "ldm", device="cuda")

@@ -102,3 +102,12 @@ def test_two_simultaneous_launches_exactly_one_trains(tmp_path, mnist_dir):
     assert "in use by another training run" in loser or "already holds another run" in loser, loser
     steps = [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [5, 10, 15, 20]  # one run's log, not two interleaved
+
+
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_out_a_file_is_a_run_dir_error(tmp_path, under):
+    """--out naming a file (or a folder under one) was a FileExistsError / NotADirectoryError traceback."""
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(RunDirError, match="is a file or lies under one, not a folder; choose another --out"):
+        RunLock(tmp_path / "afile" / under if under else tmp_path / "afile").acquire()
+    assert (tmp_path / "afile").read_text() == "mine"

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import BIN, LDM_SET, REPO, VAE_SET, accelerate_launch, as_set_args, run_cmd
+from conftest import BIN, LDM_SET, REPO, VAE_SET, accelerate_launch, as_set_args, run_cmd, tiny_pipeline
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -284,3 +284,52 @@ def test_train_ldm_follows_a_non_default_vae(mnist_dir, tmp_path, monkeypatch, c
     assert code == 2 and err.count("\n") == 1, err
     assert "model.in_channels=4 conflicts" in err and "(8, 14, 14)" in err and "set it to 8" in err
     assert not (tmp_path / "l2").exists()
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--out", "{tmp}"], "is a folder; pass an image file name"),  # was 'unknown file extension: ', after sampling
+    (["--out", "{tmp}/grid"], "PIL writes no image format with no extension"),
+    (["--out", "{tmp}/grid.xyz"], "the extension .xyz"),
+    (["--npz", "{tmp}"], "--npz {tmp} is a folder"),
+    (["--device", "nosuch"], "device 'nosuch' is not a device"),  # was torch's RuntimeError traceback
+    (["--seed", str(2**70)], "seed must be an integer in"),  # was OverflowError: int too big to convert
+    (["--model", "{tmp}/ldm/config.json"], "is a file, not a folder"),
+])
+def test_sample_bad_outputs_and_devices_fail_before_sampling(tmp_path, monkeypatch, capsys, args, word):
+    tiny_pipeline().save_pretrained(tmp_path / "ldm")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    code, err = run_script_in_process("sample.py", ["--model", tmp_path / "ldm", "--labels", "1", "--per-label", "1",
+                                                    "--steps", "1", *args], monkeypatch, capsys)
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1, err
+    assert word.replace("{tmp}", str(tmp_path)) in err, err
+
+
+def test_sample_npz_goes_where_it_says(tmp_path, monkeypatch, capsys):
+    """--npz in a folder that does not exist yet is made like --out's (it failed after sampling); the name printed is
+    the file numpy writes (it adds .npz)."""
+    tiny_pipeline().save_pretrained(tmp_path / "ldm")
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--model", str(tmp_path / "ldm"), "--labels", "1", "--per-label", "1",
+                                      "--steps", "1", "--out", str(tmp_path / "g.png"), "--npz", str(tmp_path / "new" / "s")])
+    runpy.run_path(str(REPO / "sample.py"), run_name="__main__")
+    assert f"wrote {tmp_path / 'new' / 's.npz'}" in capsys.readouterr().out
+    assert np.load(tmp_path / "new" / "s.npz")["images"].shape == (1, 28, 28)
+
+
+def test_train_vae_out_a_file_is_one_line(tmp_path, mnist_dir, monkeypatch, capsys):
+    (tmp_path / "afile").write_text("mine")
+    code, err = run_script_in_process("train_vae.py", ["--out", tmp_path / "afile", "--data-dir", mnist_dir,
+                                                       *as_set_args(VAE_SET)], monkeypatch, capsys)
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "is a file or lies under one" in errors[0] and "Traceback" not in err, err
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_train_ldm_overwrite_never_deletes_its_own_vae(tmp_path, mnist_dir, monkeypatch, capsys):
+    """--vae runs/ldm/vae --out runs/ldm --overwrite cleared runs/ldm, the VAE with it, before training."""
+    tiny_pipeline().save_pretrained(tmp_path / "ldm")
+    before = sorted(p.name for p in (tmp_path / "ldm").rglob("*"))
+    code, err = run_script_in_process("train_ldm.py", ["--vae", tmp_path / "ldm" / "vae", "--out", tmp_path / "ldm",
+                                                       "--overwrite", "--data-dir", mnist_dir, *as_set_args(LDM_SET)],
+                                      monkeypatch, capsys)
+    assert code == 2 and "which --overwrite clears before training" in err, err
+    assert sorted(p.name for p in (tmp_path / "ldm").rglob("*")) == before

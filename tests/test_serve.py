@@ -193,6 +193,8 @@ def test_unexpected_errors_are_a_json_500_without_a_trace(client, monkeypatch):
     ({"content": b"\xff\xfe", "headers": {"content-type": "application/json"}}, 400, "UTF-8"),
     ({"content": b"[" * 5000 + b"]" * 5000, "headers": {"content-type": "application/json"}}, 400, "nested"),
     ({"json": [1, 2]}, 400, "JSON object"),
+    ({"content": b'{"labels": [1], "seed": ' + b"9" * 5000 + b"}", "headers": {"content-type": "application/json"}}, 400,
+     "integer with too many digits"),  # json's int limit: was a 422 quoting sys.set_int_max_str_digits()
     ({"content": b"labels=1", "headers": {"content-type": "application/x-www-form-urlencoded"}}, 415, "application/json"),
     ({"content": b"{}"}, 415, "Content-Type"),
     ({"json": {"labels": [1], "seed": 1, "pad": "x" * (70 * 1024)}}, 413, "65536-byte limit"),

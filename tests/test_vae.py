@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_vae
 
 from latentdiff import VAE, DiagonalGaussian
+from latentdiff.errors import ModelLoadError
 from latentdiff.vae import vae_loss
 
 
@@ -140,3 +141,28 @@ def test_save_load_round_trip(tmp_path):
         assert torch.equal(vae.encode(x).mean, loaded.encode(x).mean)
         z = vae.encode(x).mean
         assert torch.equal(vae.decode(z), loaded.decode(z))
+
+
+def test_encode_and_decode_take_any_float_dtype_and_empty_batches():
+    """float64 (torch.from_numpy of a float array) and half inputs used to fail deep in a convolution
+    ('Input type (double) and bias type (float) should be the same'); an empty batch in encode's min()."""
+    vae = tiny_vae()
+    x = torch.rand(2, 1, 28, 28) * 2 - 1
+    z = vae.encode(x).mean
+    assert torch.allclose(vae.encode(x.double()).mean, z, atol=1e-5) and vae.encode(x.half()).mean.dtype == torch.float32
+    assert torch.allclose(vae.decode(z.double()), vae.decode(z), atol=1e-5)
+    assert vae.encode(x[:0]).mean.shape == (0, 4, 7, 7)
+    with pytest.raises(ValueError, match="float latents"):
+        vae.decode(z.long())
+
+
+def test_from_pretrained_of_an_ldm_folder_points_at_its_vae(tmp_path):
+    """README: VAE.from_pretrained("runs/vae") or "runs/ldm/vae"; "runs/ldm" itself used to fail as an invalid config.json."""
+    from conftest import tiny_pipeline
+
+    tiny_pipeline().save_pretrained(tmp_path / "ldm")
+    with pytest.raises(ModelLoadError, match=r"is an LDM run folder, not a VAE folder; its VAE is in .*ldm/vae"):
+        VAE.from_pretrained(tmp_path / "ldm")
+    with pytest.raises(ModelLoadError, match="is a file; pass the model folder"):
+        VAE.from_pretrained(tmp_path / "ldm" / "vae" / "config.json")
+    assert VAE.from_pretrained(tmp_path / "ldm" / "vae").config.latent_channels == 4

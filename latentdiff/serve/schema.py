@@ -144,3 +144,6 @@ def decode_json(raw: bytes) -> Any:
         raise RequestError(400, f"the body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
     except RecursionError:
         raise RequestError(400, "the body's JSON is nested too deeply") from None
+    except ValueError:  # json's own limit: an integer of over 4300 digits (sys.get_int_max_str_digits)
+        raise RequestError(400, "the body's JSON holds an integer with too many digits; send numbers within the "
+                                "limits of GET /api/info") from None
