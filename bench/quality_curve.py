@@ -237,16 +237,26 @@ def score(args) -> None:
         pick = chosen(runs)
         if pick is None or args.refine <= 0:
             continue
-        same = [r for r in runs if run_key(r)[1] == run_key(pick)[1] and args.seed in as_list(r.get("seed", 0))]
-        below = [r["guidance_scale"] for r in same if r["guidance_scale"] < pick["guidance_scale"]]
-        if below:
-            lo, hi = max(below), pick["guidance_scale"]
-            extra = [round(lo + args.refine * i, 4) for i in range(1, int(round((hi - lo) / args.refine)))]
-            extra = [g for g in extra if g not in {r["guidance_scale"] for r in same}]
-            if extra:
-                lo_hi = run_key(pick)[1]
-                interval = f"{lo_hi[0]}:{lo_hi[1]}" if lo_hi else "all"
-                sweep(extra, interval, f"sweep_{point}{interval_tag(interval)}{draw}_refined.json")
+        extra = refine_scales(runs, pick, args.refine, args.seed)
+        if extra:
+            lo_hi = run_key(pick)[1]
+            interval = f"{lo_hi[0]}:{lo_hi[1]}" if lo_hi else "all"
+            sweep(extra, interval, f"sweep_{point}{interval_tag(interval)}{draw}_refined.json")
+
+
+def refine_scales(runs: list[dict], pick: dict, step: float, seed: int = 0) -> list[float]:
+    """The scales to score between the pick and the largest scale under it in the pick's interval, every ``step``,
+    that this draw (``seed``) has not scored. Scale 1 is no guidance, the same on every interval: where the pick is
+    its interval's lowest scale, the refinement runs down from it towards 1 (over the model alone's run)."""
+    same = [r for r in runs if run_key(r)[1] == run_key(pick)[1] and seed in as_list(r.get("seed", 0))]
+    below = [r["guidance_scale"] for r in same if r["guidance_scale"] < pick["guidance_scale"]]
+    if not below and any(r["guidance_scale"] == 1 and seed in as_list(r.get("seed", 0)) for r in runs):
+        below = [1.0]
+    if not below or step <= 0:
+        return []
+    lo, hi = max(below), pick["guidance_scale"]
+    extra = [round(lo + step * i, 4) for i in range(1, int(round((hi - lo) / step)))]
+    return [g for g in extra if g not in {r["guidance_scale"] for r in same}]
 
 
 def cpu_name() -> str:
@@ -314,7 +324,8 @@ def report(args) -> None:
     print("| point | minutes | wall | model alone (g = 1) | default g | at the default: accuracy / worst class / FLD / "
           "per-class FLD / recall |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['point']} | {r['minutes'] or float('nan'):.1f} | {r['wall_min'] or float('nan'):.1f} | "
+        num = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731 - no wall time: trained beside other work
+        print(f"| {r['point']} | {num(r['minutes'])} | {num(r['wall_min'])} | "
               f"{fmt(r['alone'])} | {guidance_label(r['chosen'])} | {fmt(r['chosen'])} |")
     if args.png and rows:
         plot(rows, args.png)

@@ -170,7 +170,10 @@ def teach(pipe: LatentDiffusion, images: torch.Tensor, config: TeachConfig | Non
         if callback is not None:
             callback(step + 1, cfg.steps)
     unet = unet.eval().requires_grad_(False)
-    if cfg.method == "finetune" or merged is None or not (routed or cfg.method == "lora"):
+    # LoRA factors to merge: this method's, or those of the copy a LoRA teaching made before (a finetune's copy has
+    # none: merged is None, and lora on it was refused above)
+    has_factors = cfg.method == "lora" or (routed and merged is not None)
+    if cfg.method == "finetune" or not has_factors:
         return unet
     # LoRA, or a row taught beside LoRA updates: the base grown by every taught row, with every factor merged (this
     # method's appended along the rank), built as the adapter's loader builds it, so both give the same bits.

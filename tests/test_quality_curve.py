@@ -115,3 +115,14 @@ def test_the_hour_preset_samples_with_the_rules_pick_of_its_measured_sweeps():
     assert pick["draws"] == 2
     assert (sample.guidance_scale, sample.guidance_interval) == (pick["guidance_scale"], tuple(pick["guidance_interval"]))
     assert (sample.sampler, sample.steps, sample.spacing) == (pick["sampler"], pick["steps"], pick["spacing"])
+
+
+def test_refinement_runs_between_the_pick_and_the_scale_under_it_or_down_to_no_guidance():
+    every = [run(1.0, 0.96, 0.93, 0.8), run(1.3, 0.991, 0.98, 0.24), run(1.45, 0.996, 0.991, 0.36)]
+    assert qc.refine_scales(every, every[2], 0.05) == [1.35, 1.4]
+    assert qc.refine_scales(every, every[2], 0) == []
+    mid = [interval_run(1.5, [100, 800], 0.996, 0.991, 0.25), interval_run(1.8, [100, 800], 0.998, 0.995, 0.3)]
+    # 1.5 is the interval's lowest scale: scale 1 (no guidance, the same on any interval) is the floor of the range
+    assert qc.refine_scales(every + mid, mid[0], 0.1) == [1.1, 1.2, 1.3, 1.4]
+    assert qc.refine_scales(mid, mid[0], 0.1) == []  # without the model alone's run: nothing to refine towards
+    assert qc.refine_scales(every + mid, mid[1], 0.1) == [1.6, 1.7]
