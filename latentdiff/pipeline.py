@@ -24,7 +24,8 @@ from .diffusion import make_schedule
 from .errors import ModelLoadError
 from .noise import seeded_normal
 from .sampling import SAMPLERS, Denoiser, NoiseFn, StepCallback, guided
-from .serialization import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, check_device, read_config, read_tensors, sha256
+from .serialization import (CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, check_device, model_dir, read_config,
+                            read_tensors, sha256)
 from .timesteps import make_timesteps
 from .unet import TaughtUNet, UNet
 from .vae import VAE, check_image_batch
@@ -125,7 +126,7 @@ class LatentDiffusion:
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
                         tile_size: int | None = None) -> "LatentDiffusion":
         """Load an LDM run folder (config.json, unet/, vae/, and guide/ where training kept one)."""
-        directory = Path(directory)
+        directory = model_dir(directory)
         device = check_device(device)
         if directory.is_file():
             raise ModelLoadError(f"{directory} is a file, not a folder; pass the LDM run folder written by train_ldm.py")

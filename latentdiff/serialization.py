@@ -57,6 +57,14 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
         raise
 
 
+def model_dir(directory) -> Path:
+    """A model folder argument as a Path; ValueError for anything that is not a path (None, a model object)."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise ValueError(f"a model folder is a path (str or pathlib.Path), got {type(directory).__name__}; "
+                         "pass the folder a training script wrote, e.g. 'runs/ldm'")
+    return Path(directory)
+
+
 def check_device(device: str | torch.device) -> torch.device:
     """``device`` as a torch.device this machine has; ValueError naming it otherwise (not torch's traceback later)."""
     try:
@@ -103,11 +111,35 @@ def read_config(cls: type, directory: str | Path) -> Any:
                              f"(expected {CONFIG_NAME} and {WEIGHTS_NAME}; train one or check the path)")
     try:
         data = json.loads(path.read_text())
+        other = _other_kind(cls, data)
+        if other:
+            where = " (a VAE run folder, or an LDM run folder's vae/)" if cls.__name__ == "VAEConfig" else ""
+            raise ModelLoadError(f"{directory} holds a {other}, not a {_kind(cls)}; pass a {_kind(cls)} folder{where}")
         cfg = from_dict(cls, data, where=CONFIG_NAME)
         cfg.validate()
     except (json.JSONDecodeError, UnicodeDecodeError, ConfigError) as e:
         raise ModelLoadError(f"{path} is invalid: {e}") from e
     return cfg
+
+
+def _kind(cls: type) -> str:
+    """'VAE' for VAEConfig, 'UNet' for UNetConfig: what a model folder of that config holds."""
+    return cls.__name__.removesuffix("Config")
+
+
+def _other_kind(cls: type, data: Any) -> str | None:
+    """The kind of model a config.json describes when it is another model config's and not ``cls``'s (its keys
+    are all another's fields and some are not ``cls``'s): a folder of the wrong kind, named as such."""
+    from dataclasses import fields
+
+    from .config import UNetConfig, VAEConfig
+
+    if not isinstance(data, dict) or not data:
+        return None
+    names = lambda c: {f.name for f in fields(c)}  # noqa: E731
+    if set(data) <= names(cls):
+        return None
+    return next((_kind(c) for c in (VAEConfig, UNetConfig) if c is not cls and set(data) <= names(c)), None)
 
 
 def read_tensors(path: str | Path, fix: str = "re-save or re-train the model") -> dict[str, torch.Tensor]:
@@ -134,7 +166,7 @@ def read_weights(directory: str | Path) -> dict[str, torch.Tensor]:
 def load_model(model_cls: type, config_cls: type, directory: str | Path, device: str | torch.device = "cpu"):
     """Build ``model_cls(config)`` from a folder and load its weights strictly."""
     device = check_device(device)
-    cfg = read_config(config_cls, directory)
+    cfg = read_config(config_cls, model_dir(directory))
     model = model_cls(cfg)
     sd = read_weights(directory)
     own = model.state_dict()

@@ -17,7 +17,7 @@ from .config import VAEConfig
 from .errors import ModelLoadError
 from .nn import Attention, Downsample, ResBlock, SiLU, Upsample
 from .noise import seeded_normal
-from .serialization import load_model, save_model
+from .serialization import load_model, model_dir, save_model
 
 
 class DiagonalGaussian:
@@ -189,7 +189,7 @@ class VAE(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "VAE":
         """Load a VAE saved with ``save_pretrained`` (or the VAE run folder)."""
-        directory = Path(directory)
+        directory = model_dir(directory)
         if (directory / "unet").is_dir() and (directory / "vae").is_dir():  # README: runs/vae or runs/ldm/vae
             raise ModelLoadError(f"{directory} is an LDM run folder, not a VAE folder; its VAE is in {directory / 'vae'}: "
                                  "pass that")

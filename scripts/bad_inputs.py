@@ -90,6 +90,8 @@ def main() -> None:
     api("`LatentDiffusion.from_pretrained` of its `config.json`",
         lambda: LatentDiffusion.from_pretrained(tmp / "ldm" / "config.json"))
     api("`VAE.from_pretrained` of an LDM run folder", lambda: VAE.from_pretrained(tmp / "ldm"))
+    api("`VAE.from_pretrained` of an LDM run folder's `unet/`", lambda: VAE.from_pretrained(tmp / "ldm" / "unet"))
+    api("`LatentDiffusion.from_pretrained(None)`", lambda: LatentDiffusion.from_pretrained(None))
     api("`vae.encode` of (2, 28, 28) images", lambda: vae.encode(torch.zeros(2, 28, 28)))
     api("`vae.encode` of uint8-range floats (0..255)", lambda: vae.encode(torch.full((1, 1, 28, 28), 255.0)))
     api("`vae.decode` of (1, 4, 8, 8) latents", lambda: vae.decode(torch.zeros(1, 4, 8, 8)))

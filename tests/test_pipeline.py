@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import tiny_pipeline
 
-from latentdiff import LatentDiffusion, make_grid, to_pil
+from latentdiff import VAE, LatentDiffusion, make_grid, to_pil
 from latentdiff.config import SampleConfig
 from latentdiff.errors import ModelLoadError
 from latentdiff.sampling import SAMPLERS, Denoiser, guided
@@ -349,6 +349,11 @@ def test_from_pretrained_names_a_file_and_a_bad_device(tmp_path, pipe):
         LatentDiffusion.from_pretrained(tmp_path / "ldm" / "config.json")
     with pytest.raises(ValueError, match="device 'gpu' is not a device"):
         LatentDiffusion.from_pretrained(tmp_path / "ldm", device="gpu")
+    for bad in (None, pipe):  # was pathlib's TypeError: 'expected str, bytes or os.PathLike object'
+        with pytest.raises(ValueError, match="a model folder is a path"):
+            LatentDiffusion.from_pretrained(bad)
+        with pytest.raises(ValueError, match="a model folder is a path"):
+            VAE.from_pretrained(bad)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA GPU"):
             LatentDiffusion.from_pretrained(tmp_path / "ldm", device="cuda")

@@ -166,3 +166,20 @@ def test_from_pretrained_of_an_ldm_folder_points_at_its_vae(tmp_path):
     with pytest.raises(ModelLoadError, match="is a file; pass the model folder"):
         VAE.from_pretrained(tmp_path / "ldm" / "vae" / "config.json")
     assert VAE.from_pretrained(tmp_path / "ldm" / "vae").config.latent_channels == 4
+
+
+def test_from_pretrained_of_another_kind_of_model_names_it(tmp_path):
+    """runs/ldm/unet passed as a VAE (or the VAE as a UNet) used to read as 'config.json is invalid: unknown key(s)'."""
+    from conftest import tiny_pipeline
+
+    from latentdiff import UNet
+
+    tiny_pipeline().save_pretrained(tmp_path / "ldm")
+    with pytest.raises(ModelLoadError, match=r"ldm/unet holds a UNet, not a VAE; pass a VAE folder \(a VAE run folder"):
+        VAE.from_pretrained(tmp_path / "ldm" / "unet")
+    with pytest.raises(ModelLoadError, match=r"ldm/vae holds a VAE, not a UNet; pass a UNet folder"):
+        UNet.from_pretrained(tmp_path / "ldm" / "vae")
+    cfg = tmp_path / "ldm" / "vae" / "config.json"
+    cfg.write_text(cfg.read_text().replace('"groups"', '"colour": 1, "groups"'))  # an unknown key: still "invalid"
+    with pytest.raises(ModelLoadError, match="is invalid"):
+        VAE.from_pretrained(tmp_path / "ldm" / "vae")
