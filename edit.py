@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from latentdiff import VAE, LatentDiffusion, make_grid
 from latentdiff import edit
-from latentdiff.cli import run_main
+from latentdiff.cli import check_output_file, check_output_image, run_main
 from latentdiff.data import load_mnist
 from latentdiff.latents import decode_latents, encode_split, load_latents, save_latents
 from latentdiff.sampling import SAMPLERS
@@ -112,11 +112,22 @@ def load_sources(args, with_labels: bool = False):
     return (x, labels[args.indices].tolist()) if with_labels else x
 
 
+def open_image(path: str, what: str, hint: str) -> Image.Image:
+    """The image file at ``path`` in grey levels; one error line naming ``what`` it is for otherwise."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{what} {path} is a folder; {hint}")
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} {path} not found; {hint}")
+    try:
+        return Image.open(p).convert("L")
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{what} {path} is not a readable image ({e}); {hint}") from None
+
+
 def read_digit(path: str) -> torch.Tensor:
     """A PNG of one digit -> (1, 1, 28, 28) in [0, 1] (grey levels; square images of any size are resized)."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"image {path} not found; pass a PNG of one digit, white on black")
-    img = Image.open(path).convert("L")
+    img = open_image(path, "image", "pass a PNG of one digit, white on black")
     if img.width != img.height:
         raise ValueError(f"image {path} is {img.width}x{img.height}; pass a square PNG (it is scaled to 28x28)")
     arr = np.asarray(img.resize((28, 28), Image.BILINEAR), dtype=np.float32) / 255
@@ -130,9 +141,8 @@ def save_png(image, path: str, zoom: int) -> None:
 
 
 def read_mask(path: str) -> torch.Tensor:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"mask {path} not found; pass a 28x28 PNG (white = keep, black = fill)")
-    arr = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+    img = open_image(path, "mask", "pass a 28x28 PNG (white = keep, black = fill)")
+    arr = np.asarray(img, dtype=np.float32)
     return torch.from_numpy((arr >= 128).astype(np.float32))  # (28, 28); check_mask checks the size
 
 
@@ -142,6 +152,11 @@ def main() -> None:
         raise ValueError(f"--zoom must be an integer >= 1, got {args.zoom}")
     if args.out is None:  # like sample.py's samples.png: every command runs without --out
         args.out = f"{args.split}_latents.safetensors" if args.cmd == "encode" else f"edit_{args.cmd.replace('-', '_')}.png"
+    # before any model loads: a bad name would otherwise fail only after the work
+    if args.cmd == "encode":
+        check_output_file(args.out, "--out", f"{args.split}_latents.safetensors")
+    else:
+        check_output_image(args.out)
     if args.cmd in ("encode", "decode"):
         vae = VAE.from_pretrained(args.vae, args.device)
         if args.cmd == "encode":

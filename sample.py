@@ -12,7 +12,7 @@ import torch
 from tqdm import tqdm
 
 from latentdiff import LatentDiffusion, make_grid
-from latentdiff.cli import run_main
+from latentdiff.cli import check_output_dir, check_output_file, check_output_image, run_main
 from latentdiff.sampling import SAMPLERS
 from latentdiff.timesteps import SPACINGS
 
@@ -58,16 +58,9 @@ def sampler_kwargs(args: argparse.Namespace) -> dict:
 
 def check_outputs(args: argparse.Namespace) -> None:
     """Refuse output paths that would fail only after sampling (all the work lost): checked before the model loads."""
-    from PIL import Image
-
-    out = Path(args.out or "samples.png")
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a folder; pass an image file name, e.g. --out {out / 'samples.png'}")
-    if Image.registered_extensions().get(out.suffix.lower()) not in Image.SAVE:
-        what = f"the extension {out.suffix}" if out.suffix else "no extension"
-        raise ValueError(f"--out {out}: PIL writes no image format with {what}; end the name in .png (or .jpg, .webp, ...)")
-    if args.npz and Path(args.npz).is_dir():
-        raise ValueError(f"--npz {args.npz} is a folder; pass a file name, e.g. --npz {Path(args.npz) / 'samples.npz'}")
+    check_output_image(args.out or "samples.png", "--out")
+    if args.npz:
+        check_output_file(args.npz, "--npz", "samples.npz")
 
 
 def small_job(args: argparse.Namespace) -> None:
@@ -100,14 +93,14 @@ def sharded_job(args: argparse.Namespace) -> None:
     # cpu=True without a GPU: otherwise accelerate treats a CPU torchrun launch as N lone main processes (see train.py)
     cpu = args.device == "cpu" or not (torch.cuda.is_available() or torch.backends.mps.is_available())
     accel = Accelerator(cpu=cpu)
-    out_dir = Path(args.out_dir)
+    out_dir = check_output_dir(args.out_dir, "--out-dir")
     tile = args.tile_size
     if tile is None:  # resuming: the job's own tile, whatever this device's default
         tile = (shards.saved_job(out_dir) or {}).get("tile_size")
     pipe = LatentDiffusion.from_pretrained(args.model, device=args.device or accel.device, tile_size=tile)
     settings = json.loads(json.dumps(pipe.settings(**sampler_kwargs(args)).to_kwargs()))  # as job.json will hold them
     job = shards.Job(model=str(Path(args.model).resolve()), labels=pipe.check_labels(args.labels).tolist(),
-                     num_digits=args.num_digits or args.per_label * len(args.labels), seed=args.seed,
+                     num_digits=args.per_label * len(args.labels) if args.num_digits is None else args.num_digits, seed=args.seed,
                      shard_size=args.shard_size, settings=settings, tile_size=pipe.tile_size)
     batch_size = pipe.check_batch_size(args.batch_size)
     shards.check_job(out_dir, job)  # every process refuses on its own: no process waits on one that failed

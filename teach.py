@@ -46,6 +46,8 @@ def read_examples(path: str) -> torch.Tensor:
         if arr.ndim != 3 or arr.shape[1:] != (28, 28) or arr.dtype != np.uint8:
             raise ValueError(f"--images {p}: 'images' must be (K, 28, 28) uint8, got {arr.shape} {arr.dtype}")
         return torch.from_numpy(arr.astype(np.float32) / 255)[:, None]
+    if not p.exists():
+        raise FileNotFoundError(f"--images {p} does not exist; pass a folder of PNGs or an .npz file")
     raise ValueError(f"--images {p} is neither a folder of PNGs nor an .npz file")
 
 

@@ -57,6 +57,47 @@ def load_run_config(cls: type, args: argparse.Namespace, stage: str, extra: list
     return load_config(cls, resolve_config_path(args.config, stage), overrides + (extra or []))
 
 
+def _file_above(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` if it is a file (nothing can be made under it), else None."""
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def check_output_file(path: str | Path, flag: str, example: str) -> Path:
+    """An output file name, checked before the work that fills it: not a folder, not under a file. ValueError otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; pass a file name, e.g. {flag} {path / example}")
+    above = _file_above(path)
+    if above is not None:
+        raise ValueError(f"{flag} {path}: {above} is a file, not a folder; choose another {flag}")
+    return path
+
+
+def check_output_image(path: str | Path, flag: str = "--out") -> Path:
+    """An output image name (PNG, JPEG, ...) that PIL can write, checked before the work that fills it."""
+    from PIL import Image
+
+    path = check_output_file(path, flag, "out.png")
+    if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+        what = f"the extension {path.suffix}" if path.suffix else "no extension"
+        raise ValueError(f"{flag} {path}: PIL writes no image format with {what}; end the name in .png (or .jpg, .webp, ...)")
+    return path
+
+
+def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
+    """An output folder name (made if missing), checked before the work that fills it: not a file, not under one."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path} is a file, not a folder; choose another {flag}")
+    above = _file_above(path)
+    if above is not None:
+        raise ValueError(f"{flag} {path} lies under the file {above}, not a folder; choose another {flag}")
+    return path
+
+
 def run_main(fn: Callable[[], None]) -> None:
     """Run a script body; expected failures print one line and exit 2 (no traceback)."""
     try:

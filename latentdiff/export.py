@@ -168,9 +168,9 @@ def check_graph(module: nn.Module, path: Path, pipe: LatentDiffusion, names: lis
     return worst
 
 
-def class_names(num_classes: int) -> list[str]:
-    """The classes' names: MNIST's digits are their own names."""
-    return [str(c) for c in range(num_classes)]
+def class_names(pipe: LatentDiffusion) -> list[str]:
+    """The classes' names: MNIST's digits are their own names; a taught class (teach.py) has the name it was taught as."""
+    return list(pipe.class_names)
 
 
 def manifest(pipe: LatentDiffusion, settings: SampleConfig, graphs: dict[str, str], differences: dict[str, float]) -> dict:
@@ -184,7 +184,7 @@ def manifest(pipe: LatentDiffusion, settings: SampleConfig, graphs: dict[str, st
         "graphs": graphs,
         "latent_shape": list(pipe.vae.latent_shape),
         "image_shape": [vc.in_channels, vc.image_size, vc.image_size],
-        "num_classes": pipe.num_classes, "null_label": pipe.num_classes, "class_names": class_names(pipe.num_classes),
+        "num_classes": pipe.num_classes, "null_label": pipe.num_classes, "class_names": class_names(pipe),
         "prediction": d.prediction, "schedule": d.schedule, "num_timesteps": d.num_timesteps,
         "alphas_cumprod": pipe.alphas_cumprod.tolist(),  # float64, exact in JSON
         "sample": settings.to_kwargs(),
@@ -205,6 +205,9 @@ def export(model: str | Path, out: str | Path, **overrides) -> dict:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; pass a folder (it is created if missing)")
+    above = next((p for p in out.parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise ExportError(f"--out {out} lies under the file {above}, not a folder; choose another --out")
     pipe = LatentDiffusion.from_pretrained(model)
     settings = pipe.settings(**overrides)  # bad settings fail before the export's seconds
     if settings.autoguidance_scale != 1.0:

@@ -19,6 +19,11 @@ from .serialization import atomic_save_safetensors
 from .vae import VAE, encode_all
 
 
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
 @dataclass(frozen=True)
 class LatentSet:
     latents: torch.Tensor   # (N, 4, 7, 7) scaled: (z - shift_factor) * scaling_factor
@@ -33,6 +38,7 @@ def encode_split(vae: VAE, data_root: str | Path | None, split: str = "test", ba
     """Encode an MNIST split (the first ``limit`` digits, or all) with the VAE's stored scale and shift."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be an integer >= 1, got {limit!r}")
+    _check_batch_size(batch_size)
     images_u8, labels = load_mnist(data_root, split)
     images_u8, labels = images_u8[:limit], labels[:limit]
     latents = vae.scale_latents(encode_all(vae, to_model_range(images_u8), batch_size)).cpu()  # (N, 4, 7, 7)
@@ -42,6 +48,8 @@ def encode_split(vae: VAE, data_root: str | Path | None, split: str = "test", ba
 
 def save_latents(path: str | Path, data: LatentSet, **metadata: str) -> None:
     """Write a LatentSet to ``path`` (.safetensors), atomically."""
+    if Path(path).is_dir():
+        raise ValueError(f"{path} is a folder; pass a file name, e.g. {Path(path) / 'latents.safetensors'}")
     meta = {**data.metadata, **metadata, "scaling_factor": repr(data.scaling_factor),
             "shift_factor": repr(data.shift_factor), "layout": "latents (N,C,H,W) = (z - shift_factor) * scaling_factor"}
     atomic_save_safetensors({"latents": data.latents.float(), "labels": data.labels.long()}, Path(path),
@@ -51,6 +59,8 @@ def save_latents(path: str | Path, data: LatentSet, **metadata: str) -> None:
 def load_latents(path: str | Path) -> LatentSet:
     """Read a file written by ``save_latents``; DataError naming what is wrong otherwise."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; pass a latents .safetensors file (write one with `python edit.py encode`)")
     if not path.is_file():
         raise DataError(f"{path} not found; write one with `python edit.py encode`")
     try:
@@ -69,6 +79,7 @@ def load_latents(path: str | Path) -> LatentSet:
 @torch.no_grad()
 def decode_latents(vae: VAE, data: LatentSet, batch_size: int = 256) -> torch.Tensor:
     """Scaled latents -> images (N, 1, 28, 28) in [0, 1], unscaled with the file's own scale and shift."""
+    _check_batch_size(batch_size)
     want = (vae.config.latent_channels, vae.config.latent_size, vae.config.latent_size)
     if data.latents.ndim != 4 or tuple(data.latents.shape[1:]) != want:
         raise ValueError(f"latents have shape {tuple(data.latents.shape)} but this VAE decodes (N, {', '.join(map(str, want))})")

@@ -24,9 +24,11 @@ from .config import SampleConfig
 from .errors import ModelLoadError
 from .export import FORMAT, MANIFEST, session
 from .noise import seeded_normal
+from .pipeline import _check_count, check_labels, check_seed
 from .sampling import SAMPLERS
 from .timesteps import make_timesteps
 
+OPTIMIZATIONS = ("basic", "extended", "all")  # ONNX Runtime's graph optimisation levels (export.session)
 MATCH_TOLERANCE = 1e-3  # largest |ORT - PyTorch| pixel difference of a digit in [0, 1] (measured ~1e-5)
 
 
@@ -66,6 +68,10 @@ class OnnxDiffusion:
     """
 
     def __init__(self, folder: str | Path, threads: int | None = None, optimization: str = "all"):
+        if optimization not in OPTIMIZATIONS:
+            raise ValueError(f"optimization must be one of {list(OPTIMIZATIONS)}, got {optimization!r}")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be an integer >= 1 or None (one per core), got {threads!r}")
         folder = Path(folder)
         path = folder / MANIFEST
         if not path.is_file():
@@ -125,9 +131,8 @@ class OnnxDiffusion:
     @torch.no_grad()
     def generate(self, labels: Sequence[int], seed: int = 0, batch_size: int = 256, **overrides) -> torch.Tensor:
         """Digits of ``labels``, (N, 1, 28, 28) in [0, 1]; digit i from seed + i. ``overrides``: the settings."""
-        y = torch.as_tensor(list(labels), dtype=torch.long)
-        if y.ndim != 1 or not len(y) or y.min() < 0 or y.max() >= self.num_classes:
-            raise ValueError(f"labels must be class indices in 0..{self.num_classes - 1}, got {list(labels)!r}")
+        y = check_labels(labels, self.num_classes)  # the pipeline's checks: no float or bool label is truncated
+        seed, batch_size = check_seed(seed, "seed", len(y)), _check_count("batch_size", batch_size)
         settings = self.settings(**overrides)
         seeds = torch.arange(len(y), dtype=torch.int64) + seed
         out = []

@@ -192,26 +192,7 @@ class LatentDiffusion:
     # ------------------------------------------------------------------ inputs
     def check_labels(self, labels) -> torch.Tensor:
         """Class indices as a (N,) long tensor; ValueError naming the problem otherwise."""
-        if isinstance(labels, torch.Tensor):
-            if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.ndim != 1:
-                raise ValueError(f"labels must be a 1-D integer tensor or a list of ints, got {labels.dtype} shape {tuple(labels.shape)}")
-            values = labels.tolist()
-        else:
-            if isinstance(labels, (str, bytes)) or not isinstance(labels, Iterable):
-                one = f"; for one digit pass [{labels!r}]" if isinstance(labels, numbers.Integral) else ""
-                raise ValueError(f"labels must be a list of class indices (integers) like [3, 7], got {labels!r}{one}")
-            values = list(labels)
-            # numpy integers (a label array from load_mnist, np.arange) are class indices too; bools and floats are not
-            bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral)]
-            if bad:
-                raise ValueError(f"labels must be integers, got {bad[0]!r}; pass class indices like [3, 7]")
-            values = [int(v) for v in values]
-        if not values:
-            raise ValueError("labels is empty; pass at least one class index")
-        out = [v for v in values if not 0 <= v < self.num_classes]
-        if out:
-            raise ValueError(f"label {out[0]} is out of range; valid classes are 0..{self.num_classes - 1}")
-        return torch.tensor(values, dtype=torch.long)
+        return check_labels(labels, self.num_classes)
 
     def settings(self, **overrides) -> SampleConfig:
         """The sampling settings of one call: the folder's ``sample`` config with ``overrides`` (None keeps the
@@ -367,6 +348,30 @@ class LatentDiffusion:
             latents = self.noise(seeds[part])  # (B, 4, 7, 7): stream 0 of each seed
             out.append(self.decode(self.sample(latents, y[part], seeds[part], settings, progress=progress)))
         return torch.cat(out)
+
+
+def check_labels(labels, num_classes: int) -> torch.Tensor:
+    """Class indices in 0..num_classes-1 as a (N,) long tensor; ValueError naming the problem otherwise."""
+    if isinstance(labels, torch.Tensor):
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.ndim != 1:
+            raise ValueError(f"labels must be a 1-D integer tensor or a list of ints, got {labels.dtype} shape {tuple(labels.shape)}")
+        values = labels.tolist()
+    else:
+        if isinstance(labels, (str, bytes)) or not isinstance(labels, Iterable):
+            one = f"; for one digit pass [{labels!r}]" if isinstance(labels, numbers.Integral) else ""
+            raise ValueError(f"labels must be a list of class indices (integers) like [3, 7], got {labels!r}{one}")
+        values = list(labels)
+        # numpy integers (a label array from load_mnist, np.arange) are class indices too; bools and floats are not
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, numbers.Integral)]
+        if bad:
+            raise ValueError(f"labels must be integers, got {bad[0]!r}; pass class indices like [3, 7]")
+        values = [int(v) for v in values]
+    if not values:
+        raise ValueError("labels is empty; pass at least one class index")
+    out = [v for v in values if not 0 <= v < num_classes]
+    if out:
+        raise ValueError(f"label {out[0]} is out of range; valid classes are 0..{num_classes - 1}")
+    return torch.tensor(values, dtype=torch.long)
 
 
 def check_seed(seed, name: str = "seed", n: int = 1) -> int:

@@ -257,7 +257,12 @@ def guidance_like_settings(sweep: dict) -> list[dict]:
 
 def sweep_has_curves(sweep: dict) -> bool:
     """Whether ``sweep_plot`` has anything to draw: guidance or sampler runs, or guidance-like --settings."""
-    return bool(sweep.get("guidance") or sweep.get("sampler") or guidance_like_settings(sweep))
+    def runs(key: str) -> bool:  # a list of run records, as `sweep --out` writes (an `ldm --out` file has a number here)
+        rows = sweep.get(key)
+        return isinstance(rows, list) and bool(rows) and all(isinstance(r, dict) and isinstance(r.get("metrics"), dict)
+                                                             for r in rows)
+
+    return runs("guidance") or runs("sampler") or bool(guidance_like_settings(sweep))
 
 
 def sweep_plot(sweep: dict, floor: dict, path: str | Path | None = None) -> Figure:

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .checkpoint import disk_full_errors
-from .errors import RunDirError
+from .errors import DataError, RunDirError
 from .serialization import atomic_save_safetensors, atomic_write_bytes, sha256
 
 FORMAT = "latentdiff-shards/1"
@@ -78,7 +78,16 @@ def finished_shard(out_dir: Path, job: Job, k: int) -> dict | None:
 def saved_job(out_dir: Path) -> dict | None:
     """The job.json an earlier run of this folder wrote, or None."""
     saved = out_dir / JOB_NAME
-    return json.loads(saved.read_text()) if saved.is_file() else None
+    if not saved.is_file():
+        return None
+    try:
+        job = json.loads(saved.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunDirError(f"{saved} is unreadable or corrupt ({e}); its job's settings are lost: choose a new "
+                          "--out-dir (the shards there cannot be checked against this run)") from None
+    if not isinstance(job, dict):
+        raise RunDirError(f"{saved} is not a sampling job (a JSON object); choose a new --out-dir")
+    return job
 
 
 def check_job(out_dir: Path, job: Job) -> None:
@@ -161,14 +170,40 @@ def write_index(out_dir: Path, job: Job) -> dict:
     return index
 
 
+def read_index(out_dir: Path) -> dict:
+    """The index.json of a finished --out-dir; DataError naming what the folder is instead."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        what = "does not exist" if not out_dir.exists() else "is a file"
+        raise DataError(f"{out_dir} {what}; pass a folder written by sample.py --out-dir")
+    path = out_dir / INDEX_NAME
+    if not path.is_file():
+        if (out_dir / JOB_NAME).is_file():
+            raise DataError(f"{out_dir} holds an unfinished sampling job (no {INDEX_NAME} yet); rerun the same "
+                            "sample.py command to finish it")
+        raise DataError(f"{out_dir} is not a shard folder (no {INDEX_NAME}); pass a folder written by sample.py --out-dir")
+    try:
+        index = json.loads(path.read_text())
+        shards = index["shards"]
+        if index.get("format") != FORMAT or not all({"start", "count", "file"} <= set(s) for s in shards):
+            raise ValueError(f"format {index.get('format')!r}, expected {FORMAT!r}")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{path} is not a readable shard index ({type(e).__name__}: {e}); rerun the sample.py command "
+                        "that wrote the folder: it writes the index again") from None
+    return index
+
+
 class ShardDataset(torch.utils.data.Dataset):
     """Digits of a finished --out-dir as a torch Dataset: (image float (1, 28, 28) in [0, 1], label); shards are memory-mapped."""
 
     def __init__(self, out_dir: str | Path):
         self.dir = Path(out_dir)
-        index = json.loads((self.dir / INDEX_NAME).read_text())
-        self.shards = [(s["start"], s["count"], s["file"]) for s in index["shards"]]
-        self.size, self._open = index["num_digits"], {}
+        self.shards = [(s["start"], s["count"], s["file"]) for s in read_index(self.dir)["shards"]]
+        missing = [name for _, _, name in self.shards if not (self.dir / name).is_file()]
+        if missing:
+            raise DataError(f"{self.dir / missing[0]} is missing ({len(missing)} of {len(self.shards)} shards); "
+                            "rerun the sample.py command that wrote the folder: it makes the missing shards again")
+        self.size, self._open = sum(count for _, count, _ in self.shards), {}
 
     def __len__(self) -> int:
         return self.size
@@ -178,7 +213,11 @@ class ShardDataset(torch.utils.data.Dataset):
             raise IndexError(f"digit {i} is out of range 0..{self.size - 1}")
         start, count, name = self.shards[i // self.shards[0][1]]  # every shard but the last holds shard_size digits
         if name not in self._open:  # opened lazily, so each DataLoader worker has its own handles
-            self._open[name] = safe_open(str(self.dir / name), framework="pt")
+            try:
+                self._open[name] = safe_open(str(self.dir / name), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise DataError(f"{self.dir / name} is missing, truncated or corrupt ({e}); rerun the sample.py command "
+                                "that wrote the folder: it makes shards that fail their checksum again") from None
         f, j = self._open[name], i - start
         image = f.get_slice("images")[j:j + 1].float() / 255  # (1, 28, 28): reads one image, not the shard
         return image, int(f.get_slice("labels")[j:j + 1][0])

@@ -300,6 +300,9 @@ def teach_folder(model_dir: str | Path, images: torch.Tensor, name: str, out_dir
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise RunDirError(f"{out_dir} exists; pass a new --out folder (the model folders are never overwritten)")
+    above = next((p for p in out_dir.parents if p.exists()), None)
+    if above is not None and not above.is_dir():  # it would fail only when the adapter is written, after the teaching
+        raise RunDirError(f"--out {out_dir} lies under the file {above}, not a folder; choose another --out")
     pipe = LatentDiffusion.from_pretrained(model_dir, device)
     name = check_name(pipe, name)
     cfg = config or TeachConfig()

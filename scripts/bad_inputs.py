@@ -232,6 +232,52 @@ def main() -> None:
     cli("`sample.py --per-label 0`", ["sample.py", "--model", str(tmp / "ldm"), "--per-label", "0"])
     cli("`sample.py --model` a VAE folder", ["sample.py", "--model", str(tmp / "vae")])
 
+    # The other rooms: edit.py, teach.py, distill_ldm.py, the evaluator, the sharded mode and its reader.
+    (tmp / "junk.png").write_text("not a png")
+    cli("`edit.py interp-seeds --out` a folder (checked before sampling)", ["edit.py", "interp-seeds", "--model", str(tmp / "ldm"),
+                                                                            "--out", str(tmp)])
+    cli("`edit.py trajectory --out` a name under a file", ["edit.py", "trajectory", "--model", str(tmp / "ldm"), "--out",
+                                                            str(tmp / "afile" / "t.png")])
+    cli("`edit.py every-class --image` a file that is not an image", ["edit.py", "every-class", "--model", str(tmp / "ldm"),
+                                                                       "--image", str(tmp / "junk.png")])
+    cli("`edit.py encode --out` a folder", ["edit.py", "encode", "--vae", str(tmp / "vae"), "--data-dir", str(data), "--out",
+                                            str(tmp)])
+    np.savez(tmp / "plus.npz", images=np.zeros((3, 28, 28), np.uint8))
+    cli("`teach.py --out` a name under a file (checked before teaching)",
+        ["teach.py", "--model", str(tmp / "ldm"), "--images", str(tmp / "plus.npz"), "--name", "plus", "--out",
+         str(tmp / "afile" / "plus")])
+    cli("`teach.py --images` a path that does not exist", ["teach.py", "--model", str(tmp / "ldm"), "--images",
+                                                           str(tmp / "nope"), "--name", "plus", "--out", str(tmp / "t1")])
+    from latentdiff.teach import save_adapter  # noqa: E402
+
+    save_adapter(tmp / "ldm_star", tmp / "ldm", ["star"], pipe.unet.class_embed.weight[:1].detach())
+    cli("`distill_ldm.py --teacher` a taught-classes adapter (teach.py's folder)",
+        ["distill_ldm.py", "--teacher", str(tmp / "ldm_star"), "--out", str(tmp / "fast"), "--data-dir", str(data)])
+    cli("`evaluate ldm --out` a folder (checked before the evaluation)",
+        ["-m", "latentdiff.evaluate", "ldm", "--model", str(tmp / "ldm"), "--out", str(tmp)])
+    cli("`evaluate ldm --batch-size 0`", ["-m", "latentdiff.evaluate", "ldm", "--model", str(tmp / "ldm"), "--batch-size", "0"])
+    cli("`evaluate sweep --plot sweep.xyz` (checked before the sweep)",
+        ["-m", "latentdiff.evaluate", "sweep", "--model", str(tmp / "ldm"), "--plot", str(tmp / "sweep.xyz")])
+    from latentdiff.evaluate import Classifier, ClassifierConfig, evaluate_ldm, load_or_train_classifier  # noqa: E402
+
+    api("`evaluate_ldm` of a taught model (11 classes, a 10-class judge)",
+        lambda: evaluate_ldm(LatentDiffusion.from_pretrained(tmp / "ldm_star"), Classifier(ClassifierConfig()), None, 2))
+    api("`--classifier` a VAE folder with `--retrain` (would overwrite its weights)",
+        lambda: load_or_train_classifier(tmp / "vae", retrain=True))
+    cli("`sample.py --out-dir DIR --num-digits 0`", ["sample.py", "--model", str(tmp / "ldm"), "--out-dir", str(tmp / "sh"),
+                                                    "--num-digits", "0"])
+    cli("`sample.py --out-dir` a file", ["sample.py", "--model", str(tmp / "ldm"), "--out-dir", str(tmp / "afile"),
+                                         "--num-digits", "5"])
+    (tmp / "sh_bad").mkdir()
+    (tmp / "sh_bad" / "job.json").write_text('{"trunc')
+    cli("`sample.py --out-dir` a folder whose job.json is corrupt", ["sample.py", "--model", str(tmp / "ldm"), "--out-dir",
+                                                                      str(tmp / "sh_bad"), "--num-digits", "5"])
+    from latentdiff.shards import ShardDataset  # noqa: E402
+
+    (tmp / "sh_bad" / "job.json").write_text("{}")
+    api("`ShardDataset` of a folder whose job has not finished (no index.json)", lambda: ShardDataset(tmp / "sh_bad"))
+    api("`ShardDataset` of a folder that does not exist", lambda: ShardDataset(tmp / "nope"))
+
     print("| bad input | result | message |")
     print("|---|---|---|")
     for what, kind, msg in ROWS:

@@ -20,6 +20,7 @@ from latentdiff import LatentDiffusion, UNet
 from latentdiff.checkpoint import checkpoint_dir
 from latentdiff.diffusion import make_schedule, q_sample
 from latentdiff.distill import DistillConfig, lcd_loss, make_student, solver_grid
+from latentdiff.errors import ModelLoadError
 from latentdiff.sampling import Denoiser, consistency_x0, lcm
 from latentdiff.serialization import CONFIG_NAME
 from latentdiff.timesteps import make_timesteps
@@ -187,6 +188,19 @@ def test_student_accepts_the_every_step_interval():
 
 
 # ------------------------------------------------------------------------------------------ the run folder
+def test_a_taught_adapter_is_refused_as_a_teacher(tmp_path):
+    """teach.py's folder loads as an 11-class pipeline whose UNet the student cannot copy: it used to fail with an
+    AssertionError traceback in make_student after claiming --out."""
+    from latentdiff.distill import load_teacher
+    from latentdiff.teach import save_adapter
+
+    base = tiny_pipeline()
+    base.save_pretrained(tmp_path / "ldm")
+    save_adapter(tmp_path / "ldm_star", tmp_path / "ldm", ["star"], base.unet.class_embed.weight[:1].detach())
+    with pytest.raises(ModelLoadError, match=r"taught-classes adapter .* distil its base LDM \(.*ldm\)"):
+        load_teacher(tmp_path / "ldm_star")
+
+
 def _distill(teacher: Path, out: Path, *extra, env: dict | None = None, check: bool = True):
     return run_cmd([sys.executable, REPO / "distill_ldm.py", "--teacher", teacher, "--out", out,
                     *as_set_args(DISTILL_SET), *extra], env=env, check=check)

@@ -13,7 +13,8 @@ import torch
 from conftest import run_script, tiny_pipeline
 from PIL import Image
 
-from latentdiff import edit
+import latentdiff.latents as latents_module
+from latentdiff import LatentDiffusion, edit
 from latentdiff.data import load_mnist
 from latentdiff.errors import DataError
 from latentdiff.latents import decode_latents, encode_split, load_latents, save_latents
@@ -293,6 +294,18 @@ def test_bad_latent_files(tmp_path, tiny):
         encode_split(tiny.vae, tmp_path, limit=0)
 
 
+def test_latents_files_refuse_folders_and_zero_batches(tiny, tmp_path):
+    with pytest.raises(DataError, match="is a folder; pass a latents .safetensors file"):
+        load_latents(tmp_path)  # was "not found"
+    z = torch.zeros(2, 4, 7, 7)
+    from latentdiff.latents import LatentSet
+
+    with pytest.raises(ValueError, match="is a folder; pass a file name"):
+        save_latents(tmp_path, LatentSet(z, torch.zeros(2, dtype=torch.long), 1.0, 0.0, {}))  # was IsADirectoryError
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):  # was range()'s message
+        decode_latents(tiny.vae, LatentSet(z, torch.zeros(2, dtype=torch.long), 1.0, 0.0, {}), batch_size=0)
+
+
 # ---------------------------------------------------------------------------------------------- command line
 def run_edit(args: list, monkeypatch, capsys) -> tuple[int, str, str]:
     return run_script("edit.py", args, monkeypatch, capsys)
@@ -357,6 +370,34 @@ def test_cli_bad_input_is_one_line(saved, mnist_dir, tmp_path, monkeypatch, caps
     code, _, err = run_edit([*args, "--model", saved, "--out", tmp_path / "x.png", *data], monkeypatch, capsys)
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and word in err, err
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("args, out, word", [
+    (["interp-seeds", "--labels", "1", "--frames", "2"], ".", "is a folder"),
+    (["interp-seeds", "--labels", "1", "--frames", "2"], "afile/x.png", "is a file, not a folder"),
+    (["trajectory", "--labels", "1"], "x.xyz", "PIL writes no image format"),
+    (["encode", "--limit", "2"], ".", "is a folder"),
+    (["encode", "--limit", "2"], "afile/z.safetensors", "is a file, not a folder"),
+])
+def test_cli_bad_out_is_refused_before_any_work(saved, mnist_dir, tmp_path, monkeypatch, capsys, args, out, word):
+    """A --out that cannot be written fails before the model loads, not after the sampling (a folder used to fail with
+    PIL's 'unknown file extension', a name under a file with a traceback, both after all the work)."""
+    (tmp_path / "afile").write_text("mine")
+    monkeypatch.setattr(LatentDiffusion, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(latents_module, "encode_split", lambda *a, **k: pytest.fail("the split was encoded"))
+    model = ["--vae", saved / "vae", "--data-dir", mnist_dir] if args[0] == "encode" else ["--model", saved]
+    code, _, err = run_edit([*args, *model, "--out", tmp_path / out], monkeypatch, capsys)
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and word in err, err
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+@pytest.mark.parametrize("flag", ["--image", "--mask"])
+def test_cli_unreadable_image_is_one_line(saved, mnist_dir, tmp_path, monkeypatch, capsys, flag):
+    (tmp_path / "junk.png").write_text("not a png")
+    args = ["every-class", "--image", tmp_path / "junk.png"] if flag == "--image" else \
+        ["inpaint", "--labels", "1", "--indices", "0", "--data-dir", mnist_dir, "--mask", tmp_path / "junk.png"]
+    code, _, err = run_edit([*args, "--model", saved, "--out", tmp_path / "x.png"], monkeypatch, capsys)
+    assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and "not a readable image" in err, err
 
 
 def test_cli_decode_bad_file(saved, tmp_path, monkeypatch, capsys):

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -267,6 +268,67 @@ def test_cli_ldm_vae_sweep_end_to_end(tiny_mnist, tmp_path, monkeypatch):
     assert [r["guidance_scale"] for r in res["guidance"]] == [1.0, 2.0]
     assert [(r["sampler"], r["steps"]) for r in res["sampler"]] == [("ddim", 2), ("dpm++", 3)]
     assert "guidance_scale" in res["choice"] and (tmp_path / "sweep.png").is_file()
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--out", "."], "is a folder"),
+    (["--out", "afile/r.json"], "is a file, not a folder"),
+    (["--samples", "s.xyz"], "PIL writes no image format"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--threads", "-1"], "--threads must be >= 1"),
+])
+def test_cli_bad_outputs_and_counts_fail_before_the_work(tmp_path, monkeypatch, args, word):
+    """These used to fail after the whole evaluation (a traceback, PIL's 'unknown file extension', range()'s message)."""
+    import latentdiff.evaluate.commands as commands
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("mine")
+    monkeypatch.setattr(commands, "load_pipe", lambda args: pytest.fail("the model loaded"))
+    with pytest.raises(ValueError, match=re.escape(word)):
+        main(["ldm", "--model", "m", "--n-per-class", "2", *args])
+
+
+def test_cli_sweep_bad_plot_name_fails_before_the_sweep(tmp_path, monkeypatch):
+    import latentdiff.evaluate.commands as commands
+
+    monkeypatch.setattr(commands, "load_pipe", lambda args: pytest.fail("the model loaded"))
+    with pytest.raises(ValueError, match="matplotlib writes no figure format"):
+        main(["sweep", "--model", "m", "--guidance", "1", "--plot", str(tmp_path / "s.xyz"), "--out", str(tmp_path / "s.json")])
+
+
+def test_cli_plot_of_an_ldm_result_is_one_line(tmp_path):
+    (tmp_path / "ldm.json").write_text(json.dumps({"guidance_scale": 2.0, "guidance": 2.0, "floor": {}}))
+    with pytest.raises(ValueError, match="is not a sweep result"):  # was a TypeError inside the plot
+        main(["plot", str(tmp_path / "ldm.json"), "--out", str(tmp_path / "x.png")])
+
+
+def test_classifier_is_never_trained_over_another_models_folder(tmp_path, monkeypatch):
+    """--classifier runs/vae --retrain (the old error's hint) used to overwrite the VAE's weights with a classifier."""
+    import latentdiff.evaluate.classifier as ev
+    from latentdiff.errors import ModelLoadError
+    from conftest import tiny_vae
+
+    tiny_vae().save_pretrained(tmp_path / "vae")
+    before = (tmp_path / "vae" / "model.safetensors").read_bytes()
+    monkeypatch.setattr(ev, "train_classifier", lambda *a, **k: pytest.fail("trained into the VAE folder"))
+    with pytest.raises(ModelLoadError, match="another model's weights"):
+        load_or_train_classifier(tmp_path / "vae", retrain=True)
+    with pytest.raises(ModelLoadError, match="not an evaluation classifier") as e:
+        load_or_train_classifier(tmp_path / "vae")
+    assert "--retrain" not in str(e.value)
+    assert (tmp_path / "vae" / "model.safetensors").read_bytes() == before
+
+
+def test_a_taught_model_is_refused_by_the_judge(tmp_path):
+    """A taught model's 11th class has no class in the judge: its digits all counted as wrong, silently."""
+    from conftest import tiny_pipeline
+    from latentdiff.evaluate import evaluate_ldm
+
+    pipe = tiny_pipeline()
+    taught = pipe.with_taught(pipe.unet.with_classes(pipe.unet.class_embed.weight[:1].detach()), ["star"], False)
+    clf = Classifier(TINY)
+    with pytest.raises(ValueError, match=r"11 classes \(taught: \['star'\]\) and the judge reads 10"):
+        evaluate_ldm(taught, clf, None, 2, steps=2, progress=False)
 
 
 def test_generate_balanced_does_not_depend_on_batch_size():

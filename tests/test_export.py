@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import sys
 
 import pytest
@@ -117,10 +118,44 @@ def test_runner_refuses_bad_settings_and_folders(exported, tmp_path):
     runner = OnnxDiffusion(exported["student"][1])
     with pytest.raises(ValueError, match="needs the teacher"):
         runner.generate([1], sampler="dpm++")
-    with pytest.raises(ValueError, match="labels must be class indices in 0..9"):
+    with pytest.raises(ValueError, match="out of range; valid classes are 0..9"):
         runner.generate([10])
     with pytest.raises(ModelLoadError, match="python -m latentdiff.export"):
         OnnxDiffusion(tmp_path)
+
+
+@pytest.mark.parametrize("call, word", [
+    (lambda r: r.generate([1.5]), "labels must be integers, got 1.5"),  # was truncated to label 1, silently
+    (lambda r: r.generate([True]), "labels must be integers, got True"),
+    (lambda r: r.generate(3), "for one digit pass"),
+    (lambda r: r.generate([1], seed=1.5), "seed must be an integer"),  # was a float seed, silently
+    (lambda r: r.generate([1, 2], seed=2**63 - 1), "64-bit seeds"),  # seed + 1 wrapped
+    (lambda r: r.generate([1], batch_size=0), "batch_size must be an integer >= 1"),
+])
+def test_runner_checks_its_arguments_as_the_pipeline(exported, call, word):
+    with pytest.raises(ValueError, match=re.escape(word)):
+        call(OnnxDiffusion(exported["student"][1]))
+
+
+def test_runner_names_a_bad_optimization_level(exported):
+    with pytest.raises(ValueError, match="optimization must be one of"):
+        OnnxDiffusion(exported["student"][1], optimization="max")  # was a KeyError at the first generate
+
+
+def test_a_taught_class_keeps_its_name_in_the_manifest(exported, tmp_path):
+    """The manifest's class_names (the web page's class menu) were "0".."10": a taught class lost its name."""
+    from latentdiff.teach import save_adapter
+
+    base, _, pipe = exported["teacher"]
+    save_adapter(tmp_path / "star", base, ["star"], pipe.unet.class_embed.weight[:1])
+    info = export(tmp_path / "star", tmp_path / "onnx")
+    assert info["class_names"] == [*"0123456789", "star"] and info["num_classes"] == 11
+
+
+def test_export_out_under_a_file_is_one_line(exported, tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(ExportError, match="lies under the file"):
+        export(exported["student"][0], tmp_path / "afile" / "onnx")
 
 
 # ------------------------------------------------------------------------------------------ refusals

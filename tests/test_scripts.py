@@ -287,7 +287,7 @@ def test_train_ldm_follows_a_non_default_vae(mnist_dir, tmp_path, monkeypatch, c
 
 
 @pytest.mark.parametrize("args, word", [
-    (["--out", "{tmp}"], "is a folder; pass an image file name"),  # was 'unknown file extension: ', after sampling
+    (["--out", "{tmp}"], "is a folder; pass a file name, e.g. --out {tmp}/out.png"),  # was 'unknown file extension: ', after sampling
     (["--out", "{tmp}/grid"], "PIL writes no image format with no extension"),
     (["--out", "{tmp}/grid.xyz"], "the extension .xyz"),
     (["--npz", "{tmp}"], "--npz {tmp} is a folder"),

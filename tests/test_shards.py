@@ -186,3 +186,53 @@ def test_small_jobs_still_write_the_grid_and_npz(model_dir, tmp_path):
     bad = run_cmd([BIN / "python", REPO / "sample.py", "--model", model_dir, "--out-dir", tmp_path / "x", "--npz",
                    tmp_path / "y.npz"], check=False)
     assert bad.returncode == 2 and "one or the other" in bad.stderr
+
+
+@pytest.mark.parametrize("args, word", [
+    (["--num-digits", "0"], "--num-digits and --shard-size must be >= 1, got 0"),  # 0 used to mean the default (80)
+    (["--out-dir", "afile"], "is a file, not a folder"),  # used to be a FileExistsError traceback
+    (["--out-dir", "afile/x"], "lies under the file"),
+])
+def test_sharded_mode_bad_input_is_one_line(model_dir, tmp_path, args, word):
+    (tmp_path / "afile").write_text("mine")
+    base = ["--out-dir", "shards"] if "--out-dir" not in args else []
+    proc = run_cmd([BIN / "python", REPO / "sample.py", "--model", model_dir, "--steps", "2", "--device", "cpu",
+                    *base, *args], cwd=tmp_path, check=False)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2 and len(lines) == 1 and word in lines[0], proc.stderr[-2000:]
+    assert not (tmp_path / "shards").exists() and (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_corrupt_job_json_is_named(tmp_path):
+    pipe = tiny_pipeline()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / shards.JOB_NAME).write_text('{"trunc')
+    with pytest.raises(RunDirError, match=r"job.json is unreadable or corrupt .* choose a new --out-dir"):
+        shards.check_job(tmp_path / "a", job(pipe))
+
+
+def test_shard_dataset_names_what_a_bad_folder_is(tmp_path):
+    """Each of these used to be a raw FileNotFoundError, JSONDecodeError, KeyError or SafetensorError."""
+    from latentdiff.errors import DataError
+
+    pipe = tiny_pipeline()
+    j = job(pipe, n=12, shard_size=8)
+    run_all(pipe, j, tmp_path / "done")
+    assert len(shards.ShardDataset(tmp_path / "done")) == 12
+    shutil.copytree(tmp_path / "done", tmp_path / "unfinished")
+    (tmp_path / "unfinished" / shards.INDEX_NAME).unlink()
+    shutil.copytree(tmp_path / "done", tmp_path / "bad_index")
+    (tmp_path / "bad_index" / shards.INDEX_NAME).write_text("{")
+    shutil.copytree(tmp_path / "done", tmp_path / "lost_shard")
+    shards.shard_path(tmp_path / "lost_shard", 1).unlink()
+    shutil.copytree(tmp_path / "done", tmp_path / "cut_shard")
+    cut = shards.shard_path(tmp_path / "cut_shard", 0)
+    cut.write_bytes(cut.read_bytes()[:100])
+    (tmp_path / "other").mkdir()
+    for folder, word in [("nope", "does not exist"), ("unfinished", "unfinished sampling job"),
+                         ("other", "not a shard folder"), ("bad_index", "not a readable shard index"),
+                         ("lost_shard", "shard-00001.safetensors is missing")]:
+        with pytest.raises(DataError, match=word):
+            shards.ShardDataset(tmp_path / folder)
+    with pytest.raises(DataError, match="truncated or corrupt.*rerun the sample.py command"):
+        shards.ShardDataset(tmp_path / "cut_shard")[0]

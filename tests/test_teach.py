@@ -139,6 +139,23 @@ def test_an_existing_out_folder_is_never_overwritten(base, tmp_path):
         teach_folder(base, examples(), "plus", tmp_path / "taken", FAST)
 
 
+def test_an_out_under_a_file_is_refused_before_teaching(base, tmp_path, monkeypatch):
+    """It used to fail only when the adapter was written, after the whole teaching, with a FileExistsError traceback."""
+    import latentdiff.teach as teach_module
+
+    (tmp_path / "afile").write_text("mine")
+    monkeypatch.setattr(teach_module, "teach", lambda *a, **k: pytest.fail("taught before checking --out"))
+    with pytest.raises(RunDirError, match="lies under the file"):
+        teach_folder(base, examples(), "plus", tmp_path / "afile" / "star", FAST)
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_cli_images_that_do_not_exist_are_named(base, tmp_path, monkeypatch, capsys):
+    code, _, err = run_teach(["--model", base, "--images", tmp_path / "nope", "--name", "x", "--out", tmp_path / "o"],
+                             monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "does not exist" in err, err
+
+
 # ---------------------------------------------------------------------------------------------- lora
 def lora_loss(unet, pipe, k: int) -> float:
     """The diffusion loss of class ``k`` on the examples, over 100 fixed noise draws."""

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..data import batch_indices, load_mnist
 from ..errors import ModelLoadError
-from ..serialization import CONFIG_NAME, atomic_write_bytes, load_model, save_model
+from ..serialization import CONFIG_NAME, WEIGHTS_NAME, atomic_write_bytes, load_model, save_model
 from .metrics import class_accuracy
 
 CLASSIFIER_ENV = "LATENTDIFF_CLASSIFIER"
@@ -167,13 +167,25 @@ def load_or_train_classifier(path: str | Path | None = None, data_root: str | Pa
                              device: str | torch.device = "cpu", retrain: bool = False) -> Classifier:
     """Load the classifier folder at ``path`` (default: see default_classifier_path); train it there if missing."""
     path = Path(path).expanduser() if path is not None else default_classifier_path()
+    # A folder holding another model (a VAE, a UNet, a checkpoint: weights with no train_info.json beside them) is never
+    # trained into: that would overwrite its weights.
+    other = path.is_dir() and not (path / TRAIN_INFO).is_file() and any((path / f).is_file()
+                                                                         for f in (CONFIG_NAME, WEIGHTS_NAME))
+    if path.exists() and not path.is_dir():
+        raise ModelLoadError(f"--classifier {path} is a file; pass a classifier folder (trained there if missing)")
     if retrain or not (path / CONFIG_NAME).is_file():
+        if other:
+            raise ModelLoadError(f"--classifier {path} holds another model's weights, not an evaluation classifier's "
+                                 f"(no {TRAIN_INFO}); not training over them: pass a classifier folder, or a new one")
         print(f"training the evaluation classifier into {path} (a few minutes on a CPU, once)", file=sys.stderr)
         _, info = train_classifier(data_root, path, device)
         print(f"classifier test accuracy {info['test_accuracy']:.4%} in {info['train_wall_s']:.0f} s", file=sys.stderr)
     try:
         return load_model(Classifier, ClassifierConfig, path, device)
     except ModelLoadError as e:
+        if other:  # --retrain would overwrite that model: name the mistake instead
+            raise ModelLoadError(f"--classifier {path} is not an evaluation classifier (no {TRAIN_INFO}; {e}); pass a "
+                                 "classifier folder, or a new one to train it there") from e
         raise ModelLoadError(f"{e}\n(an evaluation classifier from an older version? retrain it with --retrain)") from e
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli import check_output_file, check_output_image
 from ..serialization import CONFIG_NAME, atomic_write_bytes
 from ..timesteps import SPACINGS
 from .classifier import (CLASSIFIER_ENV, DEFAULT_CLASSIFIER, Classifier, classifier_info, default_classifier_path,
@@ -339,10 +340,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_outputs(args) -> None:
+    """Refuse output names that would fail only after the evaluation (all its work lost): --out, --plot, --samples."""
+    if getattr(args, "out", None):
+        check_output_file(args.out, "--out", "results.json")
+    if getattr(args, "samples", None):
+        check_output_image(args.samples, "--samples")
+    png = getattr(args, "plot", None) or (getattr(args, "png", None) if args.command == "plot" else None)
+    if png:
+        flag = "--plot" if args.command == "sweep" else "--out"
+        check_output_file(png, flag, "sweep.png")
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        suffix = Path(png).suffix  # none: matplotlib writes a PNG
+        if suffix and suffix.lower().lstrip(".") not in FigureCanvasBase.get_supported_filetypes():
+            raise ValueError(f"{flag} {png}: matplotlib writes no figure format with the extension {suffix}; end the "
+                             "name in .png (or .pdf, .svg, .jpg)")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if getattr(args, "n_per_class", 2) < 2:
         raise ValueError(f"--n-per-class must be >= 2 (covariances and k-NN radii need several samples), got {args.n_per_class}")
+    for flag in ("batch_size", "threads"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    check_outputs(args)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     result = args.fn(args)

@@ -110,6 +110,11 @@ def evaluate_ldm(pipe, clf: Classifier, ref: Reference, n_per_class: int = 1000,
     arguments that reproduce the run with ``pipe.generate``. ``unet_rows`` is the cost: UNet batch rows
     per digit (a guided step runs two; a distilled student, which takes w as an input, one per step).
     """
+    if pipe.num_classes != clf.config.num_classes:  # a taught model (teach.py): the judge has no class for the new ones
+        extra_names = list(getattr(pipe, "class_names", []))[clf.config.num_classes:]
+        raise ValueError(f"the model has {pipe.num_classes} classes (taught: {extra_names}) and the judge reads "
+                         f"{clf.config.num_classes}; its scores would count every taught digit as wrong: evaluate the "
+                         "base model (the taught folder's base), and the taught class with docs/teaching.md's protocol")
     extra = dict(generate_kwargs)
     settings = run_settings(pipe, guidance, sampler, steps, guidance_interval, spacing, extra.pop("eta", None),
                             extra.pop("autoguidance_scale", None))
