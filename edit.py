@@ -155,6 +155,8 @@ def main() -> None:
     # before any model loads: a bad name would otherwise fail only after the work
     if args.cmd == "encode":
         check_output_file(args.out, "--out", f"{args.split}_latents.safetensors")
+        if Path(args.out).suffix != ".safetensors":  # what save_latents writes, whatever the name says
+            raise ValueError(f"--out {args.out}: latents are written as safetensors; end the name in .safetensors")
     else:
         check_output_image(args.out)
     if args.cmd in ("encode", "decode"):

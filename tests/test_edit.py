@@ -378,6 +378,7 @@ def test_cli_bad_input_is_one_line(saved, mnist_dir, tmp_path, monkeypatch, caps
     (["trajectory", "--labels", "1"], "x.xyz", "PIL writes no image format"),
     (["encode", "--limit", "2"], ".", "is a folder"),
     (["encode", "--limit", "2"], "afile/z.safetensors", "is a file, not a folder"),
+    (["encode", "--limit", "2"], "z.npz", "latents are written as safetensors; end the name in .safetensors"),
 ])
 def test_cli_bad_out_is_refused_before_any_work(saved, mnist_dir, tmp_path, monkeypatch, capsys, args, out, word):
     """A --out that cannot be written fails before the model loads, not after the sampling (a folder used to fail with

@@ -296,6 +296,20 @@ def test_cli_sweep_bad_plot_name_fails_before_the_sweep(tmp_path, monkeypatch):
         main(["sweep", "--model", "m", "--guidance", "1", "--plot", str(tmp_path / "s.xyz"), "--out", str(tmp_path / "s.json")])
 
 
+@pytest.mark.parametrize("args, word", [
+    (["--guidance", "1", "--min-accuracy", "99.5"], "--min-accuracy is a fraction in [0, 1] (0.995 = 99.5%), got 99.5"),
+    (["--guidance", "1", "--min-worst-class", "nan"], "--min-worst-class is a fraction"),
+    (["--guidance", "1", "--min-recall-ratio", "-1"], "--min-recall-ratio is a multiple"),
+    (["--guidance", "--samplers"], "nothing to sweep"),  # was a sweep of nothing, exit 0
+])
+def test_cli_sweep_bad_bars_and_empty_sweeps_fail_before_the_work(monkeypatch, args, word):
+    import latentdiff.evaluate.commands as commands
+
+    monkeypatch.setattr(commands, "load_pipe", lambda args: pytest.fail("the model loaded"))
+    with pytest.raises(ValueError, match=re.escape(word)):
+        main(["sweep", "--model", "m", *args])
+
+
 def test_cli_plot_of_an_ldm_result_is_one_line(tmp_path):
     (tmp_path / "ldm.json").write_text(json.dumps({"guidance_scale": 2.0, "guidance": 2.0, "floor": {}}))
     with pytest.raises(ValueError, match="is not a sweep result"):  # was a TypeError inside the plot

@@ -164,8 +164,16 @@ def cmd_vae(args) -> dict:
 
 
 def cmd_sweep(args) -> dict:
+    for name in ("min_accuracy", "min_worst_class"):  # fractions: 0.995 is 99.5% (NaN fails too)
+        if not 0 <= getattr(args, name) <= 1:
+            raise ValueError(f"--{name.replace('_', '-')} is a fraction in [0, 1] (0.995 = 99.5%), got {getattr(args, name)}")
+    if not args.min_recall_ratio >= 0:
+        raise ValueError(f"--min-recall-ratio is a multiple of the real floor's recall, >= 0, got {args.min_recall_ratio}")
     samplers = [parse_sampler(s) for s in _or_default(args.samplers, args.settings, DEFAULT_SAMPLERS)]  # fail fast
     guidances = _or_default(args.guidance, args.settings, DEFAULT_GUIDANCE)
+    if not (samplers or guidances or args.settings):
+        raise ValueError("nothing to sweep: --guidance and --samplers are both empty; give scales (--guidance 1 2), "
+                         "samplers (--samplers ddim:20) or --settings")
     pipe = load_pipe(args)
     T = pipe.config.diffusion.num_timesteps
     interval = _interval_option(args, pipe)
