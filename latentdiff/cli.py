@@ -9,6 +9,7 @@ from typing import Callable
 
 from .config import load_config
 from .errors import ConfigError, LatentDiffError
+from .serialization import file_above
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -57,20 +58,12 @@ def load_run_config(cls: type, args: argparse.Namespace, stage: str, extra: list
     return load_config(cls, resolve_config_path(args.config, stage), overrides + (extra or []))
 
 
-def _file_above(path: Path) -> Path | None:
-    """The nearest existing ancestor of ``path`` if it is a file (nothing can be made under it), else None."""
-    for parent in path.parents:
-        if parent.exists():
-            return None if parent.is_dir() else parent
-    return None
-
-
 def check_output_file(path: str | Path, flag: str, example: str) -> Path:
     """An output file name, checked before the work that fills it: not a folder, not under a file. ValueError otherwise."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{flag} {path} is a folder; pass a file name, e.g. {flag} {path / example}")
-    above = _file_above(path)
+    above = file_above(path)
     if above is not None:
         raise ValueError(f"{flag} {path}: {above} is a file, not a folder; choose another {flag}")
     return path
@@ -92,7 +85,7 @@ def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{flag} {path} is a file, not a folder; choose another {flag}")
-    above = _file_above(path)
+    above = file_above(path)
     if above is not None:
         raise ValueError(f"{flag} {path} lies under the file {above}, not a folder; choose another {flag}")
     return path

@@ -34,6 +34,7 @@ from .config import SampleConfig
 from .errors import LatentDiffError
 from .pipeline import LatentDiffusion
 from .sampling import Denoiser, guided
+from .serialization import file_above
 from .timesteps import make_timesteps
 
 MANIFEST = "manifest.json"
@@ -205,8 +206,8 @@ def export(model: str | Path, out: str | Path, **overrides) -> dict:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out} is a file; pass a folder (it is created if missing)")
-    above = next((p for p in out.parents if p.exists()), None)
-    if above is not None and not above.is_dir():
+    above = file_above(out)
+    if above is not None:
         raise ExportError(f"--out {out} lies under the file {above}, not a folder; choose another --out")
     pipe = LatentDiffusion.from_pretrained(model)
     settings = pipe.settings(**overrides)  # bad settings fail before the export's seconds

@@ -15,13 +15,9 @@ from safetensors import SafetensorError, safe_open
 
 from .data import load_mnist, to_model_range
 from .errors import DataError
+from .pipeline import check_count
 from .serialization import atomic_save_safetensors
 from .vae import VAE, encode_all
-
-
-def _check_batch_size(batch_size) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
 
 @dataclass(frozen=True)
@@ -38,7 +34,7 @@ def encode_split(vae: VAE, data_root: str | Path | None, split: str = "test", ba
     """Encode an MNIST split (the first ``limit`` digits, or all) with the VAE's stored scale and shift."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be an integer >= 1, got {limit!r}")
-    _check_batch_size(batch_size)
+    check_count("batch_size", batch_size)
     images_u8, labels = load_mnist(data_root, split)
     images_u8, labels = images_u8[:limit], labels[:limit]
     latents = vae.scale_latents(encode_all(vae, to_model_range(images_u8), batch_size)).cpu()  # (N, 4, 7, 7)
@@ -79,7 +75,7 @@ def load_latents(path: str | Path) -> LatentSet:
 @torch.no_grad()
 def decode_latents(vae: VAE, data: LatentSet, batch_size: int = 256) -> torch.Tensor:
     """Scaled latents -> images (N, 1, 28, 28) in [0, 1], unscaled with the file's own scale and shift."""
-    _check_batch_size(batch_size)
+    check_count("batch_size", batch_size)
     want = (vae.config.latent_channels, vae.config.latent_size, vae.config.latent_size)
     if data.latents.ndim != 4 or tuple(data.latents.shape[1:]) != want:
         raise ValueError(f"latents have shape {tuple(data.latents.shape)} but this VAE decodes (N, {', '.join(map(str, want))})")

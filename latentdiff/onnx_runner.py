@@ -24,7 +24,7 @@ from .config import SampleConfig
 from .errors import ModelLoadError
 from .export import FORMAT, MANIFEST, session
 from .noise import seeded_normal
-from .pipeline import _check_count, check_labels, check_seed
+from .pipeline import check_count, check_labels, check_seed
 from .sampling import SAMPLERS
 from .timesteps import make_timesteps
 
@@ -132,7 +132,7 @@ class OnnxDiffusion:
     def generate(self, labels: Sequence[int], seed: int = 0, batch_size: int = 256, **overrides) -> torch.Tensor:
         """Digits of ``labels``, (N, 1, 28, 28) in [0, 1]; digit i from seed + i. ``overrides``: the settings."""
         y = check_labels(labels, self.num_classes)  # the pipeline's checks: no float or bool label is truncated
-        seed, batch_size = check_seed(seed, "seed", len(y)), _check_count("batch_size", batch_size)
+        seed, batch_size = check_seed(seed, "seed", len(y)), check_count("batch_size", batch_size)
         settings = self.settings(**overrides)
         seeds = torch.arange(len(y), dtype=torch.int64) + seed
         out = []

@@ -95,7 +95,7 @@ class LatentDiffusion:
 
     @tile_size.setter
     def tile_size(self, value: int | None) -> None:
-        self._tile_size = None if value is None else _check_count("tile_size", value, " (or None for the device's default)")
+        self._tile_size = None if value is None else check_count("tile_size", value, " (or None for the device's default)")
 
     @property
     def device(self) -> torch.device:
@@ -215,7 +215,7 @@ class LatentDiffusion:
         """``batch_size``, or the measured default: 256 on CPU (throughput peaks there), 4096 on a GPU."""
         if batch_size is None:
             return 4096 if self.device.type == "cuda" else 256
-        return _check_count("batch_size", batch_size)
+        return check_count("batch_size", batch_size)
 
     def seeds(self, n: int, seed: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Per-sample seeds seed, seed+1, ... (N,) int64; image i depends on its own seed only."""
@@ -393,7 +393,7 @@ def _plain_number(value):
     return value
 
 
-def _check_count(name: str, value, alternative: str = "") -> int:
+def check_count(name: str, value, alternative: str = "") -> int:
     """``value`` if it is an integer >= 1 (not a bool); ValueError naming ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1{alternative}, got {value!r}")

@@ -57,6 +57,14 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
         raise
 
 
+def file_above(path: str | Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` if it is a file (nothing can be made under it), else None."""
+    for parent in Path(path).parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
 def model_dir(directory) -> Path:
     """A model folder argument as a Path; ValueError for anything that is not a path (None, a model object)."""
     if not isinstance(directory, (str, os.PathLike)):

@@ -45,7 +45,7 @@ from .diffusion import diffusion_loss
 from .edit import check_images
 from .errors import ConfigError, ModelLoadError, RunDirError, TrainingDiverged
 from .pipeline import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LatentDiffusion
-from .serialization import WEIGHTS_NAME, atomic_save_safetensors, read_tensors, sha256
+from .serialization import WEIGHTS_NAME, atomic_save_safetensors, file_above, read_tensors, sha256
 from .unet import TaughtUNet, UNet
 
 MIN_EXAMPLES = 2
@@ -300,8 +300,8 @@ def teach_folder(model_dir: str | Path, images: torch.Tensor, name: str, out_dir
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise RunDirError(f"{out_dir} exists; pass a new --out folder (the model folders are never overwritten)")
-    above = next((p for p in out_dir.parents if p.exists()), None)
-    if above is not None and not above.is_dir():  # it would fail only when the adapter is written, after the teaching
+    above = file_above(out_dir)
+    if above is not None:  # it would fail only when the adapter is written, after the teaching
         raise RunDirError(f"--out {out_dir} lies under the file {above}, not a folder; choose another --out")
     pipe = LatentDiffusion.from_pretrained(model_dir, device)
     name = check_name(pipe, name)
