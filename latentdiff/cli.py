@@ -91,8 +91,22 @@ def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
     return path
 
 
+def end_process_group() -> None:
+    """Destroy the process group a launcher's run made (accelerate's or torchrun's), while the interpreter is whole.
+
+    A process that exits with a gloo group alive can abort at interpreter teardown ("terminate called without an
+    active exception", SIGABRT): gloo's worker threads still hold work when Python is being torn down (a known PyTorch
+    problem, pytorch/pytorch#190489). Seen as a rare failure of a finished 2-process ``sample.py --out-dir`` run.
+    Local to this process: no collective, so a rank that failed does not wait on the others."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def run_main(fn: Callable[[], None]) -> None:
-    """Run a script body; expected failures print one line and exit 2 (no traceback)."""
+    """Run a script body; expected failures print one line and exit 2 (no traceback). A process group the
+    body started is destroyed on the way out, however it ends (end_process_group)."""
     try:
         fn()
     except (LatentDiffError, ValueError, FileNotFoundError) as e:
@@ -101,3 +115,5 @@ def run_main(fn: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         print("interrupted; resume with --resume latest", file=sys.stderr)
         sys.exit(130)
+    finally:
+        end_process_group()

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 import latentdiff.train as train
-from latentdiff.cli import load_run_config, training_parser
+from latentdiff.cli import load_run_config, run_main, training_parser
 from latentdiff.config import LDMRunConfig, VAERunConfig
 
 
@@ -70,4 +69,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)  # as the scripts do: the process group is destroyed before exit

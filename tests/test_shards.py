@@ -108,6 +108,31 @@ def test_full_disk_while_writing_a_shard(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.json", "shard-00000.json", "shard-00000.safetensors"]
 
 
+def test_a_script_destroys_its_process_group_however_it_ends():
+    # A 2-process sample.py once aborted at exit (SIGABRT, gloo threads at interpreter teardown): run_main now
+    # destroys the group a script started, after a clean end and after a refused input alike.
+    import torch.distributed as dist
+
+    from latentdiff.cli import run_main
+
+    def refuse():
+        raise ValueError("bad input")
+
+    for body, code in ((lambda: None, None), (refuse, 2)):
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        try:
+            if code is None:
+                run_main(body)
+            else:
+                with pytest.raises(SystemExit) as e:
+                    run_main(body)
+                assert e.value.code == code
+            assert not dist.is_initialized()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------------------------- the script, as users run it
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
