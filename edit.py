@@ -23,6 +23,7 @@ from latentdiff import VAE, LatentDiffusion, make_grid
 from latentdiff import edit
 from latentdiff.cli import check_output_file, check_output_image, run_main
 from latentdiff.data import load_mnist
+from latentdiff.drawings import check_ground, grey
 from latentdiff.latents import decode_latents, encode_split, load_latents, save_latents
 from latentdiff.sampling import SAMPLERS
 
@@ -120,7 +121,7 @@ def open_image(path: str, what: str, hint: str) -> Image.Image:
     if not p.is_file():
         raise FileNotFoundError(f"{what} {path} not found; {hint}")
     try:
-        return Image.open(p).convert("L")
+        return grey(Image.open(p))  # 16-bit grey scaled, transparency on black
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{what} {path} is not a readable image ({e}); {hint}") from None
 
@@ -131,6 +132,7 @@ def read_digit(path: str) -> torch.Tensor:
     if img.width != img.height:
         raise ValueError(f"image {path} is {img.width}x{img.height}; pass a square PNG (it is scaled to 28x28)")
     arr = np.asarray(img.resize((28, 28), Image.BILINEAR), dtype=np.float32) / 255
+    check_ground(arr, f"image {path}")
     return torch.from_numpy(arr)[None, None]
 
 

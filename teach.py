@@ -17,6 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from latentdiff.cli import run_main
+from latentdiff.drawings import check_ground, grey
 from latentdiff.teach import LEARNING_RATES, TeachConfig, teach_folder
 
 
@@ -30,13 +31,14 @@ def read_examples(path: str) -> torch.Tensor:
         out = []
         for f in files:
             try:
-                img = Image.open(f).convert("L")
+                img = grey(Image.open(f))  # 16-bit grey scaled, transparency on black
             except (UnidentifiedImageError, OSError) as e:
                 raise ValueError(f"--images: {f} is not a readable PNG ({e})") from None
             if img.width != img.height or img.width < 28:
                 raise ValueError(f"--images: {f} is {img.width}x{img.height}; each drawing must be square, "
                                  "at least 28x28 (white on black)")
             out.append(np.asarray(img.resize((28, 28), Image.BILINEAR), dtype=np.float32) / 255)
+            check_ground(out[-1], f"--images: {f}")
         return torch.from_numpy(np.stack(out))[:, None]
     if p.suffix == ".npz" and p.is_file():
         try:
@@ -45,7 +47,10 @@ def read_examples(path: str) -> torch.Tensor:
             raise ValueError(f"--images {p}: expected an .npz with an 'images' array (K, 28, 28) uint8 ({e})") from None
         if arr.ndim != 3 or arr.shape[1:] != (28, 28) or arr.dtype != np.uint8:
             raise ValueError(f"--images {p}: 'images' must be (K, 28, 28) uint8, got {arr.shape} {arr.dtype}")
-        return torch.from_numpy(arr.astype(np.float32) / 255)[:, None]
+        arr = arr.astype(np.float32) / 255
+        for i, digit in enumerate(arr):
+            check_ground(digit, f"--images {p}: images[{i}]")
+        return torch.from_numpy(arr)[:, None]
     if not p.exists():
         raise FileNotFoundError(f"--images {p} does not exist; pass a folder of PNGs or an .npz file")
     raise ValueError(f"--images {p} is neither a folder of PNGs nor an .npz file")

@@ -20,7 +20,6 @@ from __future__ import annotations
 import bisect
 import copy
 import itertools
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -35,7 +34,7 @@ from .data import training_set
 from .diffusion import q_sample
 from .errors import ConfigError, ModelLoadError, RunDirError
 from .noise import seeded_normal, uniform_bits
-from .pipeline import ADAPTER_CONFIG, LatentDiffusion, PipelineConfig, make_grid
+from .pipeline import ADAPTER_CONFIG, LatentDiffusion, PipelineConfig, make_grid, read_adapter
 from .progressive import ddim_to, progressive_loss, stage_grids, teacher_estimates
 from .sampling import Denoiser, consistency_x0
 from .serialization import CONFIG_NAME
@@ -138,11 +137,10 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> Latent
         raise ModelLoadError(f"teacher {path} is an unfinished training run (no final model yet); finish it with "
                              f"train_ldm.py --out {path} --resume latest, or pass a finished run")
     if (path / ADAPTER_CONFIG).is_file():  # teach.py's folder: the base plus taught classes, which a student cannot take
-        base = path
         try:
-            base = json.loads((path / ADAPTER_CONFIG).read_text())["base"]
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
+            base = read_adapter(path)[0]
+        except ModelLoadError:
+            base = path
         raise ModelLoadError(f"teacher {path} is a taught-classes adapter (teach.py), which distillation does not "
                              f"support; distil its base LDM ({base}) instead")
     if (path / CONFIG_NAME).is_file() and not (path / "unet").is_dir():

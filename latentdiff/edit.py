@@ -26,24 +26,15 @@ from .diffusion import renoise
 from .pipeline import LatentDiffusion, check_seed, make_grid
 from .sampling import ddim_inverse, guided
 from .timesteps import make_timesteps
+from .vae import check_image_batch
 
 
 # ---------------------------------------------------------------------------------------- input checks
-def check_images(images, name: str = "images", size: int = 28) -> torch.Tensor:
-    """(N, 1, 28, 28) or (N, 28, 28) float in [0, 1] -> (N, 1, 28, 28) float32; ValueError otherwise."""
-    if not isinstance(images, torch.Tensor):
-        raise ValueError(f"{name} must be a torch tensor of shape (N, 1, {size}, {size}), got {type(images).__name__}")
-    x = images.unsqueeze(1) if images.ndim == 3 else images
-    if x.ndim != 4 or tuple(x.shape[1:]) != (1, size, size) or x.shape[0] == 0:
-        raise ValueError(f"{name} must have shape (N, 1, {size}, {size}) or (N, {size}, {size}) with N >= 1, "
-                         f"got {tuple(images.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be float in [0, 1], got {x.dtype}; divide uint8 pixels by 255")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    lo, hi = x.min().item(), x.max().item()
-    if lo < 0 or hi > 1:
-        raise ValueError(f"{name} must lie in [0, 1], got values in [{lo:.3g}, {hi:.3g}]")
+def check_images(images, who: str, size: int = 28) -> torch.Tensor:
+    """(N, 1, 28, 28) or (N, 28, 28) float in [0, 1], N >= 1 -> (N, 1, 28, 28) float32; else the ValueError of
+    vae.check_image_batch (the pipeline's own check), naming ``who`` and the fix."""
+    x = images.unsqueeze(1) if isinstance(images, torch.Tensor) and images.ndim == 3 else images
+    check_image_batch(x, 1, size, (0.0, 1.0), who, min_batch=1)
     return x.float()
 
 
@@ -117,7 +108,7 @@ def img2img(pipe: LatentDiffusion, images: torch.Tensor, labels, strength: float
     strength 0 returns the VAE reconstruction; strength 1 starts from pure noise and returns exactly
     ``pipe.generate(labels, seed=seed)``; in between, the source's layout survives the noise level.
     """
-    x = check_images(images)
+    x = check_images(images, "img2img")
     n = x.shape[0]
     y, s = _labels_for(pipe, labels, n), check_strength(strength)
     settings, batch_size = pipe.settings(**sampling), pipe.check_batch_size(batch_size)
@@ -154,7 +145,7 @@ def inpaint(pipe: LatentDiffusion, images: torch.Tensor, mask, labels, *, seed: 
     reconstruction and the decoder blends the seam. An all-keep mask returns the reconstruction,
     an all-fill mask exactly ``pipe.generate(labels, seed=seed)``.
     """
-    x = check_images(images)
+    x = check_images(images, "inpaint")
     n = x.shape[0]
     m_pix = check_mask(mask, n)
     y = _labels_for(pipe, labels, n)
@@ -289,7 +280,7 @@ def invert(pipe: LatentDiffusion, images: torch.Tensor, labels=None, *, strength
     model's unless given); the way back with ``pipe.sample`` at guidance 1 under the same labels returns
     the source latents up to the discretisation.
     """
-    x = check_images(images)
+    x = check_images(images, "invert")
     n = x.shape[0]
     y = None if labels is None else _labels_for(pipe, labels, n)
     if isinstance(inversion_scale, bool) or not isinstance(inversion_scale, (int, float)) \
@@ -326,7 +317,7 @@ def swap_class(pipe: LatentDiffusion, images: torch.Tensor, labels, targets, *, 
     """
     if sampling.get("guidance_scale") is None:
         sampling["guidance_scale"] = SWAP_GUIDANCE
-    x = check_images(images)
+    x = check_images(images, "swap_class")
     n = x.shape[0]
     y_target = _labels_for(pipe, targets, n)
     settings, batch_size = _ddim_settings(pipe, sampling), pipe.check_batch_size(batch_size)
@@ -342,7 +333,7 @@ def swap_class(pipe: LatentDiffusion, images: torch.Tensor, labels, targets, *, 
 @torch.no_grad()
 def every_class(pipe: LatentDiffusion, image: torch.Tensor, label=None, **options) -> torch.Tensor:
     """One digit written as every class, (num_classes, 1, 28, 28): ``swap_class`` to 0, 1, ..., num_classes - 1."""
-    x = check_images(image)
+    x = check_images(image, "every_class")
     if x.shape[0] != 1:
         raise ValueError(f"every_class takes one image, got {x.shape[0]}; call swap_class for several")
     k = pipe.num_classes

@@ -59,6 +59,18 @@ def check_compatible(unet: UNet, vae: VAE, name: str = "UNet") -> None:
             f"({vc.latent_channels}, {vc.latent_size}, {vc.latent_size}); pair the UNet with the VAE it was trained on")
 
 
+def read_adapter(directory: str | Path) -> tuple[Path, str, list[str]]:
+    """A taught-classes folder's adapter.json (latentdiff.teach): (its base LDM folder, resolved; the base UNet's
+    SHA-256 it was taught on; the taught classes' names). ModelLoadError if it is not one teach.py wrote."""
+    path = Path(directory) / ADAPTER_CONFIG
+    try:
+        meta = json.loads(path.read_text())
+        base, want, names = Path(meta["base"]), str(meta["base_unet_sha256"]), list(meta["class_names"])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{path} is invalid ({e}); re-run teach.py") from None
+    return (base if base.is_absolute() else (Path(directory) / base).resolve()), want, names
+
+
 class LatentDiffusion:
     """Class-conditioned latent diffusion. ``pipe.generate(labels=[3, 7])`` -> (2, 1, 28, 28) in [0, 1].
 
@@ -147,14 +159,7 @@ class LatentDiffusion:
     def _from_adapter(cls, directory: Path, device, tile_size: int | None) -> "LatentDiffusion":
         """A taught-classes folder (teach.py): its base model, loaded from where the adapter says, with the taught
         classes' label embeddings added after the base's own. The base folder is only read."""
-        try:
-            meta = json.loads((directory / ADAPTER_CONFIG).read_text())
-            base, want = Path(meta["base"]), meta["base_unet_sha256"]
-            names = list(meta["class_names"])
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ModelLoadError(f"{directory / ADAPTER_CONFIG} is invalid ({e}); re-run teach.py") from None
-        if not base.is_absolute():
-            base = (directory / base).resolve()
+        base, want, names = read_adapter(directory)
         weights = base / "unet" / WEIGHTS_NAME
         if not weights.is_file():
             raise ModelLoadError(f"{directory} adds classes to the base model {base}, which is missing; restore it "

@@ -114,6 +114,10 @@ def read_config(cls: type, directory: str | Path) -> Any:
     path = Path(directory) / CONFIG_NAME
     if Path(directory).is_file():
         raise ModelLoadError(f"{directory} is a file; pass the model folder that holds it ({Path(directory).parent})")
+    sub = _kind(cls).lower()
+    if (Path(directory) / "unet").is_dir() and (Path(directory) / "vae").is_dir() and sub in ("vae", "unet"):
+        raise ModelLoadError(f"{directory} is an LDM run folder, not a {_kind(cls)} folder; its {_kind(cls)} is in "
+                             f"{Path(directory) / sub}: pass that")
     if not path.is_file():
         raise ModelLoadError(f"{path} not found: {directory} is not a saved model folder "
                              f"(expected {CONFIG_NAME} and {WEIGHTS_NAME}; train one or check the path)")

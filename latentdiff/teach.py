@@ -30,6 +30,7 @@ whose weights changed. The base folder is only read.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -44,7 +45,7 @@ from tqdm.auto import tqdm
 from .diffusion import diffusion_loss
 from .edit import check_images
 from .errors import ConfigError, ModelLoadError, RunDirError, TrainingDiverged
-from .pipeline import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LatentDiffusion
+from .pipeline import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LatentDiffusion, read_adapter
 from .serialization import WEIGHTS_NAME, atomic_save_safetensors, file_above, read_tensors, sha256
 from .unet import TaughtUNet, UNet
 
@@ -122,7 +123,7 @@ def teach(pipe: LatentDiffusion, images: torch.Tensor, config: TeachConfig | Non
             raise ValueError("teach method lora adds low-rank updates to the base UNet, but this model's taught classes "
                              "run a fine-tuned copy of all of it; teach it with method finetune, or with lora on the base")
         inject = _require_peft()
-    x = check_images(images)
+    x = check_images(images, "teach")
     if x.shape[0] < MIN_EXAMPLES:
         raise ValueError(f"teach needs at least {MIN_EXAMPLES} examples of the new class, got {x.shape[0]}; "
                          "draw or collect a few more (5-10 work: docs/teaching.md)")
@@ -221,13 +222,10 @@ def _concat(old: dict, new: dict) -> dict[str, tuple[torch.Tensor, torch.Tensor]
 def base_of(model_dir: str | Path) -> tuple[Path, list[str], torch.Tensor | None]:
     """(the base LDM folder, the class names an adapter there already adds, its rows or None) of a model folder."""
     model_dir = Path(model_dir).resolve()
-    meta_path = model_dir / ADAPTER_CONFIG
-    if not meta_path.is_file():
+    if not (model_dir / ADAPTER_CONFIG).is_file():
         return model_dir, [], None
-    meta = json.loads(meta_path.read_text())
-    base = Path(meta["base"])
-    return (base if base.is_absolute() else (model_dir / base).resolve()), list(meta["class_names"]), \
-        read_tensors(model_dir / ADAPTER_WEIGHTS)["class_embed"]
+    base, _, names = read_adapter(model_dir)
+    return base, names, read_tensors(model_dir / ADAPTER_WEIGHTS)["class_embed"]
 
 
 def save_adapter(out_dir: str | Path, base_dir: str | Path, class_names: list[str], rows: torch.Tensor,
@@ -255,11 +253,26 @@ def save_adapter(out_dir: str | Path, base_dir: str | Path, class_names: list[st
     try:
         atomic_save_safetensors(tensors, tmp / ADAPTER_WEIGHTS)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-        tmp.replace(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if not claim(tmp, out_dir):  # another run made out_dir while this one taught: keep this work beside it
+        kept = next(p for p in (out_dir.with_name(f"{out_dir.name}-{i}") for i in itertools.count(2)) if claim(tmp, p))
+        raise RunDirError(f"{out_dir} was made by another run while this one taught; it is left as it is, and this "
+                          f"run's adapter is saved as {kept}")
     return out_dir
+
+
+def claim(folder: Path, name: Path) -> bool:
+    """Move the finished ``folder`` to ``name`` if nothing is there; False if something is. mkdir is the atomic test
+    (a rename alone would replace an empty folder, or fail on a full one after the check); the rename then
+    replaces the empty folder this call made."""
+    try:
+        name.mkdir()
+    except FileExistsError:
+        return False
+    folder.replace(name)
+    return True
 
 
 def check_name(pipe: LatentDiffusion, name: str) -> str:

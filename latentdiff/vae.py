@@ -14,10 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VAEConfig
-from .errors import ModelLoadError
 from .nn import Attention, Downsample, ResBlock, SiLU, Upsample
 from .noise import seeded_normal
-from .serialization import load_model, model_dir, save_model
+from .serialization import load_model, save_model
 
 
 class DiagonalGaussian:
@@ -48,10 +47,14 @@ def check_image_batch(x, channels: int, size: int, value_range: tuple[float, flo
     """ValueError naming the problem and its fix unless ``x`` is a finite float tensor (B, channels, size, size),
     B >= ``min_batch``, with values in ``value_range`` ((-1, 1): the VAE's; (0, 1): the pipeline's)."""
     want = f"[{value_range[0]:g}, {value_range[1]:g}]"
-    if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != (channels, size, size) or len(x) < min_batch:
-        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+    if not isinstance(x, torch.Tensor):
+        kind = type(x).__module__.replace("builtins", "") + "." + type(x).__qualname__
+        fix = " (torch.from_numpy(x) makes one)" if kind.startswith("numpy.") else ""
+        raise ValueError(f"{who} expects a torch tensor of images (B, {channels}, {size}, {size}); got "
+                         f"{kind.lstrip('.')}{fix}")
+    if x.ndim != 4 or tuple(x.shape[1:]) != (channels, size, size) or len(x) < min_batch:
         batch = f" with B >= {min_batch}" if min_batch else ""
-        raise ValueError(f"{who} expects images of shape (B, {channels}, {size}, {size}){batch}; got {got}")
+        raise ValueError(f"{who} expects images of shape (B, {channels}, {size}, {size}){batch}; got {tuple(x.shape)}")
     if not x.is_floating_point():
         fix = "use x / 127.5 - 1" if value_range[0] < 0 else "divide uint8 pixels by 255"
         raise ValueError(f"{who} expects float images in {want}; got dtype {x.dtype} ({fix})")
@@ -189,11 +192,7 @@ class VAE(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "VAE":
         """Load a VAE saved with ``save_pretrained`` (or the VAE run folder)."""
-        directory = model_dir(directory)
-        if (directory / "unet").is_dir() and (directory / "vae").is_dir():  # README: runs/vae or runs/ldm/vae
-            raise ModelLoadError(f"{directory} is an LDM run folder, not a VAE folder; its VAE is in {directory / 'vae'}: "
-                                 "pass that")
-        return load_model(cls, VAEConfig, directory, device)
+        return load_model(cls, VAEConfig, directory, device)  # an LDM run folder is named, with its vae/
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -240,12 +241,18 @@ def main() -> None:
                                                             str(tmp / "afile" / "t.png")])
     cli("`edit.py every-class --image` a file that is not an image", ["edit.py", "every-class", "--model", str(tmp / "ldm"),
                                                                        "--image", str(tmp / "junk.png")])
+    Image.new("L", (56, 56), 255).save(tmp / "paper.png")
+    cli("`edit.py every-class --image` dark ink on white paper", ["edit.py", "every-class", "--model", str(tmp / "ldm"),
+                                                                   "--image", str(tmp / "paper.png")])
     cli("`edit.py encode --out` a folder", ["edit.py", "encode", "--vae", str(tmp / "vae"), "--data-dir", str(data), "--out",
                                             str(tmp)])
     np.savez(tmp / "plus.npz", images=np.zeros((3, 28, 28), np.uint8))
     cli("`teach.py --out` a name under a file (checked before teaching)",
         ["teach.py", "--model", str(tmp / "ldm"), "--images", str(tmp / "plus.npz"), "--name", "plus", "--out",
          str(tmp / "afile" / "plus")])
+    np.savez(tmp / "paper.npz", images=np.full((3, 28, 28), 255, np.uint8))
+    cli("`teach.py --images` drawings in dark ink on white", ["teach.py", "--model", str(tmp / "ldm"), "--images",
+                                                              str(tmp / "paper.npz"), "--name", "plus", "--out", str(tmp / "t2")])
     cli("`teach.py --images` a path that does not exist", ["teach.py", "--model", str(tmp / "ldm"), "--images",
                                                            str(tmp / "nope"), "--name", "plus", "--out", str(tmp / "t1")])
     from latentdiff.teach import save_adapter  # noqa: E402

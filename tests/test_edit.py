@@ -192,11 +192,11 @@ def test_trajectory(tiny, sampler):
 BAD = [
     ({"images": torch.rand(2, 3, 28, 28)}, "shape"),
     ({"images": torch.rand(2, 1, 14, 14)}, "shape"),
-    ({"images": torch.rand(0, 1, 28, 28)}, "N >= 1"),
+    ({"images": torch.rand(0, 1, 28, 28)}, "B >= 1"),
     ({"images": torch.zeros(2, 1, 28, 28, dtype=torch.uint8)}, "255"),
     ({"images": torch.full((2, 1, 28, 28), 2.0)}, r"\[0, 1\]"),
     ({"images": torch.full((2, 1, 28, 28), float("nan"))}, "NaN"),
-    ({"images": np.zeros((2, 1, 28, 28))}, "torch tensor"),
+    ({"images": np.zeros((2, 1, 28, 28))}, r"torch tensor .* numpy.ndarray \(torch.from_numpy"),
     ({"labels": [3, 4, 5]}, "one label per image"),
     ({"labels": [10]}, "out of range"),
     ({"labels": [1.5]}, "integer"),
@@ -505,6 +505,25 @@ def test_cli_every_class_from_a_png(saved, tmp_path, monkeypatch, capsys):
     code, stdout, err = run_edit(["every-class", "--model", saved, "--image", tmp_path / "one.png", "--label", "1",
                                   "--steps", "3", "--out", tmp_path / "x.png"], monkeypatch, capsys)
     assert code == 0 and Image.open(tmp_path / "x.png").size == (11 * 30 + 2, 30 + 2), err
+
+
+def test_cli_reads_a_16_bit_png_as_its_8_bit_twin_and_refuses_black_on_white(saved, tmp_path, monkeypatch, capsys):
+    digit = np.zeros((56, 56), dtype=np.uint8)
+    digit[10:46, 24:32] = 255
+    Image.fromarray(digit).save(tmp_path / "eight.png")
+    Image.fromarray(digit.astype(np.uint16) * 257).save(tmp_path / "sixteen.png")  # mode I;16
+    Image.fromarray(255 - digit).save(tmp_path / "inverted.png")
+    outs = []
+    for name in ("eight", "sixteen"):
+        code, _, err = run_edit(["every-class", "--model", saved, "--image", tmp_path / f"{name}.png", "--label", "1",
+                                 "--steps", "2", "--out", tmp_path / f"{name}-out.png"], monkeypatch, capsys)
+        assert code == 0, err
+        outs.append((tmp_path / f"{name}-out.png").read_bytes())
+    assert outs[0] == outs[1]
+    code, _, err = run_edit(["every-class", "--model", saved, "--image", tmp_path / "inverted.png", "--label", "1",
+                             "--out", tmp_path / "x.png"], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1 and "inverted.png looks like dark ink on a light ground" in err, err
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_swap_class_defaults_are_its_measured_ones_not_the_models(tiny, digits):

@@ -48,7 +48,7 @@ def client(model_dir):
     assert folder_digest(model_dir) == before, "the server wrote into the model folder"
 
 
-def png_b64(array: np.ndarray, mode: str = "L", fmt: str = "PNG") -> str:
+def png_b64(array: np.ndarray, mode: str | None = "L", fmt: str = "PNG") -> str:
     buf = io.BytesIO()
     Image.fromarray(array, mode).save(buf, format=fmt)
     return base64.b64encode(buf.getvalue()).decode()
@@ -296,6 +296,18 @@ def test_every_class_writes_the_drawing_in_every_class(client):
         assert bad.status_code == 422 and bad.json()["field"] == field, bad.text
 
 
+def test_a_16_bit_or_transparent_upload_reads_as_its_8_bit_drawing(client):
+    body = {"label": 1, "strength": 0.5, "seed": 0}
+    want = client.post("/api/img2img", json={**body, "image": png_b64(digit())}).json()["image"]
+    sixteen = png_b64(digit().astype(np.uint16) * 257, None)  # was clipped to white by convert("L")
+    rgba = np.zeros((56, 56, 4), np.uint8)
+    rgba[..., :3] = 255  # a white ground, all transparent: what a drawing app exports
+    rgba[..., 3] = digit()
+    for image in (sixteen, png_b64(rgba, "RGBA")):
+        r = client.post("/api/img2img", json={**body, "image": image})
+        assert r.status_code == 200 and r.json()["image"] == want, r.text
+
+
 def test_inpaint_keeps_white_mask_pixels(client):
     keep_all = np.full((28, 28), 255, np.uint8)
     body = {"image": png_b64(digit(28)), "mask": png_b64(keep_all), "label": 3, "seed": 0}
@@ -321,6 +333,7 @@ def test_inpaint_keeps_white_mask_pixels(client):
     ({"strength": 1.5}, "strength", "0..1"),
     ({"count": 13}, "count", "1..12"),
     ({"mask": png_b64(digit())}, "mask", "valid fields"),
+    ({"image": png_b64(255 - digit())}, "image", "dark ink on a light ground"),
 ])
 def test_img2img_bad_inputs_are_422(client, change, field, hint):
     body = {"image": png_b64(digit()), "label": 1, "strength": 0.5, **change}

@@ -292,6 +292,30 @@ def test_lora_without_peft_is_one_line_and_its_adapters_still_load(base, tmp_pat
         assert torch.equal(LatentDiffusion.from_pretrained(saved).generate([10, 2], seed=0), want)
 
 
+@pytest.mark.parametrize("theirs", ["full", "empty"])
+def test_an_out_folder_made_by_another_run_meanwhile_is_left_and_this_work_kept_beside_it(base, tmp_path, monkeypatch,
+                                                                                          theirs):
+    import latentdiff.teach as teach_module
+
+    out = tmp_path / "plus"
+    real = teach_module.teach
+
+    def racing(*args, **kw):  # another teach.py run with the same --out finishes while this one teaches
+        out.mkdir()
+        if theirs == "full":
+            (out / "adapter.json").write_text("theirs")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(teach_module, "teach", racing)
+    with pytest.raises(RunDirError, match=f"{out} was made by another run .* saved as {out}-2$"):
+        teach_folder(base, examples(), "plus", out, FAST)
+    assert sorted(p.name for p in out.iterdir()) == (["adapter.json"] if theirs == "full" else [])
+    if theirs == "full":
+        assert (out / "adapter.json").read_text() == "theirs"
+    assert LatentDiffusion.from_pretrained(tmp_path / "plus-2").class_names[-1] == "plus"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plus", "plus-2"]  # no hidden temporary folder left
+
+
 # ---------------------------------------------------------------------------------------------- teach.py
 def run_teach(args, monkeypatch, capsys):
     return run_script("teach.py", args, monkeypatch, capsys)
@@ -307,7 +331,7 @@ def test_cli_from_pngs_and_from_npz(base, tmp_path, monkeypatch, capsys):
     assert code == 0 and "as class 10" in out, err
     np.savez(tmp_path / "x.npz", images=(examples()[:, 0].numpy() * 255).astype(np.uint8))
     code, out, err = run_teach(["--model", base, "--images", tmp_path / "x.npz", "--name", "plus", "--out",
-                                tmp_path / "b", "--steps", "5"], monkeypatch, capsys)
+                                tmp_path / "b", "--steps", "5", "--method", "embedding"], monkeypatch, capsys)  # no prior: fast
     assert code == 0 and LatentDiffusion.from_pretrained(tmp_path / "b").class_names[-1] == "plus", err
 
 
@@ -326,11 +350,13 @@ def test_cli_method_lora(base, tmp_path, monkeypatch, capsys):
     (lambda d: (d.mkdir(), (d / "a.png").write_bytes(b"not a png")), "not a readable PNG"),
     (lambda d: (d.mkdir(), Image.new("L", (40, 28)).save(d / "a.png")), "square"),
     (lambda d: np.savez(d.with_suffix(".npz"), pics=np.zeros((3, 28, 28), np.uint8)), "'images'"),
+    (lambda d: (d.mkdir(), Image.new("L", (28, 28), 255).save(d / "a.png")), "a.png looks like dark ink"),
+    (lambda d: np.savez(d.with_suffix(".npz"), images=np.full((3, 28, 28), 255, np.uint8)), "images[0] looks like dark"),
 ])
 def test_cli_bad_images_are_one_line(base, tmp_path, monkeypatch, capsys, setup, word):
     target = tmp_path / "imgs"
     setup(target)
-    path = target.with_suffix(".npz") if word == "'images'" else target
+    path = target.with_suffix(".npz") if target.with_suffix(".npz").exists() else target
     code, _, err = run_teach(["--model", base, "--images", path, "--name", "x", "--out", tmp_path / "o"],
                              monkeypatch, capsys)
     assert code == 2 and err.startswith("error:") and err.count("\n") == 1 and word in err, err

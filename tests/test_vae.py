@@ -163,6 +163,10 @@ def test_from_pretrained_of_an_ldm_folder_points_at_its_vae(tmp_path):
     tiny_pipeline().save_pretrained(tmp_path / "ldm")
     with pytest.raises(ModelLoadError, match=r"is an LDM run folder, not a VAE folder; its VAE is in .*ldm/vae"):
         VAE.from_pretrained(tmp_path / "ldm")
+    from latentdiff.unet import UNet  # the same for a UNet (evaluate --guide runs/ldm said "unknown keys")
+
+    with pytest.raises(ModelLoadError, match=r"is an LDM run folder, not a UNet folder; its UNet is in .*ldm/unet"):
+        UNet.from_pretrained(tmp_path / "ldm")
     with pytest.raises(ModelLoadError, match="is a file; pass the model folder"):
         VAE.from_pretrained(tmp_path / "ldm" / "vae" / "config.json")
     assert VAE.from_pretrained(tmp_path / "ldm" / "vae").config.latent_channels == 4

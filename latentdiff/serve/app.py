@@ -319,7 +319,7 @@ def create_app(pipe: LatentDiffusion, model_dir: str | Path, limits: Limits | No
             image, size = decode_image_sized("image", req["image"], side)
             mask = None
             if name == "inpaint":
-                mask, mask_size = decode_image_sized("mask", req["mask"], side)
+                mask, mask_size = decode_image_sized("mask", req["mask"], side, digit=False)
                 if mask_size != size:  # both are scaled to 28x28, but a mask drawn for another image is a client bug
                     raise schema.invalid("mask", f"is {mask_size[0]}x{mask_size[1]} but image is {size[0]}x{size[1]}; "
                                                  "send a mask of the same size as the image")

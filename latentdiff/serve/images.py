@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from ..drawings import check_ground, grey
 from ..pipeline import make_grid
 from .schema import invalid
 
@@ -31,11 +32,13 @@ def decode_image(field: str, value: str, max_side: int) -> torch.Tensor:
     return decode_image_sized(field, value, max_side)[0]
 
 
-def decode_image_sized(field: str, value: str, max_side: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def decode_image_sized(field: str, value: str, max_side: int,
+                       digit: bool = True) -> tuple[torch.Tensor, tuple[int, int]]:
     """A base64 image -> ((1, 1, 28, 28) float in [0, 1], its (width, height) as sent).
 
     Square images from 28 to ``max_side`` pixels are averaged down to 28x28; transparent pixels count as
-    black, so a canvas with an alpha channel reads as drawn on black. The declared size is checked
+    black, so a canvas with an alpha channel reads as drawn on black. A ``digit`` (not a mask) with a light
+    ground is refused (drawings.check_ground). The declared size is checked
     before any pixel is decoded, so a small file declaring a huge image (a decompression bomb) costs nothing.
     """
     if value.startswith("data:"):
@@ -65,12 +68,16 @@ def decode_image_sized(field: str, value: str, max_side: int) -> tuple[torch.Ten
         im.load()
     except (OSError, SyntaxError, ValueError):
         raise invalid(field, "is a truncated or corrupt image file") from None
-    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
-    im = im.convert("L")
+    im = grey(im)  # alpha on black, 16-bit grey scaled
     if im.size != (MODEL_SIDE, MODEL_SIDE):
         im = im.resize((MODEL_SIDE, MODEL_SIDE), Image.BOX)  # box filter: each pixel is the mean of its cell
-    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)[None, None], (w, h)  # (1, 1, 28, 28)
+    arr = np.asarray(im, dtype=np.float32) / 255.0
+    if digit:
+        try:
+            check_ground(arr, "the image")
+        except ValueError as e:
+            raise invalid(field, str(e).removeprefix("the image ")) from None
+    return torch.from_numpy(arr)[None, None], (w, h)  # (1, 1, 28, 28)
 
 
 def png_bytes(images: torch.Tensor, nrow: int) -> bytes:
