@@ -31,6 +31,16 @@ N_TRAIN, N_TEST = 256, 64
 # One thread: the tiny models gain nothing from more, and 2 shared cores oversubscribe easily.
 torch.set_num_threads(1)
 
+
+@pytest.fixture(autouse=True)
+def one_thread_after_each_test():
+    """Put this worker back on one thread after every test. A training run in-process sets the machine's count
+    (threads.use_cpu_cores); left so, every later test of the worker ran on 2 threads beside the other worker and
+    the subprocess tests, and the oversubscribed small ops ran 10-70x slower (a 0.35 s test took 26 s)."""
+    yield
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
 # Tiny architectures: channels divisible by groups (and by num_heads for the UNet).
 TINY_VAE = VAEConfig(channels=(8, 16, 16), groups=8, num_res_blocks=1)
 TINY_UNET = UNetConfig(channels=(16, 32), num_heads=2, groups=8, num_res_blocks=1, attention_levels=(False, True))
