@@ -23,7 +23,7 @@ def grey(im: Image.Image) -> Image.Image:
     """``im`` in Pillow's 8-bit grey mode ``L``: alpha composited on black, 16-bit grey scaled to 8 bits."""
     if im.mode in SIXTEEN_BIT or im.mode == "I":  # a 16-bit grey PNG: 0..65535
         arr = np.asarray(im, dtype=np.float64) / 65535.0
-        return Image.fromarray((arr.clip(0, 1) * 255).round().astype(np.uint8), mode="L")
+        return Image.fromarray((arr.clip(0, 1) * 255).round().astype(np.uint8))  # 2-D uint8: mode L
     if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
         im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
     return im.convert("L")
