@@ -143,7 +143,9 @@ class SampleConfig:
     # What the numbers accept (low, high; None = no bound): ``validate`` checks these, and the server builds
     # its JSON schema from them (``steps``' high end is the schedule's T).
     NUMBERS: ClassVar[dict[str, tuple[float, Optional[float]]]] = {
-        "guidance_scale": (0.0, None), "autoguidance_scale": (0.0, None), "eta": (0.0, None)}
+        "guidance_scale": (0.0, None), "autoguidance_scale": (0.0, None), "eta": (0.0, 1.0)}
+    NUMBER_HINTS: ClassVar[dict[str, str]] = {"autoguidance_scale": "1 = off",
+                                              "eta": "0 = deterministic DDIM, 1 = DDPM's noise"}
     # The settings a call may override (``tile_size`` belongs to the pipeline).
     CALL_KEYS: ClassVar[tuple[str, ...]] = ("guidance_scale", "steps", "sampler", "eta", "guidance_interval",
                                             "spacing", "autoguidance_scale")
@@ -164,7 +166,8 @@ class SampleConfig:
         for name, (lo, hi) in self.NUMBERS.items():
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo or (hi is not None and v > hi):
-                rule = f">= {lo:g}" + (f" and <= {hi:g}" if hi is not None else "") + (" (1 = off)" if name == "autoguidance_scale" else "")
+                rule = f">= {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
+                rule += f" ({self.NUMBER_HINTS[name]})" if name in self.NUMBER_HINTS else ""
                 raise ConfigError(f"{prefix}{name} must be a finite number {rule}, got {v!r}")
         for name in ("sampler", "spacing"):
             _require(getattr(self, name) in self.choices(name),

@@ -140,8 +140,8 @@ def _t(ts: torch.Tensor, i: int, x: torch.Tensor) -> torch.Tensor:
 def ddim(denoiser: Denoiser, x: torch.Tensor, timesteps, noise: NoiseFn | torch.Generator | None = None,
          callback: StepCallback | None = None, progress: bool = False, eta: float = 0.0) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12); eta = 0 is deterministic, eta = 1 is DDPM's ancestral sampler."""
-    if not eta >= 0:
-        raise ValueError(f"eta must be >= 0, got {eta!r}")
+    if not 0 <= eta <= 1:  # above 1 the fresh noise can outgrow the level stepped to (renoise would clamp it)
+        raise ValueError(f"eta must be in [0, 1] (0 = deterministic DDIM, 1 = DDPM's noise), got {eta!r}")
     ts, abar, steps = _steps(denoiser, timesteps, progress, "ddim")
     noise = _noise_source(noise, x)
     for i in steps:

@@ -83,6 +83,7 @@ def main() -> None:
     api("`generate(..., guidance_interval=[100, 800])` on a 100-step schedule",
         lambda: pipe.generate([1], guidance_interval=[100, 800]))
     api("`generate(..., spacing='log')`", lambda: pipe.generate([1], spacing="log"))
+    api("`generate(..., sampler='ddim', eta=5)` (eta above 1)", lambda: pipe.generate([1], sampler="ddim", eta=5.0))
     api("`generate(labels=3)` (one int, not a list)", lambda: pipe.generate(3))
     api("`generate(..., seed=2**64)` (not a 64-bit seed)", lambda: pipe.generate([1], seed=2**64))
     api("`pipe.encode` of images in [-1, 1] (it takes [0, 1])", lambda: pipe.encode(torch.rand(1, 1, 28, 28) * 2 - 1))

@@ -100,6 +100,7 @@ def test_config_defaults_are_used(pipe):
     ({"steps": 101}, "steps"),
     ({"sampler": "euler"}, "sampler"),
     ({"eta": -0.5}, "eta"),
+    ({"eta": 5.0}, r"eta must be a finite number >= 0 and <= 1 \(0 = deterministic DDIM, 1 = DDPM's noise\), got 5\.0"),
     ({"eta": float("nan")}, "eta"),
     ({"batch_size": 0}, "batch_size"),
     ({"seed": 1.5}, "seed"),
