@@ -29,10 +29,18 @@ def grey(im: Image.Image) -> Image.Image:
     return im.convert("L")
 
 
-def check_ground(digit: np.ndarray, what: str) -> None:
-    """Refuse dark ink on a light ground. ``digit`` is (28, 28) in [0, 1]; ``what`` names the picture."""
+def ground_problem(digit: np.ndarray) -> str | None:
+    """What is wrong with the ground of ``digit`` ((28, 28) in [0, 1]): dark ink on a light ground, or None."""
     ring = np.concatenate([digit[:BORDER].ravel(), digit[-BORDER:].ravel(),
                            digit[BORDER:-BORDER, :BORDER].ravel(), digit[BORDER:-BORDER, -BORDER:].ravel()])
-    if ring.mean() > LIGHT_GROUND:
-        raise ValueError(f"{what} looks like dark ink on a light ground (its border averages {ring.mean():.2f} of "
-                         "white); the model reads white digits on black: invert the picture (e.g. PIL.ImageOps.invert)")
+    if ring.mean() <= LIGHT_GROUND:
+        return None
+    return (f"looks like dark ink on a light ground (its border averages {ring.mean():.2f} of white); the model reads "
+            "white digits on black: invert the picture (e.g. PIL.ImageOps.invert)")
+
+
+def check_ground(digit: np.ndarray, what: str) -> None:
+    """Refuse dark ink on a light ground (ground_problem): ValueError starting with ``what``, which names the picture."""
+    problem = ground_problem(digit)
+    if problem:
+        raise ValueError(f"{what} {problem}")

@@ -66,10 +66,6 @@ def check_frames(frames) -> int:
     return frames
 
 
-def _check_seed(seed, name: str) -> int:
-    return check_seed(seed, name)
-
-
 def _labels_for(pipe: LatentDiffusion, labels, n: int) -> torch.Tensor:
     """One label per image (a single label is repeated)."""
     y = pipe.check_labels([labels] if isinstance(labels, numbers.Integral) and not isinstance(labels, bool) else labels)
@@ -204,7 +200,7 @@ def interpolate_seeds(pipe: LatentDiffusion, label: int, seed_a: int, seed_b: in
     are exactly ``pipe.generate([label], seed=seed_a)`` and ``... seed=seed_b`` for every sampler.
     """
     y = pipe.check_labels([label])
-    sa, sb = torch.tensor([_check_seed(seed_a, "seed_a")]), torch.tensor([_check_seed(seed_b, "seed_b")])
+    sa, sb = torch.tensor([check_seed(seed_a, "seed_a")]), torch.tensor([check_seed(seed_b, "seed_b")])
     w = _frame_weights(frames)
     settings, batch_size = pipe.settings(**sampling), pipe.check_batch_size(batch_size)
 
@@ -229,7 +225,7 @@ def interpolate_classes(pipe: LatentDiffusion, label_a: int, label_b: int, seed:
     ``pipe.generate([label_a], seed=seed)`` and ``... [label_b] ...`` (a one-hot blend is the lookup).
     """
     ya, yb = pipe.check_labels([label_a, label_b]).tolist()
-    seed = _check_seed(seed, "seed")
+    seed = check_seed(seed, "seed")
     w = _frame_weights(frames).float()[:, None]  # (K, 1)
     onehot = torch.eye(pipe.num_classes + 1)
     weights = (1 - w) * onehot[ya] + w * onehot[yb]  # (K, num_classes + 1)

@@ -169,11 +169,6 @@ def check_graph(module: nn.Module, path: Path, pipe: LatentDiffusion, names: lis
     return worst
 
 
-def class_names(pipe: LatentDiffusion) -> list[str]:
-    """The classes' names: MNIST's digits are their own names; a taught class (teach.py) has the name it was taught as."""
-    return list(pipe.class_names)
-
-
 def manifest(pipe: LatentDiffusion, settings: SampleConfig, graphs: dict[str, str], differences: dict[str, float]) -> dict:
     """Everything a runner needs besides the graphs (the keys: docs/onnx.md); ``settings``: the defaults."""
     uc, vc, d = pipe.unet.config, pipe.vae.config, pipe.config.diffusion
@@ -185,7 +180,7 @@ def manifest(pipe: LatentDiffusion, settings: SampleConfig, graphs: dict[str, st
         "graphs": graphs,
         "latent_shape": list(pipe.vae.latent_shape),
         "image_shape": [vc.in_channels, vc.image_size, vc.image_size],
-        "num_classes": pipe.num_classes, "null_label": pipe.num_classes, "class_names": class_names(pipe),
+        "num_classes": pipe.num_classes, "null_label": pipe.num_classes, "class_names": list(pipe.class_names),
         "prediction": d.prediction, "schedule": d.schedule, "num_timesteps": d.num_timesteps,
         "alphas_cumprod": pipe.alphas_cumprod.tolist(),  # float64, exact in JSON
         "sample": settings.to_kwargs(),

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from ..drawings import check_ground, grey
+from ..drawings import grey, ground_problem
 from ..pipeline import make_grid
 from .schema import invalid
 
@@ -38,7 +38,7 @@ def decode_image_sized(field: str, value: str, max_side: int,
 
     Square images from 28 to ``max_side`` pixels are averaged down to 28x28; transparent pixels count as
     black, so a canvas with an alpha channel reads as drawn on black. A ``digit`` (not a mask) with a light
-    ground is refused (drawings.check_ground). The declared size is checked
+    ground is refused (drawings.ground_problem). The declared size is checked
     before any pixel is decoded, so a small file declaring a huge image (a decompression bomb) costs nothing.
     """
     if value.startswith("data:"):
@@ -72,11 +72,9 @@ def decode_image_sized(field: str, value: str, max_side: int,
     if im.size != (MODEL_SIDE, MODEL_SIDE):
         im = im.resize((MODEL_SIDE, MODEL_SIDE), Image.BOX)  # box filter: each pixel is the mean of its cell
     arr = np.asarray(im, dtype=np.float32) / 255.0
-    if digit:
-        try:
-            check_ground(arr, "the image")
-        except ValueError as e:
-            raise invalid(field, str(e).removeprefix("the image ")) from None
+    problem = ground_problem(arr) if digit else None
+    if problem:
+        raise invalid(field, problem)
     return torch.from_numpy(arr)[None, None], (w, h)  # (1, 1, 28, 28)
 
 
